@@ -1,0 +1,130 @@
+"""Typed configuration of the pruner (every hyperparameter of ALGORITHM.md, authors' defaults)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """What to keep and how.
+
+    keep: an ``int`` is a token count R; a ``float`` in (0, 1] is a fraction of the N image tokens
+    (R = round-half-to-even(N * keep), at least 1).
+    """
+
+    keep: int | float = 64
+    method: str = "vlm_pruner"
+    layer: int = 2  # K: prune between decoder layers K-1 and K (0 = before the LLM)
+    pivots: int = 4  # kappa
+    feature_channels: int = 256  # q
+    bss_lambda: float = 0.5  # lambda
+    tau0: float = 0.8
+    tau_step: float = 0.1  # dtau
+    chunk: int = 16  # B, candidate batch
+    fusion_beta: float = 0.3  # beta, SWA keep weight (1.0 disables fusion)
+    seed: int = 0  # only the `random` method uses it
+
+    def __post_init__(self) -> None:
+        keep = self.keep
+        if not _is_real_number(keep):
+            raise ValueError(f"keep must be an int (token count) or a float in (0, 1] (fraction), got {keep!r}")
+        if isinstance(keep, float):
+            if not math.isfinite(keep) or keep <= 0.0:
+                raise ValueError(f"keep={keep!r}: a fraction must be in (0, 1]; use e.g. keep=0.12 or a count keep=64")
+            if keep > 1.0:
+                raise ValueError(
+                    f"keep={keep!r}: a float is a fraction and must be <= 1.0; for a token count pass an int "
+                    f"(keep={int(keep)})"
+                )
+        elif keep <= 0:
+            raise ValueError(f"keep={keep!r}: the token count must be >= 1")
+        self._check_int("layer", minimum=0)
+        self._check_int("pivots", minimum=1)
+        self._check_int("feature_channels", minimum=1)
+        self._check_int("chunk", minimum=1)
+        self._check_int("seed", minimum=0)
+        self._check_float("bss_lambda", low=0.0)
+        self._check_float("tau0", low=-1.0)
+        self._check_float("tau_step", low=0.0, low_inclusive=False)
+        self._check_float("fusion_beta", low=0.0, high=1.0)
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"method must be a registered method name, got {self.method!r}")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+    def _check_float(
+        self, name: str, low: float, high: float | None = None, low_inclusive: bool = True
+    ) -> None:
+        value = getattr(self, name)
+        bad = not _is_real_number(value) or not math.isfinite(value)
+        bad = bad or (value < low if low_inclusive else value <= low) or (high is not None and value > high)
+        if bad:
+            bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+    # ---- budget -------------------------------------------------------------------------------
+    def budget(self, num_tokens: int) -> int:
+        """R for an image of ``num_tokens`` tokens; raises when it cannot be met."""
+        if num_tokens < 1:
+            raise ValueError(f"the image span must hold at least one token, got N={num_tokens}")
+        if isinstance(self.keep, float):
+            return max(1, min(num_tokens, round(num_tokens * self.keep)))  # round() is half-to-even
+        if self.keep > num_tokens:
+            raise ValueError(
+                f"keep={self.keep} exceeds the {num_tokens} image tokens; pass keep <= {num_tokens} "
+                f"or a fraction such as keep={self.keep / num_tokens:.3f}"
+            )
+        return self.keep
+
+    # ---- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrunerConfig":
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"config version {version} is newer than this vlm-pruner-edge understands ({CONFIG_VERSION}); "
+                "upgrade the package"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PrunerConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrunerConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def num_rounds(config: PrunerConfig) -> int:
+    """Rounds the static form runs: ceil((1 + lambda - tau0) / dtau) + 2.
+
+    By the last round tau exceeds 1 + lambda, the largest BSS-adjusted redundancy, so every candidate passes
+    and the budget is always met.
+    """
+    return max(1, math.ceil((1.0 + config.bss_lambda - config.tau0) / config.tau_step) + 2)
+
+
+def round_threshold(config: PrunerConfig, round_index: int) -> float:
+    """tau_r = tau0 + r * dtau, computed once in double precision so both forms compare against the same value."""
+    return config.tau0 + round_index * config.tau_step

@@ -1,0 +1,124 @@
+"""Small tensor functions shared by the eager reference and the static form.
+
+Both forms call these so that every float they compare is computed by the same operations in the same order:
+a 1e-7 difference in a cosine is enough to flip a near-tied decision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def grid_positions(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    """(x, y) of every image token, row-major: token i sits at (i mod cols, i div cols).  -> [N, 2] float32"""
+    index = torch.arange(rows * cols, device=device)
+    return torch.stack([index % cols, index // cols], dim=-1).to(torch.float32)
+
+
+def grid_diameter(rows: int, cols: int) -> float:
+    """D_max = sqrt(W^2 + H^2), the distance normaliser (the authors' 24*sqrt(2) on a 24x24 grid)."""
+    return math.sqrt(rows * rows + cols * cols)
+
+
+def grid_distance(anchor_xy: torch.Tensor, all_xy: torch.Tensor, diameter: float) -> torch.Tensor:
+    """Normalised Euclidean grid distance.  anchor_xy [..., A, 2], all_xy [N, 2] -> [..., A, N]"""
+    delta = anchor_xy.unsqueeze(-2) - all_xy  # [..., A, N, 2]
+    return (delta * delta).sum(-1).sqrt() / diameter
+
+
+def key_l1_norm(keys: torch.Tensor) -> torch.Tensor:
+    """||K_i||_1.  [B, N, Dk] -> [B, N]"""
+    return keys.abs().sum(-1)
+
+
+def key_distance(keys: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """||K_i - K_anchor||_2 for every token.  keys [B, N, Dk], anchor [B, Dk] -> [B, N]"""
+    delta = keys - anchor.unsqueeze(1)
+    return (delta * delta).sum(-1).sqrt()
+
+
+def select_feature_channels(hidden: torch.Tensor, channels: int) -> torch.Tensor:
+    """F: the `channels` channels of largest (unbiased) variance across the N tokens.  [B, N, D] -> [B, N, q]"""
+    batch, num_tokens, width = hidden.shape
+    if channels >= width:
+        return hidden
+    variance = hidden.var(dim=1, correction=1 if num_tokens > 1 else 0)  # [B, D]
+    top = variance.topk(channels, dim=-1).indices  # [B, q]
+    return hidden.gather(2, top.unsqueeze(1).expand(batch, num_tokens, channels))
+
+
+def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
+    """M_ij = cos(F_i, F_j).  [B, N, q] -> [B, N, N]"""
+    norm = (features * features).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)  # [B, N, 1]
+    unit = features / norm
+    return unit @ unit.transpose(1, 2)
+
+
+def similarity_for(hidden: torch.Tensor, channels: int) -> torch.Tensor:
+    """The similarity matrix Stage 2 and Stage 3 use.  [B, N, D] -> [B, N, N]"""
+    return cosine_matrix(select_feature_channels(hidden, channels))
+
+
+def bss_redundancy(max_similarity: torch.Tensor, min_distance: torch.Tensor, strength: float) -> torch.Tensor:
+    """m_i(S) = s_i * (1 + lambda * d_i): similarity to the selected set, inflated with distance from it."""
+    return max_similarity * (1.0 + strength * min_distance)
+
+
+def stable_rank(values: torch.Tensor) -> torch.Tensor:
+    """Position of each entry in an ascending stable sort (ties broken by index), without aten::sort.
+
+    [..., N] -> [..., N] int64, a permutation of 0..N-1.
+    """
+    size = values.shape[-1]
+    index = torch.arange(size, device=values.device)
+    other = values.unsqueeze(-2)  # [..., 1, N]   (j)
+    mine = values.unsqueeze(-1)  # [..., N, 1]   (i)
+    before = (other < mine) | ((other == mine) & (index < index.unsqueeze(-1)))  # [..., N(i), N(j)]
+    return before.sum(-1)
+
+
+def stable_argsort(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort `values` ascending, ties by index, without aten::sort.  [B, N] -> [B, N] int64
+
+    topk orders distinct values exactly but may break ties either way.  A second topk on the integer key
+    (tie group, index) puts each group of equal values in index order: O(N log N), no data-dependent branch.
+    """
+    size = values.shape[-1]
+    ordered, order = values.topk(size, dim=-1, largest=False, sorted=True)  # [B, N]
+    new_group = torch.ones_like(order)
+    new_group[..., 1:] = (ordered[..., 1:] != ordered[..., :-1]).long()
+    group = new_group.cumsum(-1)  # [B, N] tie-group id, ascending with the value
+    composite = (group * size + order).to(torch.float64)  # distinct integers, exact in float64
+    regroup = composite.topk(size, dim=-1, largest=False, sorted=True).indices
+    return order.gather(-1, regroup)
+
+
+def similarity_weighted_fusion(
+    hidden: torch.Tensor,
+    similarity: torch.Tensor,
+    kept: torch.Tensor,
+    kept_mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Stage 3 (SWA): fold each discarded token into its most similar kept token.
+
+    hidden [B, N, D], similarity [B, N, N], kept [B, R] ascending, kept_mask [B, N] -> states [B, R, D].
+    A kept token whose weight sum is <= 1e-6 is left unchanged (the authors would divide by 1e-8).
+    """
+    batch, num_tokens, width = hidden.shape
+    budget = kept.shape[1]
+    kept_h = hidden.gather(1, kept.unsqueeze(-1).expand(batch, budget, width))  # [B, R, D]
+    if beta >= 1.0:
+        return kept_h
+    to_kept = similarity.gather(2, kept.unsqueeze(1).expand(batch, num_tokens, budget))  # [B, N, R]  M[u, j]
+    target = to_kept.argmax(-1)  # [B, N]  first max in ascending kept order
+    weight = to_kept.gather(2, target.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    weight = torch.where(kept_mask, torch.zeros_like(weight), weight)  # kept tokens are not fused
+    one_hot = (target.unsqueeze(-1) == torch.arange(budget, device=hidden.device)).to(hidden.dtype)  # [B, N, R]
+    assign = one_hot * weight.unsqueeze(-1)  # [B, N, R]
+    weight_sum = assign.sum(1)  # [B, R]
+    aggregate = assign.transpose(1, 2) @ hidden / weight_sum.clamp_min(1e-6).unsqueeze(-1)  # [B, R, D]
+    fused = beta * kept_h + (1.0 - beta) * aggregate
+    return torch.where((weight_sum > 1e-6).unsqueeze(-1), fused, kept_h)

@@ -1,0 +1,125 @@
+"""The eager reference: VLM-Pruner as plain Python loops over sets, the readable statement of ALGORITHM.md.
+
+Slow and data-dependent on purpose; `select_tokens` (the static form) must pick the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PrunerConfig, round_threshold
+from .primitives import (
+    bss_redundancy,
+    grid_diameter,
+    grid_distance,
+    grid_positions,
+    key_distance,
+    key_l1_norm,
+    similarity_for,
+)
+from .selection import Selection
+from .validation import check_inputs
+
+
+def reference_pivots(keys: torch.Tensor, count: int) -> list[int]:
+    """Stage 1 for one image: p1 = argmax ||K||_1, then farthest points in key space.  keys [1, N, Dk]."""
+    pivots = [int(key_l1_norm(keys)[0].argmax())]
+    nearest = key_distance(keys, keys[:, pivots[0]])[0]  # [N] distance to the closest pivot
+    while len(pivots) < count:
+        candidates = nearest.clone()
+        candidates[pivots] = -1.0  # a pivot is never chosen twice, even when every key is equal
+        pivots.append(int(candidates.argmax()))
+        nearest = torch.minimum(nearest, key_distance(keys, keys[:, pivots[-1]])[0])
+    return pivots
+
+
+def reference_redundancy(
+    similarity: torch.Tensor, distance: torch.Tensor, selected: list[int], strength: float
+) -> torch.Tensor:
+    """m_i(S) for every token against the selected list.  similarity/distance [N, N] -> [N]"""
+    max_similarity = similarity[selected].amax(0)  # max over j in S of M[j, i]
+    min_distance = distance[selected].amin(0)
+    return bss_redundancy(max_similarity, min_distance, strength)
+
+
+def reference_centrifugal(
+    similarity: torch.Tensor, distance: torch.Tensor, pivots: list[int], budget: int, config: PrunerConfig
+) -> list[int]:
+    """Stage 2 for one image: rounds of chunked, BSS-adjusted threshold acceptance until |S| = R."""
+    selected = list(pivots)
+    round_index = 0
+    while len(selected) < budget:
+        tau = torch.tensor(round_threshold(config, round_index), dtype=torch.float32)
+        redundancy = reference_redundancy(similarity, distance, selected, config.bss_lambda)
+        taken = set(selected)
+        # least redundant first; ties by token index
+        candidates = sorted((i for i in range(similarity.shape[0]) if i not in taken), key=lambda i: (float(redundancy[i]), i))
+        for start in range(0, len(candidates), config.chunk):
+            chunk = candidates[start : start + config.chunk]
+            redundancy = reference_redundancy(similarity, distance, selected, config.bss_lambda)  # against CURRENT S
+            accepted = [i for i in chunk if bool(redundancy[i] < tau)]
+            room = budget - len(selected)
+            if len(accepted) > room:
+                lowest = sorted(accepted, key=lambda i: (float(redundancy[i]), chunk.index(i)))[:room]
+                accepted = [i for i in chunk if i in lowest]  # keep chunk order
+            selected.extend(accepted)
+            if start == 0 and not accepted:
+                break  # authors' quirk: a round whose first chunk accepts nothing ends there
+            if len(selected) == budget:
+                break
+        round_index += 1
+    return selected
+
+
+def reference_fusion(
+    hidden: torch.Tensor, similarity: torch.Tensor, kept: list[int], beta: float
+) -> torch.Tensor:
+    """Stage 3 for one image, as loops.  hidden [N, D], similarity [N, N], kept ascending -> [R, D]"""
+    states = {j: hidden[j].clone() for j in kept}
+    if beta >= 1.0:
+        return torch.stack([states[j] for j in kept])
+    groups: dict[int, list[tuple[float, int]]] = {j: [] for j in kept}
+    kept_set = set(kept)
+    for u in range(hidden.shape[0]):
+        if u in kept_set:
+            continue
+        row = similarity[u, kept]
+        best = kept[int(row.argmax())]
+        groups[best].append((similarity[u, best], u))
+    for j, members in groups.items():
+        if not members:
+            continue
+        weights = torch.stack([w for w, _ in members])
+        total = weights.sum()
+        if total <= 1e-6:
+            continue  # deviation from the authors' 1e-8 clamp: leave the token unchanged
+        aggregate = (weights.unsqueeze(-1) * hidden[[u for _, u in members]]).sum(0) / total
+        states[j] = beta * hidden[j] + (1.0 - beta) * aggregate
+    return torch.stack([states[j] for j in kept])
+
+
+def select_tokens_reference(
+    hidden: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], config: PrunerConfig | None = None
+) -> Selection:
+    """VLM-Pruner, eager.  hidden [B, N, D], keys [B, N, Dk] -> Selection of exactly R tokens per item."""
+    config = config or PrunerConfig()
+    rows, cols = check_inputs(hidden, keys, grid)
+    batch, num_tokens, _ = hidden.shape
+    budget = config.budget(num_tokens)
+    hidden32, keys32 = hidden.float(), keys.float()
+    similarity = similarity_for(hidden32, config.feature_channels)  # [B, N, N]
+    positions = grid_positions(rows, cols, hidden.device)
+    distance = grid_distance(positions, positions, grid_diameter(rows, cols))  # [N, N]
+    indices, states, orders = [], [], []
+    for b in range(batch):
+        pivots = reference_pivots(keys32[b : b + 1], min(config.pivots, budget))
+        order = reference_centrifugal(similarity[b], distance, pivots, budget, config)
+        kept = sorted(order)
+        indices.append(torch.tensor(kept))
+        orders.append(torch.tensor(order))
+        states.append(reference_fusion(hidden32[b], similarity[b], kept, config.fusion_beta))
+    return Selection(
+        indices=torch.stack(indices).to(hidden.device),
+        states=torch.stack(states).to(hidden.dtype),
+        order=torch.stack(orders).to(hidden.device),
+    )
