@@ -28,15 +28,45 @@ def grid_distance(anchor_xy: torch.Tensor, all_xy: torch.Tensor, diameter: float
     return (delta * delta).sum(-1).sqrt() / diameter
 
 
+def sum_last(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim as a matmul with ones (XNNPACK runs it; a portable reduction is ~10x slower).
+    [..., C] -> [...]"""
+    ones = torch.ones(values.shape[-1], 1, dtype=values.dtype, device=values.device)
+    return (values @ ones).squeeze(-1)
+
+
+def sum_tokens(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the token dim as a matmul with ones.  [B, N, C] -> [B, C]"""
+    ones = torch.ones(values.shape[0], 1, values.shape[1], dtype=values.dtype, device=values.device)
+    return (ones @ values).squeeze(1)
+
+
 def key_l1_norm(keys: torch.Tensor) -> torch.Tensor:
     """||K_i||_1.  [B, N, Dk] -> [B, N]"""
-    return keys.abs().sum(-1)
+    return sum_last(keys.abs())
 
 
-def key_distance(keys: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """||K_i - K_anchor||_2 for every token.  keys [B, N, Dk], anchor [B, Dk] -> [B, N]"""
-    delta = keys - anchor.unsqueeze(1)
-    return (delta * delta).sum(-1).sqrt()
+def key_sq_norm(keys: torch.Tensor) -> torch.Tensor:
+    """||K_i||_2^2.  [B, N, Dk] -> [B, N]"""
+    return sum_last(keys * keys)
+
+
+def key_distance(keys: torch.Tensor, sq_norm: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """||K_i - K_a||_2 = sqrt(|K_i|^2 + |K_a|^2 - 2 K_i.K_a): one pass over the keys per anchor.
+
+    keys [B, N, Dk], sq_norm [B, N] (key_sq_norm), anchor [B] token index -> [B, N]
+    """
+    anchor_key = keys.gather(1, anchor.view(-1, 1, 1).expand(-1, 1, keys.shape[-1]))  # [B, 1, Dk]
+    anchor_sq = sq_norm.gather(1, anchor.view(-1, 1))  # [B, 1]
+    dot = (keys @ anchor_key.transpose(1, 2)).squeeze(-1)  # [B, N]
+    return (sq_norm + anchor_sq - 2.0 * dot).clamp_min(0.0).sqrt()
+
+
+def channel_variance(hidden: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of each channel across the N tokens (two-pass, matmul reductions).  [B, N, D] -> [B, D]"""
+    num_tokens = hidden.shape[1]
+    centred = hidden - (sum_tokens(hidden) / num_tokens).unsqueeze(1)  # [B, N, D]
+    return sum_tokens(centred * centred) / max(num_tokens - 1, 1)
 
 
 def select_feature_channels(hidden: torch.Tensor, channels: int) -> torch.Tensor:
@@ -44,14 +74,14 @@ def select_feature_channels(hidden: torch.Tensor, channels: int) -> torch.Tensor
     batch, num_tokens, width = hidden.shape
     if channels >= width:
         return hidden
-    variance = hidden.var(dim=1, correction=1 if num_tokens > 1 else 0)  # [B, D]
+    variance = channel_variance(hidden)  # [B, D]
     top = variance.topk(channels, dim=-1).indices  # [B, q]
     return hidden.gather(2, top.unsqueeze(1).expand(batch, num_tokens, channels))
 
 
 def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
     """M_ij = cos(F_i, F_j).  [B, N, q] -> [B, N, N]"""
-    norm = (features * features).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)  # [B, N, 1]
+    norm = sum_last(features * features).unsqueeze(-1).sqrt().clamp_min(1e-12)  # [B, N, 1]
     unit = features / norm
     return unit @ unit.transpose(1, 2)
 

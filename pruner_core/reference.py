@@ -15,6 +15,7 @@ from .primitives import (
     grid_positions,
     key_distance,
     key_l1_norm,
+    key_sq_norm,
     similarity_for,
 )
 from .selection import Selection
@@ -23,13 +24,18 @@ from .validation import check_inputs
 
 def reference_pivots(keys: torch.Tensor, count: int) -> list[int]:
     """Stage 1 for one image: p1 = argmax ||K||_1, then farthest points in key space.  keys [1, N, Dk]."""
+    sq_norm = key_sq_norm(keys)
+
+    def distance_to(token: int) -> torch.Tensor:
+        return key_distance(keys, sq_norm, torch.tensor([token]))[0]  # [N]
+
     pivots = [int(key_l1_norm(keys)[0].argmax())]
-    nearest = key_distance(keys, keys[:, pivots[0]])[0]  # [N] distance to the closest pivot
+    nearest = distance_to(pivots[0])  # [N] distance to the closest pivot
     while len(pivots) < count:
         candidates = nearest.clone()
         candidates[pivots] = -1.0  # a pivot is never chosen twice, even when every key is equal
         pivots.append(int(candidates.argmax()))
-        nearest = torch.minimum(nearest, key_distance(keys, keys[:, pivots[-1]])[0])
+        nearest = torch.minimum(nearest, distance_to(pivots[-1]))
     return pivots
 
 
@@ -43,12 +49,22 @@ def reference_redundancy(
 
 
 def reference_centrifugal(
-    similarity: torch.Tensor, distance: torch.Tensor, pivots: list[int], budget: int, config: PrunerConfig
+    similarity: torch.Tensor,
+    distance: torch.Tensor,
+    pivots: list[int],
+    budget: int,
+    config: PrunerConfig,
+    authors_early_stop: bool = False,
 ) -> list[int]:
-    """Stage 2 for one image: rounds of chunked, BSS-adjusted threshold acceptance until |S| = R."""
+    """Stage 2 for one image: rounds of chunked, BSS-adjusted threshold acceptance until |S| = R.
+
+    authors_early_stop: also stop when a whole round adds nothing, as the authors' code does (it can then return
+    fewer than R tokens); this project never does, but tests use it to show the two agree up to that point.
+    """
     selected = list(pivots)
     round_index = 0
     while len(selected) < budget:
+        size_at_round_start = len(selected)
         tau = torch.tensor(round_threshold(config, round_index), dtype=torch.float32)
         redundancy = reference_redundancy(similarity, distance, selected, config.bss_lambda)
         taken = set(selected)
@@ -67,6 +83,8 @@ def reference_centrifugal(
                 break  # authors' quirk: a round whose first chunk accepts nothing ends there
             if len(selected) == budget:
                 break
+        if authors_early_stop and len(selected) == size_at_round_start:
+            break
         round_index += 1
     return selected
 

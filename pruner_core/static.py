@@ -22,6 +22,7 @@ from .primitives import (
     grid_positions,
     key_distance,
     key_l1_norm,
+    key_sq_norm,
     similarity_for,
     similarity_weighted_fusion,
     stable_argsort,
@@ -75,15 +76,16 @@ def one_hot_any(index: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Ten
 def static_pivots(keys: torch.Tensor, count: int) -> torch.Tensor:
     """Stage 1: p1 = argmax ||K||_1, then `count - 1` farthest-point steps.  keys [B, N, Dk] -> [B, count]"""
     batch, num_tokens, _ = keys.shape
+    sq_norm = key_sq_norm(keys)  # [B, N]
     first = key_l1_norm(keys).argmax(-1)  # [B]
     pivots = [first]
     taken = one_hot_any(first.unsqueeze(1), torch.ones_like(first.unsqueeze(1), dtype=torch.bool), num_tokens)
-    nearest = key_distance(keys, gather_rows(keys, first.unsqueeze(1)).squeeze(1))  # [B, N]
+    nearest = key_distance(keys, sq_norm, first)  # [B, N]
     for _ in range(count - 1):
         choice = torch.where(taken, torch.full_like(nearest, -1.0), nearest).argmax(-1)  # [B]
         pivots.append(choice)
         taken = taken | one_hot_any(choice.unsqueeze(1), torch.ones_like(taken[:, :1]), num_tokens)
-        nearest = torch.minimum(nearest, key_distance(keys, gather_rows(keys, choice.unsqueeze(1)).squeeze(1)))
+        nearest = torch.minimum(nearest, key_distance(keys, sq_norm, choice))
     return torch.stack(pivots, dim=1)
 
 
@@ -197,10 +199,17 @@ def centrifugal_select(
         picked,
     )
 
+    def work(*state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in centrifugal_step(state, similarity, positions, thresholds, plan))
+
+    def idle(*state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in state)
+
     def body(state: tuple[torch.Tensor, ...], step: torch.Tensor):
-        # scan bodies must not return aliases of their inputs
-        nxt = centrifugal_step(state, similarity, positions, thresholds, plan)
-        return tuple(t.clone() for t in nxt), step.clone()
+        # Most of the fixed steps are idle (typically far fewer events than the worst-case bound): skip their work.
+        # Scan bodies must not return aliases of their inputs, hence the clones.
+        running = (state[1] < plan.budget).any()
+        return tuple(torch.cond(running, work, idle, state)), step.clone()
 
     if use_scan is None:
         use_scan = torch.compiler.is_compiling()
