@@ -24,8 +24,9 @@ def grid_diameter(rows: int, cols: int) -> float:
 
 def grid_distance(anchor_xy: torch.Tensor, all_xy: torch.Tensor, diameter: float) -> torch.Tensor:
     """Normalised Euclidean grid distance.  anchor_xy [..., A, 2], all_xy [N, 2] -> [..., A, N]"""
-    delta = anchor_xy.unsqueeze(-2) - all_xy  # [..., A, N, 2]
-    return (delta * delta).sum(-1).sqrt() / diameter
+    dx = anchor_xy[..., 0:1] - all_xy[:, 0]  # [..., A, N]
+    dy = anchor_xy[..., 1:2] - all_xy[:, 1]
+    return (dx * dx + dy * dy).sqrt() / diameter
 
 
 def sum_last(values: torch.Tensor) -> torch.Tensor:

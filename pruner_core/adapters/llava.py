@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,7 +104,9 @@ class TinyLlavaSpec:
                 f"use e.g. image_size={self.image_size // self.patch_size * self.patch_size}"
             )
         if self.vision_layers < 2:
-            raise ValueError("vision_layers must be >= 2: LLaVA-1.5 reads the penultimate layer (vision_feature_layer=-2)")
+            raise ValueError(
+                "vision_layers must be >= 2: LLaVA-1.5 reads the penultimate layer (vision_feature_layer=-2)"
+            )
         if self.text_hidden % self.text_heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden widths must be multiples of their head counts")
         if self.gqa and self.text_heads % 2:
@@ -279,18 +281,29 @@ def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
         ) from None
 
 
+SPEC_FILE = "tiny_llava_spec.json"  # written next to a tiny build; a build from another spec is rebuilt
+
+
+def _is_built(target: Path, spec: TinyLlavaSpec) -> bool:
+    stamp = target / SPEC_FILE
+    return (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec)
+
+
 def _build_once(name: str, target: Path) -> Path:
-    if (target / "config.json").is_file():
-        return target
     spec = TINY_MODELS[name]
+    if _is_built(target, spec):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build_tiny_llava(staging, image_size=spec.image_size, patch_size=spec.patch_size, gqa=spec.gqa, seed=spec.seed)
+        (staging / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))
+        if target.exists() and not _is_built(target, spec):
+            shutil.rmtree(target)  # a stale build from another spec
         try:
             os.replace(staging, target)  # atomic: a half-written build is never visible under `target`
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if someone else finished first
+            if not _is_built(target, spec):  # only a concurrent build that finished first is acceptable
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -310,13 +323,14 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
         raise ValueError(f"model name must be a non-empty string; supported: {_supported_names()}")
     if name in TINY_MODELS:
         return _build_once(name, Path(cache_dir) / name)
+    if name in HUB_ALIASES:
+        return _check_llava_directory(_from_hub_cache(HUB_ALIASES[name], hf_cache_dir))
     local = Path(name).expanduser()
     if local.is_dir():
         return _check_llava_directory(local)
-    repo_id = HUB_ALIASES.get(name, name)
-    parts = repo_id.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
-        return _check_llava_directory(_from_hub_cache(repo_id, hf_cache_dir))
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return _check_llava_directory(_from_hub_cache(name, hf_cache_dir))
     raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")
 
 
@@ -349,7 +363,9 @@ def _llava_inner(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", None)
     inner = inner if isinstance(inner, nn.Module) and hasattr(inner, "vision_tower") else model
     if not hasattr(inner, "language_model") or not hasattr(inner, "vision_tower"):
-        raise ValueError(f"{type(model).__name__} does not look like a llava-hf LLaVA model (no vision_tower / language_model)")
+        raise ValueError(
+            f"{type(model).__name__} does not look like a llava-hf LLaVA model (no vision_tower / language_model)"
+        )
     return inner
 
 
@@ -559,6 +575,17 @@ def attention_bias(
     return torch.where(allowed, zero, torch.finfo(dtype).min)  # finfo.min, not -inf: all-padding rows stay finite
 
 
+def rotary(language_model: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock rotary embedding's (cos, sin) [B, S, d] for positions [B, S].
+
+    Calls the module's forward beneath its ``torch.no_grad`` decorator (same values): a grad-mode switch inside a
+    graph that also holds the selection's ``scan`` / ``cond`` breaks ``torch.export`` (torch 2.13).
+    """
+    module = language_model.rotary_emb
+    undecorated = getattr(type(module).forward, "__wrapped__", None)
+    return undecorated(module, x, positions) if undecorated is not None else module(x, positions)
+
+
 def run_layers(
     language_model: nn.Module,
     hidden: torch.Tensor,
@@ -579,7 +606,7 @@ def run_layers(
     mask = attention_bias(
         key_valid, batch, length, kv_len, hidden.dtype, hidden.device, language_model.config._attn_implementation
     )
-    position_embeddings = language_model.rotary_emb(hidden, positions)  # (cos, sin) [B, S, d]
+    position_embeddings = rotary(language_model, hidden, positions)  # (cos, sin) [B, S, d]
     for index in layers:
         hidden = language_model.layers[index](
             hidden,
@@ -620,7 +647,9 @@ def kept_sequence_index(image_start: torch.Tensor, kept: torch.Tensor, length: i
     return torch.where(in_image, image_source, torch.where(slot >= start + budget, slot + (n_image - budget), slot))
 
 
-def _consecutive_positions(valid: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def _consecutive_positions(
+    valid: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
     """Positions 0, 1, ... over the real tokens (padding gets 0), as generate makes them -> [B, length]."""
     if valid is None:
         return torch.arange(length, device=device)[None].expand(batch, length)
@@ -693,70 +722,86 @@ def prune_and_prefill(
     batch, length, _ = embeds.shape
     num_layers = len(language_model.layers)
     split = check_split_layer(config, num_layers)
-    method = get_method(config.method)
     device = embeds.device
-    starts = _as_starts(image_start, batch, device)
+    starts = _as_starts(image_start, batch, device)  # [B]
     valid = None if attention_mask is None else attention_mask.to(device).bool()  # [B, T]
     positions = (
         _consecutive_positions(None, batch, length, device)
         if position_ids is None
         else position_ids.to(device).long().expand(batch, length)
-    )
+    )  # [B, T]
     image_index = starts[:, None] + torch.arange(n_image, device=device)[None]  # [B, N]
 
-    # --- layers < K on the full prompt; keep the probed layer's input for its keys / attention ---
-    hidden = run_layers(language_model, embeds, positions, valid, cache, range(max(split - 1, 0)))
-    probe_index = max(split - 1, 0)
-    probe_in = hidden  # input of layer K-1 (K >= 1) or of layer 0 (K = 0, = embeds)
-    if split >= 1:
-        hidden = run_layers(language_model, hidden, positions, valid, cache, range(split - 1, split))
+    # layers < K-1, then layer K-1 (whose input the signals probe) on the full prompt
+    probe_in = run_layers(language_model, embeds, positions, valid, cache, range(max(split - 1, 0)))
+    hidden = run_layers(language_model, probe_in, positions, valid, cache, range(max(split - 1, 0), split))
 
-    # --- signals at the image positions ---
-    probe = language_model.layers[probe_index]
-    image_in = _gather_tokens(probe_in, image_index)  # [B, N, D]
-    image_positions = _gather_tokens(positions, image_index)  # [B, N]
-    keys = None
-    if "keys" in method.needs:
-        keys = layer_keys(probe, image_in, *language_model.rotary_emb(image_in, image_positions))  # [B, N, H*d]
-    text_attention = None
-    if "text_attention" in method.needs:
-        cos_sin = language_model.rotary_emb(probe_in, positions)
-        text_attention = _gather_tokens(last_token_attention(probe, probe_in, *cos_sin, valid), image_index)
+    text_attention, keys = _decoder_signals(
+        language_model, get_method(config.method).needs, max(split - 1, 0), probe_in, positions, valid, image_index
+    )
     selection = select_tokens(
         _gather_tokens(hidden, image_index), keys, grid, config,
         text_attention=text_attention, cls_attention=cls_attention,
     )
-
-    # --- the pruned sequence: [text before] + [kept, fused] + [text after] ---
-    kept_index = kept_sequence_index(starts, selection.indices, length, n_image)  # [B, T']
-    pruned = _gather_tokens(hidden, kept_index)  # [B, T', D]
-    budget = selection.indices.shape[1]
-    slot = torch.arange(kept_index.shape[1], device=device)[None]
-    in_image = (slot >= starts[:, None]) & (slot < starts[:, None] + budget)  # [B, T']
-    fused = _gather_tokens(selection.states.to(pruned.dtype), (slot - starts[:, None]).clamp(0, budget - 1))
-    pruned = torch.where(in_image[..., None], fused, pruned)
-    kept_valid = (
-        torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
-    )  # [B, T']
-    if split == 0:
-        kept_positions = _consecutive_positions(None if valid is None else kept_valid, batch, kept_index.shape[1], device)
-    else:
+    pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)  # [B, T', D], [B, T']
+    kept_valid = torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
+    if split == 0:  # an ordinary shorter prompt
+        kept_positions = _consecutive_positions(None if valid is None else kept_valid, *kept_index.shape, device)
+    else:  # the kept tokens keep their original RoPE positions
         kept_positions = positions.gather(1, kept_index)
 
-    # --- layers >= K on the pruned sequence ---
     pruned = run_layers(
         language_model, pruned, kept_positions, None if valid is None else kept_valid, cache, range(split, num_layers)
     )
-    next_position = (kept_positions if split == 0 else positions)[:, -1] + 1
     return PrunedPrefill(
         hidden=language_model.norm(pruned),
         positions=kept_positions,
         kept_index=kept_index,
         kept_valid=kept_valid,
-        next_position=next_position,
+        next_position=(kept_positions if split == 0 else positions)[:, -1] + 1,
         selection=selection,
         split_layer=split,
     )
+
+
+def _decoder_signals(
+    language_model: nn.Module,
+    needs: frozenset[str],
+    probe_index: int,
+    probe_in: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor | None,
+    image_index: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The decoder-side signals a method needs, from layer ``probe_index`` and its input probe_in [B, T, D].
+
+    -> (text_attention [B, N] or None, keys [B, N, H*d] or None), both at the image positions image_index [B, N].
+    """
+    probe = language_model.layers[probe_index]
+    keys = text_attention = None
+    if "keys" in needs:
+        image_in = _gather_tokens(probe_in, image_index)  # [B, N, D]
+        cos_sin = rotary(language_model, image_in, _gather_tokens(positions, image_index))
+        keys = layer_keys(probe, image_in, *cos_sin)
+    if "text_attention" in needs:
+        cos_sin = rotary(language_model, probe_in, positions)
+        text_attention = _gather_tokens(last_token_attention(probe, probe_in, *cos_sin, valid), image_index)
+    return text_attention, keys
+
+
+def _pruned_sequence(
+    hidden: torch.Tensor, starts: torch.Tensor, selection: Selection, n_image: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, T, D] -> (pruned [B, T', D], kept_index [B, T']).
+
+    pruned = [text before] + [the kept tokens, their fused states] + [text after].
+    """
+    budget = selection.indices.shape[1]
+    kept_index = kept_sequence_index(starts, selection.indices, hidden.shape[1], n_image)  # [B, T']
+    slot = torch.arange(kept_index.shape[1], device=hidden.device)[None] - starts[:, None]  # [B, T'] rel. to span
+    in_image = (slot >= 0) & (slot < budget)
+    fused = _gather_tokens(selection.states.to(hidden.dtype), slot.clamp(0, budget - 1))  # [B, T', D]
+    return torch.where(in_image[..., None], fused, _gather_tokens(hidden, kept_index)), kept_index
 
 
 def decode_step(
@@ -881,8 +926,11 @@ class _Session:
 class _PrunedLlavaForward:
     """Mixin placed in front of a LlavaModel instance's own class by ``apply_pruner`` (undone by ``remove_pruner``).
 
-    Its forward prunes at prefill (a call with pixel_values and an empty cache) and continues such a cache at decode;
-    every other call goes to the stock forward untouched.
+    Its forward prunes at prefill (a call with input_ids, an image as pixel_values or as generate's pre-encoded
+    mm_encoder_outputs["image"], and an empty cache) and continues such a cache at decode; every other call (text
+    only, inputs_embeds only, a cache it did not fill) goes to the stock forward untouched. The pruned paths return
+    the kept sequence's states [B, T', D] (so logits over T' positions, the last one being the prompt's last) and
+    no per-layer hidden states or attentions.
     """
 
     _pruner_config: PrunerConfig
@@ -917,7 +965,7 @@ class _PrunedLlavaForward:
             if encoded is None:
                 encoded = self.get_image_features(
                     pixel_values=pixel_values, vision_feature_layer=vision_feature_layer, image_sizes=image_sizes,
-                    output_hidden_states=True, return_dict=True,
+                    return_dict=True,
                 )
             return self._pruned_prefill(
                 input_ids, encoded, attention_mask, position_ids, past_key_values, vision_feature_layer,
@@ -979,7 +1027,7 @@ class _PrunedLlavaForward:
         return LlavaModelOutputWithPast(
             last_hidden_state=result.hidden,
             past_key_values=cache if keep_cache else None,
-            image_hidden_states=torch.stack(list(features)),
+            image_hidden_states=torch.cat(list(features), dim=0),  # [images * N, D], as the stock forward
         )
 
     def _pruned_decode(self, session, input_ids, inputs_embeds, attention_mask, position_ids, cache):
