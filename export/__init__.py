@@ -1,0 +1,1 @@
+"""ONNX and ExecuTorch lowering of pruned models."""
