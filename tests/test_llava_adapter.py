@@ -187,8 +187,8 @@ def test_decoding_positions_continue_at_full_length(zoo, astronaut):
             input_ids=token, past_key_values=prefill.past_key_values, position_ids=torch.tensor([[full]]),
             attention_mask=torch.ones(1, full + 1, dtype=torch.long),
         ).logits
-        shifted = model(input_ids=token, past_key_values=model(**inputs).past_key_values,
-                        position_ids=torch.tensor([[full - 7]])).logits
+        other_cache = model(**inputs, use_cache=True).past_key_values
+        shifted = model(input_ids=token, past_key_values=other_cache, position_ids=torch.tensor([[full - 7]])).logits
     assert torch.allclose(implicit, explicit, atol=1e-6)
     assert not torch.allclose(implicit, shifted, atol=1e-6)  # the position does matter
 
@@ -327,6 +327,34 @@ def test_prefill_with_pruning_contract(zoo, astronaut, layer):
         assert torch.equal(pruned.positions[0, start + budget :], torch.arange(start + n_image, full))
         assert int(pruned.next_position[0]) == full
     assert torch.equal(pruned.kept_index[0, start : start + budget], kept_image)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_prefill_with_pruning_exports(zoo, astronaut, layer):
+    """With int image_start / n_image every shape is static: torch.export traces it and matches eager exactly."""
+    model, processor = load(zoo, "tiny-llava-gqa")
+    inputs = prompt_inputs(processor, astronaut)
+    with torch.no_grad():
+        embeds, starts, n_image = embed_prompt(model, inputs["input_ids"], inputs["pixel_values"])
+    start, grid, config = int(starts[0]), image_grid(model.config), PrunerConfig(keep=0.12, layer=layer)
+
+    class Prefill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, prompt_embeds):
+            out = prefill_with_pruning(self.model, prompt_embeds, start, n_image, grid, config)
+            return (out.logits, out.positions, out.selection.indices, *out.keys, *out.values)
+
+    module = Prefill().eval()
+    with torch.no_grad():
+        exported = torch.export.export(module, (embeds,), strict=False)
+        expected, actual = module(embeds), exported.module()(embeds)
+    assert len(actual) == len(expected)
+    for want, got in zip(expected, actual):
+        assert want.shape == got.shape
+        assert torch.allclose(want.float(), got.float(), atol=1e-6)
 
 
 def test_layer_keys_and_last_token_attention_match_stock(zoo, astronaut):
