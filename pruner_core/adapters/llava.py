@@ -334,6 +334,33 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
     raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")
 
 
+def estimate_parameters(path: str | Path) -> int:
+    """Parameter count of a llava-hf checkpoint from its config.json alone (no weights needed).
+
+    CLIP tower + 2-layer projector + Llama decoder (GQA-aware) + LM head; used to estimate export memory before
+    loading anything. llava-1.5-7b: ~7.06e9.
+    """
+    config = json.loads((_check_llava_directory(Path(path)) / "config.json").read_text())
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    width = text.get("hidden_size", 4096)
+    heads = text.get("num_attention_heads", 32)
+    head_dim = text.get("head_dim") or width // heads
+    kv_width = text.get("num_key_value_heads", heads) * head_dim
+    ffn = text.get("intermediate_size", 11008)
+    vocab = text.get("vocab_size", config.get("vocab_size", 32064))
+    layer = 2 * width * heads * head_dim + 2 * width * kv_width + 3 * width * ffn + 2 * width
+    embeddings = vocab * width * (1 if text.get("tie_word_embeddings", False) else 2)
+    decoder = text.get("num_hidden_layers", 32) * layer + embeddings + width
+    v_width = vision.get("hidden_size", 1024)
+    v_ffn = vision.get("intermediate_size", 4096)
+    patch, image = vision.get("patch_size", 14), vision.get("image_size", 336)
+    v_layer = 4 * v_width * v_width + 2 * v_width * v_ffn + 4 * v_width
+    tower = vision.get("num_hidden_layers", 24) * v_layer + 3 * patch * patch * v_width
+    tower += ((image // patch) ** 2 + 1) * v_width
+    projector = v_width * width + width * width + 2 * width
+    return decoder + tower + projector
+
+
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None):
     """-> (LlavaForConditionalGeneration in eval mode, its processor), loaded with the stock ``from_pretrained``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -1,0 +1,252 @@
+"""`pruner-export`: prune a LLaVA model's image tokens and export it to ExecuTorch and/or ONNX.
+
+    pruner-export --model llava-1.5-7b --keep 0.12 --target executorch
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from pruner_core import PrunerConfig, method_names
+
+from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, staging_directory
+
+DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
+EXPORT_OVERHEAD = 2.5  # tracing and lowering hold about this many copies of the weights at peak
+
+
+class ExportError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+@dataclass
+class Progress:
+    """Stage lines with elapsed time: `[  12.3s] lower (trace took 4.1s)`."""
+
+    stream: TextIO = sys.stderr
+    start: float = field(default_factory=time.perf_counter)
+    current: str | None = None
+    stage_start: float = 0.0
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._close(now)
+        self.current, self.stage_start = stage, now
+        print(f"[{now - self.start:7.1f}s] {stage} ...", file=self.stream, flush=True)
+
+    def _close(self, now: float) -> None:
+        if self.current is not None:
+            self.durations[self.current] = self.durations.get(self.current, 0.0) + now - self.stage_start
+        self.current = None
+
+    def finish(self) -> float:
+        now = time.perf_counter()
+        self._close(now)
+        return now - self.start
+
+
+def parse_keep(text: str) -> int | float:
+    """'64' -> 64 tokens; '0.12' / '1.0' -> a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep {text!r}: give a token count (64) or a fraction (0.12)") from None
+
+
+def keep_label(keep: int | float) -> str:
+    return str(keep) if isinstance(keep, int) else f"{keep:g}" if keep != 1.0 else "1.0"
+
+
+def default_out(model: str, keep: int | float, target: str) -> Path:
+    name = Path(model.rstrip("/")).name or model.replace("/", "_")
+    return Path("exported") / f"{name}-keep{keep_label(keep)}-{target}"
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(parameters: int, dtype: str, available: int | None, stream: TextIO) -> None:
+    """Say what the export needs; refuse when the weights alone do not fit in the free memory."""
+    weights = parameters * BYTES_PER_PARAM[dtype]
+    peak = int(weights * EXPORT_OVERHEAD)
+    gib = 1024**3
+    have = f"{available / gib:.1f} GiB available" if available else "available memory unknown"
+    print(f"model: {parameters / 1e9:.2f}B parameters; {dtype} weights {weights / gib:.1f} GiB, export peak "
+          f"~{peak / gib:.1f} GiB ({have})", file=stream)
+    if available is None:
+        return
+    if weights > available:
+        smaller = [d for d in DTYPES if BYTES_PER_PARAM[d] < BYTES_PER_PARAM[dtype]]
+        hint = f"use --dtype {smaller[0]} (halves the weights) or " if smaller else ""
+        raise ExportError(
+            f"not enough memory: {dtype} weights alone need {weights / gib:.1f} GiB but only {available / gib:.1f} GiB "
+            f"is available; {hint}export on a machine with >= {peak / gib:.0f} GiB of RAM"
+        )
+    if peak > available:
+        print(f"warning: the export may need ~{peak / gib:.1f} GiB at peak, more than the {available / gib:.1f} GiB "
+              "available; it may be killed for memory", file=stream)
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    probe = parent / f".pruner-export-probe-{time.time_ns()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as error:
+        raise ExportError(f"cannot write to {out.parent} ({error.strerror}); choose a writable --out") from None
+
+
+def check_model_fits(model_dir: Path, pruner: PrunerConfig) -> None:
+    """keep and --prune-layer against the model's config (cheap: no weights loaded)."""
+    from transformers import AutoConfig
+
+    from pruner_core.adapters.llava import check_split_layer, image_grid
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rows, cols = image_grid(config)
+    try:
+        pruner.budget(rows * cols)
+        check_split_layer(pruner, config.text_config.num_hidden_layers)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def exporter_for(target: str) -> Callable:
+    if target == "executorch":
+        from .executorch_llava import export_executorch
+
+        return export_executorch
+    from .onnx_llava import export_onnx
+
+    return export_onnx
+
+
+def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"\n{payload['target']}: kept {payload['kept_image_tokens']} of {payload['num_image_tokens']} image tokens "
+          f"({payload['pruner']['method']}, layer {payload['pruner']['layer']}, {payload['placement']}) "
+          f"in {seconds:.1f}s -> {out}", file=stream)
+    for path in files:
+        print(f"  {str(path.relative_to(out)):<40} {human_size(path.stat().st_size):>12}", file=stream)
+    methods = ", ".join(payload.get("methods", {}))
+    print(f"  methods/graphs: {methods}", file=stream)
+    print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pruner-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="tiny-llava",
+                       help="tiny-llava (embedded), tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b, a hub id in the local "
+                            "cache, or a local llava-hf directory")
+    model.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where tiny models are built")
+    pruning = parser.add_argument_group("pruning")
+    pruning.add_argument("--keep", type=parse_keep, default=0.12, help="token count (64) or fraction (0.12)")
+    pruning.add_argument("--prune-layer", type=int, default=2,
+                         help="K: prune between decoder layers K-1 and K (0 = before the LLM, runs in stock runners)")
+    pruning.add_argument("--method", default="vlm_pruner", choices=method_names())
+    target = parser.add_argument_group("target")
+    target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"])
+    target.add_argument("--backend", default="xnnpack", choices=list(EXECUTORCH_BACKENDS), help="ExecuTorch backend")
+    target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8"],
+                        help="executorch: 8da4w (torchao, decoder linears); onnx: int8 (dynamic)")
+    target.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    target.add_argument("--max-seq-len", type=int, default=768)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
+    output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def run(args: argparse.Namespace, stream: TextIO = sys.stderr) -> list[Path]:
+    from pruner_core.adapters import estimate_parameters, resolve_model
+
+    try:
+        pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    targets = ["executorch", "onnx"] if args.target == "all" else [args.target]
+    plans = []
+    for target in targets:
+        quantize = args.quantize
+        if args.target == "all" and quantize != "none":  # each target takes the quantisation it knows
+            quantize = quantize if quantize in {"executorch": ("8da4w",), "onnx": ("int8",)}[target] else "none"
+        try:
+            options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend,
+                                    quantize=quantize, dtype=args.dtype, max_seq_len=args.max_seq_len)
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+        out = args.out if args.out and len(targets) == 1 else (
+            args.out / target if args.out else default_out(args.model, args.keep, target))
+        check_writable(out, args.overwrite)
+        plans.append((options, out))
+
+    progress = Progress(stream)
+    progress("load")
+    try:
+        model_dir = resolve_model(args.model, args.cache_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise ExportError(str(error)) from None
+    check_model_fits(model_dir, pruner)
+    check_memory(estimate_parameters(model_dir), args.dtype, available_memory_bytes(), stream)
+    written = []
+    for options, out in plans:
+        export = exporter_for(options.target)
+        try:
+            with staging_directory(out, overwrite=args.overwrite) as staging:
+                payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
+        except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
+            raise ExportError(str(error)) from None
+        summarise(out, payload, progress.finish(), stream)
+        written.append(out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ExportError as error:
+        print(f"pruner-export: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pruner-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""`pruner-export` argument handling and bad input: clear errors, nothing left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from export.cli import ExportError, build_parser, check_memory, default_out, main, parse_keep, run
+
+LLAVA_7B_CONFIG = {
+    "model_type": "llava",
+    "text_config": {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "patch_size": 14,
+                      "num_attention_heads": 16, "projection_dim": 768,
+                      "image_size": 336},
+}
+
+
+def run_cli(argv: list[str], tmp_path: Path) -> tuple[int, str]:
+    """main() with the model cache under tmp_path; returns (exit code, stderr)."""
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv + ["--cache-dir", str(tmp_path / "cache")])
+    return code, err.getvalue()
+
+
+def assert_nothing_left(directory: Path) -> None:
+    leftovers = [p for p in directory.rglob("*") if ".partial" in p.name or p.suffix == ".tmp"]
+    assert not leftovers, leftovers
+
+
+def test_parse_keep_distinguishes_counts_and_fractions():
+    assert parse_keep("64") == 64 and isinstance(parse_keep("64"), int)
+    assert parse_keep("0.12") == 0.12
+    assert isinstance(parse_keep("1.0"), float)
+
+
+def test_default_out_names_model_keep_and_target():
+    assert default_out("llava-1.5-7b", 0.12, "executorch") == Path("exported/llava-1.5-7b-keep0.12-executorch")
+    assert default_out("tiny-llava", 1.0, "onnx") == Path("exported/tiny-llava-keep1.0-onnx")
+    assert default_out("llava-hf/llava-1.5-7b-hf", 64, "onnx") == Path("exported/llava-1.5-7b-hf-keep64-onnx")
+
+
+@pytest.mark.parametrize("keep, pattern", [("0", "keep"), ("-5", "keep"), ("1.5", "fraction"), ("700", "exceeds")])
+def test_keep_out_of_range(tmp_path, keep, pattern):
+    out = tmp_path / "out"
+    code, err = run_cli(["--keep", keep, "--out", str(out)], tmp_path)
+    assert code == 2 and "error" in err and pattern in err
+    assert not out.exists()
+    assert_nothing_left(tmp_path)
+
+
+def test_unknown_model(tmp_path):
+    code, err = run_cli(["--model", "not-a-model", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "unknown model 'not-a-model'" in err and "tiny-llava" in err
+
+
+def test_hub_id_missing_offline_says_how_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    code, err = run_cli(["--model", "someone/llava-missing", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "download someone/llava-missing" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_llava_directory(tmp_path):
+    model = tmp_path / "bert"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, err = run_cli(["--model", str(model), "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "'bert'" in err and "LLaVA" in err
+
+
+def test_out_dir_exists_without_overwrite(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(["--out", str(out)], tmp_path)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(["--out", str(blocker / "sub" / "out")], tmp_path)
+    assert code == 2 and "cannot write" in err
+
+
+def test_unsupported_backend_and_quantisation(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--backend", "tpu"])
+    assert "invalid choice" in capsys.readouterr().err
+    code, err = run_cli(["--target", "onnx", "--quantize", "8da4w", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "--quantize 8da4w is not available for onnx" in err
+
+
+def test_refuses_7b_in_fp32_on_a_small_machine(tmp_path):
+    model = tmp_path / "llava-7b-config-only"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
+    args = build_parser().parse_args(["--model", str(model), "--out", str(tmp_path / "o"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    import export.cli as cli
+
+    stream = io.StringIO()
+    original = cli.available_memory_bytes
+    cli.available_memory_bytes = lambda: 24 * 1024**3  # this machine's size, whatever is free right now
+    try:
+        with pytest.raises(ExportError, match=r"fp32 weights alone need 26\.3 GiB.*--dtype fp16"):
+            run(args, stream)
+    finally:
+        cli.available_memory_bytes = original
+    assert "7.06B parameters" in stream.getvalue()
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_check_passes_small_models_and_warns_near_the_limit():
+    stream = io.StringIO()
+    check_memory(10_000_000, "fp32", 8 * 1024**3, stream)
+    assert "warning" not in stream.getvalue()
+    check_memory(7_000_000_000, "fp16", 20 * 1024**3, stream)  # 13 GiB weights fit, 33 GiB peak does not
+    assert "warning" in stream.getvalue()
