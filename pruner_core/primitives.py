@@ -151,5 +151,7 @@ def similarity_weighted_fusion(
     assign = one_hot * weight.unsqueeze(-1)  # [B, N, R]
     weight_sum = assign.sum(1)  # [B, R]
     aggregate = assign.transpose(1, 2) @ hidden / weight_sum.clamp_min(1e-6).unsqueeze(-1)  # [B, R, D]
-    fused = beta * kept_h + (1.0 - beta) * aggregate
-    return torch.where((weight_sum > 1e-6).unsqueeze(-1), fused, kept_h)
+    # beta where the weights are usable, 1 (keep unchanged) elsewhere: a small [B, R, 1] select instead of a
+    # [B, R, D] one; 1 * kept + 0 * aggregate is exactly kept since the aggregate is finite
+    keep_weight = torch.where(weight_sum > 1e-6, beta, 1.0).unsqueeze(-1)  # [B, R, 1]
+    return keep_weight * kept_h + (1.0 - keep_weight) * aggregate
