@@ -1,0 +1,371 @@
+"""Image preprocessing at run time: a JSON-serialisable description of a CLIP-style image processor, and the
+numpy + PIL code that applies it without transformers.
+
+``ImagePreprocessing`` is the ``"image_preprocessing"`` object of an export folder's ``export_config.json``. The
+exporter fills it from the model's Hugging Face processor with ``ImagePreprocessing.from_hf_processor``; the runtime
+turns an image into the vision encoder's input with ``preprocess(image, spec)``.
+
+``preprocess`` reproduces transformers' PIL backend (``CLIPImageProcessorPil``, which ``CLIPImageProcessor(...)``
+instantiates when torchvision is absent, and ``LlavaImageProcessorPil`` for pad-to-square) bit for bit:
+
+1. RGB: alpha composited onto white, other modes converted (``image_transforms.convert_to_rgb``);
+2. optional pad to a square of the longest edge, image centred, ``pad_color`` around it (LLaVA's ``do_pad``);
+3. resize with PIL (``shortest_edge``: the short side becomes n, the long side ``int(n * long / short)``,
+   truncated; or an explicit height x width);
+4. centre crop, zero-padding where the image is smaller than the crop;
+5. rescale in float64, cast to float32; normalise ``(x - mean) / std`` in float32;
+6. layout: ``float_nchw`` float32 [1, 3, H, W] or ``uint8_chw`` uint8 [3, H, W] (steps 5 skipped: graphs that
+   normalise inside, like ExecuTorch's LLaVA).
+
+The torchvision ("fast") backend resizes with a different kernel and differs from this by up to a few grey levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SCHEMA_VERSION = 1
+
+INPUT_LAYOUTS = ("float_nchw", "uint8_chw")
+
+# PIL.Image.Resampling ids (transformers' PILImageResampling is the same enum).
+RESAMPLE_FILTERS: dict[str, int] = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How an image becomes the vision encoder's input; the defaults are LLaVA-1.5's processor (336 px CLIP).
+
+    Resize target: ``shortest_edge`` (aspect kept) or ``height`` + ``width`` (exact), never both.
+    """
+
+    do_convert_rgb: bool = True
+    do_pad_to_square: bool = False
+    pad_color: tuple[int, int, int] = (0, 0, 0)  # RGB 0-255 around a padded image; LLaVA uses int(mean * 255)
+    do_resize: bool = True
+    shortest_edge: int | None = 336
+    height: int | None = None
+    width: int | None = None
+    resample: int = RESAMPLE_FILTERS["bicubic"]
+    do_center_crop: bool = True
+    crop_height: int | None = 336
+    crop_width: int | None = 336
+    do_rescale: bool = True
+    rescale_factor: float = 1.0 / 255.0
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    input_layout: str = "float_nchw"
+
+    def __post_init__(self) -> None:
+        for name in ("do_convert_rgb", "do_pad_to_square", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ImagePreprocessing.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("shortest_edge", "height", "width", "crop_height", "crop_width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ImagePreprocessing.{name} must be a positive int or null, got {value!r}")
+        self._check_resize()
+        if self.do_center_crop and (self.crop_height is None or self.crop_width is None):
+            raise ValueError(
+                "ImagePreprocessing: do_center_crop needs crop_height and crop_width "
+                f"(got {self.crop_height!r} x {self.crop_width!r})"
+            )
+        if self.resample not in RESAMPLE_FILTERS.values() or isinstance(self.resample, bool):
+            raise ValueError(
+                f"ImagePreprocessing.resample must be a PIL filter id {RESAMPLE_FILTERS}, got {self.resample!r}"
+            )
+        factor = self.rescale_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"ImagePreprocessing.rescale_factor must be a finite number > 0, got {factor!r}")
+        object.__setattr__(self, "rescale_factor", float(factor))
+        object.__setattr__(self, "image_mean", _three_numbers("image_mean", self.image_mean, positive=False))
+        object.__setattr__(self, "image_std", _three_numbers("image_std", self.image_std, positive=True))
+        object.__setattr__(self, "pad_color", _pad_color(self.pad_color))
+        if self.input_layout not in INPUT_LAYOUTS:
+            raise ValueError(
+                f"ImagePreprocessing.input_layout must be one of {INPUT_LAYOUTS}, got {self.input_layout!r}"
+            )
+
+    def _check_resize(self) -> None:
+        if (self.height is None) != (self.width is None):
+            raise ValueError(
+                f"ImagePreprocessing: give both height and width or neither, got {self.height!r} x {self.width!r}"
+            )
+        if self.shortest_edge is not None and self.height is not None:
+            raise ValueError(
+                "ImagePreprocessing: give either shortest_edge (aspect kept) or height + width (exact), not both"
+            )
+        if self.do_resize and self.shortest_edge is None and self.height is None:
+            raise ValueError("ImagePreprocessing: do_resize needs shortest_edge or height + width")
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the resize step for an input of ``height`` x ``width`` (after any padding)."""
+        if not self.do_resize:
+            return height, width
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        n = self.shortest_edge
+        assert n is not None  # guaranteed by __post_init__
+        if width <= height:  # portrait or square: width is the short side
+            return int(n * height / width), n
+        return n, int(n * width / height)
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the array ``preprocess`` returns for an input image of ``height`` x ``width``."""
+        if self.do_pad_to_square:
+            height = width = max(height, width)
+        if self.do_center_crop:
+            assert self.crop_height is not None and self.crop_width is not None
+            return self.crop_height, self.crop_width
+        return self.resized_hw(height, width)
+
+    # ---- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: every field, tuples as lists, plus ``"version"``."""
+        data = asdict(self)
+        for name in ("pad_color", "image_mean", "image_std"):
+            data[name] = list(data[name])
+        return {"version": SCHEMA_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImagePreprocessing":
+        """Inverse of ``to_dict``; every field is required, unknown ones are refused."""
+        if not isinstance(data, dict):
+            raise ValueError(f"image_preprocessing must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(
+                f"image_preprocessing version {version!r} is newer than this runtime understands ({SCHEMA_VERSION}); "
+                "upgrade vlm-pruner-edge"
+            )
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"image_preprocessing has unknown fields {unknown}; known fields: {known}")
+        missing = [name for name in known if name not in data]
+        if missing:
+            raise ValueError(f"image_preprocessing is missing fields {missing}; re-export, or add them")
+        for name in ("pad_color", "image_mean", "image_std"):
+            if isinstance(data[name], list):
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    @classmethod
+    def from_hf_processor(cls, image_processor: Any, input_layout: str = "float_nchw") -> "ImagePreprocessing":
+        """Read a transformers CLIP-style image processor (``CLIPImageProcessor``, ``LlavaImageProcessor``, either
+        backend) into a spec. Raises ValueError on settings ``preprocess`` cannot reproduce."""
+        p = image_processor
+        size = _size_dict(getattr(p, "size", None), default_to_square=bool(getattr(p, "default_to_square", True)))
+        resize = _resize_fields(size) if size else {"shortest_edge": None, "height": None, "width": None}
+        crop = _size_dict(getattr(p, "crop_size", None), default_to_square=True)
+        if crop and set(crop) != {"height", "width"}:
+            raise ValueError(f"crop_size must have height and width, got {crop}")
+        do_pad = bool(getattr(p, "do_pad", False))
+        if do_pad and "llava" not in type(p).__name__.lower():
+            raise ValueError(
+                f"{type(p).__name__}.do_pad pads a batch to a common size, which a single-image runtime does not "
+                "reproduce; set do_pad=False"
+            )
+        mean = _as_triple(getattr(p, "image_mean", None), OPENAI_CLIP_MEAN)
+        std = _as_triple(getattr(p, "image_std", None), OPENAI_CLIP_STD)
+        return cls(
+            do_convert_rgb=bool(getattr(p, "do_convert_rgb", True)),
+            do_pad_to_square=do_pad,
+            pad_color=tuple(int(m * 255) for m in mean) if do_pad else (0, 0, 0),  # LLaVA's background colour
+            do_resize=bool(getattr(p, "do_resize", True)),
+            resample=_resample_id(getattr(p, "resample", None)),
+            do_center_crop=bool(getattr(p, "do_center_crop", False)),
+            crop_height=crop.get("height") if crop else None,
+            crop_width=crop.get("width") if crop else None,
+            do_rescale=bool(getattr(p, "do_rescale", True)),
+            rescale_factor=float(getattr(p, "rescale_factor", 1.0 / 255.0)),
+            do_normalize=bool(getattr(p, "do_normalize", True)),
+            image_mean=mean,
+            image_std=std,
+            input_layout=input_layout,
+            **resize,
+        )
+
+
+# ---- field helpers ---------------------------------------------------------------------------------
+def _three_numbers(name: str, value: Any, positive: bool) -> tuple[float, float, float]:
+    try:
+        numbers = tuple(float(v) for v in value if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or len(numbers) != len(value) or not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"ImagePreprocessing.{name} must be 3 finite numbers (R, G, B), got {value!r}")
+    if positive and min(numbers) <= 0:
+        raise ValueError(f"ImagePreprocessing.{name} must be > 0 (it divides), got {value!r}")
+    return numbers  # type: ignore[return-value]
+
+
+def _pad_color(value: Any) -> tuple[int, int, int]:
+    ok = isinstance(value, (tuple, list)) and len(value) == 3
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    if not ok:
+        raise ValueError(f"ImagePreprocessing.pad_color must be 3 ints in 0..255 (R, G, B), got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
+
+
+def _size_dict(size: Any, default_to_square: bool) -> dict[str, int]:
+    """A transformers size (SizeDict, dict, int, (h, w)) as a plain dict of its set keys."""
+    if size is None:
+        return {}
+    if isinstance(size, int):
+        return {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return {"height": int(size[0]), "width": int(size[1])}
+    try:
+        items = dict(size)  # SizeDict iterates (key, value) pairs of its non-None entries
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot read image size {size!r}") from error
+    return {k: int(v) for k, v in items.items() if v is not None}
+
+
+def _resize_fields(size: dict[str, int]) -> dict[str, int | None]:
+    if set(size) == {"shortest_edge"}:
+        return {"shortest_edge": size["shortest_edge"], "height": None, "width": None}
+    if set(size) == {"height", "width"}:
+        return {"shortest_edge": None, "height": size["height"], "width": size["width"]}
+    raise ValueError(
+        f"image size {size} is not supported: use {{'shortest_edge': n}} or {{'height': h, 'width': w}} "
+        "(longest_edge / max_height / pixel budgets are other processors)"
+    )
+
+
+def _as_triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if value is None:
+        return default
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3  # type: ignore[return-value]
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _resample_id(resample: Any) -> int:
+    """A PIL filter id from an int, a PIL / transformers resampling enum or a torchvision InterpolationMode."""
+    if resample is None:
+        return RESAMPLE_FILTERS["bilinear"]  # transformers' default when unset
+    if isinstance(resample, int):
+        return int(resample)
+    name = str(getattr(resample, "value", resample)).lower().rsplit(".", 1)[-1]
+    if name in RESAMPLE_FILTERS:
+        return RESAMPLE_FILTERS[name]
+    raise ValueError(f"unknown resampling filter {resample!r}; use one of {sorted(RESAMPLE_FILTERS)}")
+
+
+# ---- input -------------------------------------------------------------------------------------------
+def load_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a path (str / Path), a PIL image, or an H x W x 3 uint8 array.
+
+    Transparency is composited onto white and other modes (L, P, CMYK, I;16, ...) converted to RGB, as transformers'
+    processor does. Files are turned upright by their EXIF orientation (transformers' ``load_image`` does the same);
+    a PIL image or array is taken as given.
+    """
+    if isinstance(image, (str, Path)):
+        return _to_rgb(_open_image_file(Path(image)))
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"expected an HxWx3 uint8 array (RGB, channels last), got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"expected an HxWx3 uint8 array, got dtype {image.dtype}; convert 0-1 floats with "
+                "(x * 255).round().astype(np.uint8)"
+            )
+        return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    raise ValueError(
+        f"cannot use a {type(image).__name__} as an image; pass a file path, a PIL.Image or an HxWx3 uint8 numpy array"
+    )
+
+
+def _open_image_file(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ValueError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"expected an image file, got a directory: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so a truncated file fails here rather than later
+            return ImageOps.exif_transpose(opened)  # a new image: upright, detached from the file
+    except UnidentifiedImageError as error:
+        raise ValueError(f"not an image file: {path} (Pillow cannot identify its format)") from error
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read image file {path}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (transformers' ``convert_to_rgb``)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# ---- pipeline ----------------------------------------------------------------------------------------
+def pad_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """``image`` centred on a square of its longest edge filled with ``color`` (offset floored)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """Centre ``crop_height`` x ``crop_width`` window of an H x W x C array, zero-padded where the image is smaller.
+
+    The window starts at floor((H - h) / 2); padding puts ceil((h - H) / 2) rows above the image, so an odd
+    excess goes to the top / left of the crop and an odd shortfall pads one more row below / right.
+    """
+    height, width = pixels.shape[:2]
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    if 0 <= top and top + crop_height <= height and 0 <= left and left + crop_width <= width:
+        return pixels[top : top + crop_height, left : left + crop_width]
+    pad_top, pad_left = max(0, -top), max(0, -left)  # == ceil(shortfall / 2), as floor division went negative
+    canvas = np.zeros((max(height, crop_height), max(width, crop_width)) + pixels.shape[2:], dtype=pixels.dtype)
+    canvas[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
+    top, left = top + pad_top, left + pad_left
+    return canvas[top : top + crop_height, left : left + crop_width]
+
+
+def preprocess(image: Any, spec: ImagePreprocessing) -> np.ndarray:
+    """The vision encoder's input for one image: float32 [1, 3, H, W] (``float_nchw``) or uint8 [3, H, W]
+    (``uint8_chw``); identical to transformers' CLIP image processor (PIL backend) for the same settings."""
+    rgb = load_image(image)
+    if spec.do_pad_to_square:
+        rgb = pad_to_square(rgb, spec.pad_color)
+    if spec.do_resize:
+        height, width = spec.resized_hw(rgb.height, rgb.width)
+        rgb = rgb.resize((width, height), resample=spec.resample, reducing_gap=None)
+    pixels = np.asarray(rgb)  # (H, W, 3) uint8
+    if spec.do_center_crop:
+        assert spec.crop_height is not None and spec.crop_width is not None
+        pixels = center_crop(pixels, spec.crop_height, spec.crop_width)
+    if spec.input_layout == "uint8_chw":
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, H, W)
+    values = pixels
+    if spec.do_rescale:
+        values = (values.astype(np.float64) * spec.rescale_factor).astype(np.float32)  # transformers' order
+    values = values.astype(np.float32, copy=False)
+    if spec.do_normalize:
+        mean = np.asarray(spec.image_mean, dtype=np.float32)
+        std = np.asarray(spec.image_std, dtype=np.float32)
+        values = (values - mean) / std
+    return np.ascontiguousarray(values.transpose(2, 0, 1)[None])  # (1, 3, H, W)
