@@ -9,7 +9,20 @@ from .memory import current_rss_bytes, files_size_bytes, peak_rss_bytes
 from .preprocess import ImagePreprocessing, load_image, preprocess
 from .profile import OpTime, Profile, Stopwatch, timed
 
+
+
+def load(path, device="cpu", *, config=None, cache_dir=None):
+    """Load an exported folder (ExecuTorch / ONNX) or a model for eager PyTorch -> a reusable Session.
+
+    See runtime.loader.load; imported lazily so that `import runtime` stays light.
+    """
+    from .loader import load as _load
+
+    return _load(path, device, config=config, cache_dir=cache_dir)
+
+
 __all__ = [
+    "load",
     "ExecutorchBackends",
     "ImagePreprocessing",
     "NoNpuError",

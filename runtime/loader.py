@@ -1,0 +1,99 @@
+"""`load(...)`: pick the backend from a folder's contents (or a model name for eager PyTorch) and build a Session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .devices import resolve_executorch_backend, resolve_onnx_providers
+from .preprocess import ImagePreprocessing
+from .prompt import PromptEncoder
+from .session import Session
+
+DEVICES = ("cpu", "npu", "auto")
+
+
+def _tokenizer_info_from_processor(processor: Any) -> dict[str, Any]:
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<image>")
+    return {
+        "files": ["tokenizer.json"],
+        "bos_id": tokenizer.bos_token_id,
+        "eos_ids": [tokenizer.eos_token_id],
+        "image_token_id": tokenizer.convert_tokens_to_ids(image_token),
+        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+    }
+
+
+def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None) -> Session:
+    """Eager PyTorch reference: a model name or llava-hf directory plus a PrunerConfig."""
+    from pruner_core import PrunerConfig
+    from pruner_core.adapters import resolve_model
+
+    from .eager_backend import EagerBackend
+
+    cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "vlm-pruner-edge" / "models"
+    model_dir = resolve_model(str(model), cache_dir)
+    config = config or PrunerConfig()
+    backend = EagerBackend(model_dir, config, device)
+    encoder = PromptEncoder(model_dir, _tokenizer_info_from_processor(backend.processor))
+    spec = ImagePreprocessing.from_hf_processor(backend.processor.image_processor)
+    placement = "before_llm" if config.layer == 0 else "in_llm"
+    return Session(backend=backend, encoder=encoder, image_spec=spec,
+                   config={"placement": placement, "pruner": config.to_dict()}, device_note="cpu (eager PyTorch)")
+
+
+def load(path: str | Path, device: str = "cpu", *, config=None, cache_dir: str | Path | None = None) -> Session:
+    """A folder written by pruner-export (ExecuTorch or ONNX, chosen by its contents), or a model for eager PyTorch.
+
+    device: "cpu", "npu" (an NPU execution provider / delegate; a clear error when this machine has none) or "auto"
+    (NPU when available, else CPU; `session.device_note` says which was taken).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    folder = Path(path)
+    if not (folder / "export_config.json").is_file():
+        if folder.is_dir() and (folder / "config.json").is_file() or not folder.exists():
+            return load_eager(path, config, device, cache_dir)
+        raise FileNotFoundError(
+            f"{folder} has no export_config.json: pass a folder written by pruner-export, or a model name / "
+            "llava-hf directory for the eager PyTorch backend"
+        )
+    from export.common import read_export_config
+
+    export_config = read_export_config(folder)
+    target = export_config.get("target")
+    if target == "executorch":
+        backend, note = _executorch_backend(folder, export_config, device)
+    elif target == "onnx":
+        backend, note = _onnx_backend(folder, export_config, device)
+    else:
+        raise ValueError(f"{folder}/export_config.json names an unknown target {target!r}; export the model again")
+    encoder = PromptEncoder(folder, export_config["tokenizer"])
+    spec = ImagePreprocessing.from_dict(export_config["image_preprocessing"])
+    return Session(backend=backend, encoder=encoder, image_spec=spec, config=export_config, device_note=note)
+
+
+def _executorch_backend(folder: Path, export_config: dict, device: str):
+    from .devices import pte_backend_ids
+    from .executorch_session import ExecuTorchBackend
+
+    pte = folder / "model.pte"
+    if not pte.is_file():
+        raise FileNotFoundError(f"{pte} is missing: the exported folder is incomplete; export the model again")
+    try:
+        delegates = pte_backend_ids(pte)
+    except Exception as error:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ValueError(f"{pte} is corrupt or not an ExecuTorch program ({error}); export the model again") from None
+    chosen = resolve_executorch_backend(delegates, device)
+    return ExecuTorchBackend(folder, export_config, chosen.device), chosen.note
+
+
+def _onnx_backend(folder: Path, export_config: dict, device: str):
+    from .onnx_session import OnnxBackend
+
+    providers = resolve_onnx_providers(device)
+    return OnnxBackend(folder, export_config, providers), providers.note
