@@ -1,0 +1,815 @@
+"""ONNX target: a pruned LLaVA-1.5 as the graphs of the onnx-community / transformers.js folder layout.
+
+What ``export_onnx`` writes into its output folder (graph contracts: export/README.md, "ONNX"):
+
+    onnx/vision_encoder{sfx}.onnx        pixel_values -> image_features ([1, R, D] pruned at layer 0, else [1, N, D])
+    onnx/embed_tokens{sfx}.onnx          input_ids -> inputs_embeds
+    onnx/prefill_pruned{sfx}.onnx        layer >= 1 only: the prompt's prefill with pruning between layers K-1 and K
+    onnx/decoder_model_merged{sfx}.onnx  prefill (layer 0) and decoding steps over past_key_values
+    tokenizer / processor / model config files copied from the checkpoint, export_config.json
+
+``{sfx}`` is onnx-community's: "" (fp32), "_fp16", "_quantized" (onnxruntime dynamic int8 weights).
+
+Layer 0 ("before_llm") is the layout stock runtimes run: the vision encoder returns the R kept tokens, so a prompt
+with exactly R image placeholders and the stock merged decoder reproduce the pruned model. Layer K >= 1 ("in_llm",
+the paper's placement) needs ``prefill_pruned``: layers < K cache the full prompt, layers >= K only the kept
+sequence, kept tokens keep their original RoPE positions, and decoding continues at the full prompt length.
+
+Every graph is traced with ``torch.export`` (non-strict) and lowered with the dynamo ONNX exporter, which turns the
+selection's ``scan`` into an ONNX ``Scan``. Nothing here knows a grid, a layer count or a width: all come from the
+model's config through the LLaVA adapter.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruner_core import PrunerConfig, get_method, select_tokens
+from pruner_core.adapters.llava import (
+    PROMPT_TEMPLATE,
+    KVRecorder,
+    check_split_layer,
+    decode_step,
+    encode_image,
+    image_grid,
+    layer_keys,
+    llava_prompt,
+    load_llava,
+    prefill_with_pruning,
+    rotary,
+)
+
+from .common import ExportOptions, build_export_config, tensor_spec, write_json
+
+# Dynamic dimensions, as export_config.json and the ONNX files name them.
+SEQUENCE = "sequence_length"  # tokens fed in this call
+PAST = "past_sequence_length"  # cached entries of the layers that keep the full prompt (all layers at layer 0)
+PRUNED_PAST = "pruned_past_sequence_length"  # cached entries of layers >= K (layer >= 1 only)
+
+GRAPH_DIR = "onnx"
+DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
+QUANTIZED_SUFFIX = "_quantized"
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SPEC_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in "<graph>.onnx_data" (protobuf: 2 GiB)
+EXTERNAL_DATA_SUFFIX = "_data"  # transformers.js looks for "<graph>.onnx_data"
+
+# Model files a transformers.js-style runtime reads besides the graphs; the first group is the tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json")
+MODEL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+               "chat_template.json", "chat_template.jinja")
+
+# Decoder-side signals a selection can read in each graph (VisionZip's [CLS] attention needs the tower's
+# per-layer attention, which no graph exposes).
+LAYER0_SIGNALS = frozenset({"hidden", "keys"})
+IN_LLM_SIGNALS = frozenset({"hidden", "keys", "text_attention"})
+
+Progress = Callable[[str], None]
+
+
+# ================================================================================================================
+# What the graphs need to know about the model
+# ================================================================================================================
+
+
+@dataclass(frozen=True)
+class LlavaShapes:
+    """Sizes read from a loaded LLaVA model and the pruner config; every static dim of every graph comes from here."""
+
+    num_layers: int  # L decoder layers
+    kv_heads: int  # Hkv
+    head_dim: int  # d
+    hidden: int  # D
+    vocab: int  # V
+    grid: tuple[int, int]  # (rows, cols) of the image tokens
+    budget: int  # R kept image tokens
+    split_layer: int  # K
+    pixel_shape: tuple[int, int, int]  # (C, H, W) of pixel_values
+    prompt_image_start: int  # where the model's prompt format puts the image span
+    dtype: torch.dtype
+
+    @property
+    def n_image(self) -> int:  # N
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def placeholders(self) -> int:
+        """Image placeholder tokens the prompt must carry: R at layer 0 (the encoder returns R), else N."""
+        return self.budget if self.split_layer == 0 else self.n_image
+
+
+def read_shapes(model: nn.Module, processor: Any, config: PrunerConfig, dtype: torch.dtype) -> LlavaShapes:
+    text, vision = model.config.text_config, model.config.vision_config
+    grid = image_grid(model.config)
+    split = check_split_layer(config, text.num_hidden_layers)
+    return LlavaShapes(
+        num_layers=text.num_hidden_layers,
+        kv_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        hidden=text.hidden_size,
+        vocab=model.lm_head.out_features,
+        grid=grid,
+        budget=config.budget(grid[0] * grid[1]),
+        split_layer=split,
+        pixel_shape=(vision.num_channels, vision.image_size, vision.image_size),
+        prompt_image_start=prompt_image_start(processor.tokenizer, model.config.image_token_id),
+        dtype=dtype,
+    )
+
+
+def prompt_image_start(tokenizer: Any, image_token_id: int) -> int:
+    """Index of the image placeholder in the model's prompt format (LLaVA-1.5: after "<s> USER: ")."""
+    ids = list(tokenizer(llava_prompt("?"))["input_ids"])
+    if image_token_id not in ids:
+        raise ValueError(
+            f"the tokenizer does not keep the image token (id {image_token_id}) as one token in "
+            f"{llava_prompt('?')!r}; use the checkpoint's own tokenizer (it registers '<image>' as a special token)"
+        )
+    return ids.index(image_token_id)
+
+
+# ================================================================================================================
+# The graphs as modules (each wraps the stock modules of one loaded model; nothing is copied)
+# ================================================================================================================
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    return model.model.language_model
+
+
+def _flatten_kv(keys, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(key, value) for key, value in zip(keys, values, strict=True)]
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [1, C, H, W] -> image_features [1, N, D]: the stock tower and projector (``encode_image``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return encode_image(self.model, pixel_values)  # [1, N, D]
+
+
+class PrunedVisionEncoder(nn.Module):
+    """(pixel_values [1, C, H, W], image_start [1]) -> (image_features [1, R, D], kept_image_indices [1, R]).
+
+    Layer 0: the selection sees the projector outputs and (for methods that read keys) decoder layer 0's post-RoPE
+    keys of them at their positions in the full prompt, image_start .. image_start + N - 1, exactly as
+    ``prune_and_prefill`` does at K = 0. The kept states are what the prompt's R placeholders receive.
+    """
+
+    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.grid = grid
+        self.needs_keys = "keys" in get_method(config.method).needs
+
+    def forward(self, pixel_values: torch.Tensor, image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = encode_image(self.model, pixel_values)  # [1, N, D]
+        keys = self._layer0_keys(features, image_start) if self.needs_keys else None  # [1, N, H*d]
+        selection = select_tokens(features, keys, self.grid, self.config)
+        return selection.states, selection.indices  # [1, R, D], [1, R]
+
+    def _layer0_keys(self, features: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+        language_model = _language_model(self.model)
+        positions = image_start.reshape(-1, 1) + torch.arange(features.shape[1])[None]  # [1, N]
+        cos, sin = rotary(language_model, features, positions)  # [1, N, d] each
+        return layer_keys(language_model.layers[0], features, cos, sin)  # [1, N, H*d]
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids [1, S] -> inputs_embeds [1, S, D]: the stock embedding table."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class _Decoder(nn.Module):
+    """The stock decoder layers, final norm and LM head over a cache given as plain per-layer tensors."""
+
+    def __init__(self, model: nn.Module, split_layer: int):
+        super().__init__()
+        self.language_model = _language_model(model)
+        self.lm_head = model.lm_head
+        self.split_layer = split_layer
+
+    def _run(self, embeds, positions, past, key_valid_full, key_valid_pruned):
+        """embeds [1, S, D], positions [1, S], past: L pairs [1, Hkv, P_i, d] -> (logits [1, S, V], L pairs)."""
+        cache = KVRecorder(len(past))
+        cache.keys, cache.values = [k for k, _ in past], [v for _, v in past]
+        hidden = decode_step(
+            self.language_model, embeds, positions, cache, self.split_layer, key_valid_full, key_valid_pruned
+        )  # [1, S, D], final norm applied
+        return self.lm_head(hidden), _flatten_kv(cache.keys, cache.values)
+
+
+class MergedDecoder(_Decoder):
+    """Layer 0 (and an unpruned model): the conventional merged decoder.
+
+    (inputs_embeds [1, S, D], attention_mask [1, P + S], position_ids [1, S], past L pairs [1, Hkv, P, d])
+    -> (logits [1, S, V], present L pairs [1, Hkv, P + S, d]). P = 0 is the prefill.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, split_layer=0)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        return self._run(inputs_embeds, position_ids, past, None, attention_mask.bool())
+
+
+class SplitCacheDecoder(_Decoder):
+    """Layer K >= 1: decoding after ``prefill_pruned``; layers < K hold P entries, layers >= K hold P' entries.
+
+    (inputs_embeds [1, S, D], position_ids [1, S], past: K pairs [1, Hkv, P, d] then L-K pairs [1, Hkv, P', d])
+    -> (logits [1, S, V], present: [1, Hkv, P + S, d] / [1, Hkv, P' + S, d]). The mask is causal over each cache
+    (no padding at batch 1); position_ids continue at the full prompt length.
+    """
+
+    def forward(self, inputs_embeds, position_ids, past):
+        length = inputs_embeds.shape[1]
+        full = torch.ones(1, past[0][0].shape[2] + length, dtype=torch.bool)  # an explicit mask keeps shapes free
+        pruned = torch.ones(1, past[-1][0].shape[2] + length, dtype=torch.bool)
+        return self._run(inputs_embeds, position_ids, past, full, pruned)
+
+
+class PrunedPrefill(nn.Module):
+    """Layer K >= 1: ``prefill_with_pruning`` over a prompt whose N placeholders hold the image features.
+
+    (inputs_embeds [1, T, D], image_start [1]) -> (logits [1, V] of the last token, kept_image_indices [1, R],
+    present: K pairs [1, Hkv, T, d] then L-K pairs [1, Hkv, T - N + R, d]); kept tokens at their original positions.
+    """
+
+    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.grid = grid
+
+    def forward(self, inputs_embeds, image_start):
+        n_image = self.grid[0] * self.grid[1]
+        out = prefill_with_pruning(self.model, inputs_embeds, image_start, n_image, self.grid, self.config)
+        return out.logits, out.selection.indices, _flatten_kv(out.keys, out.values)
+
+
+# ================================================================================================================
+# Graph plans: module, example inputs, dynamic dims and the contract (names, shapes, dtypes) of each graph
+# ================================================================================================================
+
+
+@dataclass
+class GraphPlan:
+    """One graph to export. ``inputs`` / ``outputs`` are tensor_spec dicts: the contract export_config.json records
+    and the ONNX file is checked against; ``input_defaults`` become overridable initializers (inputs a
+    transformers.js-style runtime may leave out)."""
+
+    name: str
+    module: nn.Module
+    example: tuple[Any, ...]
+    dynamic_shapes: tuple[Any, ...] | None
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    input_defaults: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _kv_specs(prefix: str, shapes: LlavaShapes, lengths: list[int | str], dtype: str) -> list[dict[str, Any]]:
+    """past_key_values.{i}.key/value or present.{i}.key/value, [1, Hkv, lengths[i], d]."""
+    return [
+        tensor_spec(f"{prefix}.{i}.{kind}", [1, shapes.kv_heads, length, shapes.head_dim], dtype)
+        for i, length in enumerate(lengths)
+        for kind in ("key", "value")
+    ]
+
+
+def _example_kv(shapes: LlavaShapes, lengths: list[int], generator: torch.Generator) -> list[tuple]:
+    def tensor(length: int) -> torch.Tensor:
+        return torch.randn(1, shapes.kv_heads, length, shapes.head_dim, generator=generator).to(shapes.dtype)
+
+    return [(tensor(length), tensor(length)) for length in lengths]
+
+
+def _dyn() -> Any:
+    return torch.export.Dim.DYNAMIC
+
+
+def vision_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, generator) -> GraphPlan:
+    dtype = SPEC_DTYPES[shapes.dtype]
+    pixels = torch.randn(1, *shapes.pixel_shape, generator=generator).to(shapes.dtype)
+    pixel_spec = tensor_spec("pixel_values", [1, *shapes.pixel_shape], dtype)
+    if shapes.split_layer >= 1:
+        return GraphPlan(
+            name="vision_encoder", module=VisionEncoder(model), example=(pixels,), dynamic_shapes=None,
+            inputs=[pixel_spec], outputs=[tensor_spec("image_features", [1, shapes.n_image, shapes.hidden], dtype)],
+        )
+    start = np.array([shapes.prompt_image_start], dtype=np.int64)
+    return GraphPlan(
+        name="vision_encoder", module=PrunedVisionEncoder(model, config, shapes.grid),
+        example=(pixels, torch.from_numpy(start)), dynamic_shapes=None,
+        inputs=[pixel_spec, tensor_spec("image_start", [1], "int64")],
+        outputs=[tensor_spec("image_features", [1, shapes.budget, shapes.hidden], dtype),
+                 tensor_spec("kept_image_indices", [1, shapes.budget], "int64")],
+        input_defaults={"image_start": start},
+    )
+
+
+def embed_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
+    ids = torch.randint(0, shapes.vocab, (1, 5), generator=generator)
+    return GraphPlan(
+        name="embed_tokens", module=TokenEmbedding(model), example=(ids,), dynamic_shapes=({1: _dyn()},),
+        inputs=[tensor_spec("input_ids", [1, SEQUENCE], "int64")],
+        outputs=[tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], SPEC_DTYPES[shapes.dtype])],
+    )
+
+
+def decoder_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
+    """decoder_model_merged: the conventional one at layer 0, the split-cache one at layer >= 1."""
+    dtype, split, layers = SPEC_DTYPES[shapes.dtype], shapes.split_layer, shapes.num_layers
+    seq, past, pruned = 3, 7, 5  # distinct example sizes, so tracing cannot tie the dims together
+    embeds = torch.randn(1, seq, shapes.hidden, generator=generator).to(shapes.dtype)
+    head = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype)]
+    logits = tensor_spec("logits", [1, SEQUENCE, shapes.vocab], dtype)
+    if split == 0:
+        total = f"{PAST} + {SEQUENCE}"
+        example = (embeds, torch.ones(1, past + seq, dtype=torch.int64), torch.arange(past, past + seq)[None],
+                   _example_kv(shapes, [past] * layers, generator))
+        return GraphPlan(
+            name="decoder_model_merged", module=MergedDecoder(model), example=example,
+            dynamic_shapes=({1: _dyn()}, {1: _dyn()}, {1: _dyn()}, [({2: _dyn()}, {2: _dyn()})] * layers),
+            inputs=head + [tensor_spec("attention_mask", [1, total], "int64"),
+                           tensor_spec("position_ids", [1, SEQUENCE], "int64")]
+            + _kv_specs("past_key_values", shapes, [PAST] * layers, dtype),
+            outputs=[logits] + _kv_specs("present", shapes, [total] * layers, dtype),
+        )
+    lengths = [past] * split + [pruned] * (layers - split)
+    names = [PAST] * split + [PRUNED_PAST] * (layers - split)
+    example = (embeds, torch.arange(past, past + seq)[None], _example_kv(shapes, lengths, generator))
+    return GraphPlan(
+        name="decoder_model_merged", module=SplitCacheDecoder(model, split), example=example,
+        dynamic_shapes=({1: _dyn()}, {1: _dyn()}, [({2: _dyn()}, {2: _dyn()})] * layers),
+        inputs=head + [tensor_spec("position_ids", [1, SEQUENCE], "int64")]
+        + _kv_specs("past_key_values", shapes, names, dtype),
+        outputs=[logits] + _kv_specs("present", shapes, [f"{name} + {SEQUENCE}" for name in names], dtype),
+    )
+
+
+def prefill_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, generator) -> GraphPlan:
+    dtype, split, layers = SPEC_DTYPES[shapes.dtype], shapes.split_layer, shapes.num_layers
+    dropped = shapes.n_image - shapes.budget
+    length = shapes.prompt_image_start + shapes.n_image + 6  # an example prompt: text, image span, text
+    embeds = torch.randn(1, length, shapes.hidden, generator=generator).to(shapes.dtype)
+    start = torch.tensor([shapes.prompt_image_start], dtype=torch.int64)
+    kept_length = f"{SEQUENCE} - {dropped}" if dropped else SEQUENCE
+    return GraphPlan(
+        name="prefill_pruned", module=PrunedPrefill(model, config, shapes.grid), example=(embeds, start),
+        dynamic_shapes=({1: _dyn()}, None),
+        inputs=[tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype),
+                tensor_spec("image_start", [1], "int64")],
+        outputs=[tensor_spec("logits", [1, shapes.vocab], dtype),
+                 tensor_spec("kept_image_indices", [1, shapes.budget], "int64")]
+        + _kv_specs("present", shapes, [SEQUENCE] * split + [kept_length] * (layers - split), dtype),
+    )
+
+
+def graph_plans(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig) -> list[GraphPlan]:
+    generator = torch.Generator().manual_seed(0)
+    plans = [vision_plan(model, shapes, config, generator), embed_plan(model, shapes, generator)]
+    if shapes.split_layer >= 1:
+        plans.append(prefill_plan(model, shapes, config, generator))
+    plans.append(decoder_plan(model, shapes, generator))
+    return plans
+
+
+def check_supported(config: PrunerConfig) -> None:
+    """Refuse selection methods whose signals no graph can compute, naming the fix."""
+    needs = get_method(config.method).needs
+    allowed = LAYER0_SIGNALS if config.layer == 0 else IN_LLM_SIGNALS
+    missing = sorted(needs - allowed)
+    if missing:
+        where = "the vision encoder (layer 0) sees no prompt text" if config.layer == 0 else "no graph exposes it"
+        raise ValueError(
+            f"method {config.method!r} needs {missing}, which the ONNX export cannot provide ({where}); "
+            f"use a method that reads only {sorted(allowed)}"
+            + (" or prune at --prune-layer >= 1" if config.layer == 0 and "text_attention" in missing else "")
+        )
+
+
+# ================================================================================================================
+# trace -> lower -> serialise
+# ================================================================================================================
+
+
+def _input_names(plan: GraphPlan) -> list[str]:
+    return [spec["name"] for spec in plan.inputs]
+
+
+def _output_names(plan: GraphPlan) -> list[str]:
+    return [spec["name"] for spec in plan.outputs]
+
+
+def trace(plan: GraphPlan) -> torch.export.ExportedProgram:
+    # no_grad: a grad-mode switch between the selection's scan and the layers breaks tracing (see adapter.rotary);
+    # strict=False: the stock transformers layers trace only in non-strict mode
+    with torch.no_grad():
+        return torch.export.export(plan.module.eval(), plan.example, dynamic_shapes=plan.dynamic_shapes, strict=False)
+
+
+def lower(plan: GraphPlan, program: torch.export.ExportedProgram):
+    # no_grad again: the exporter re-runs the program, and a scan over weights that require grad would be
+    # differentiated (torch 2.13 fails there)
+    with torch.no_grad():
+        return torch.onnx.export(
+            program, (), dynamo=True, input_names=_input_names(plan), output_names=_output_names(plan),
+            verbose=False,
+        )
+
+
+def weight_bytes(onnx_program) -> int:
+    return sum(
+        value.const_value.nbytes for value in onnx_program.model.graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def save_graph(plan: GraphPlan, onnx_program, path: Path, external_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """Write one lowered graph to ``path`` with the contract's dim names; returns the files written.
+
+    Graphs with more than ``external_bytes`` of weights keep them in ``<name>.onnx_data`` (transformers.js' name).
+    """
+    import onnx
+
+    external = weight_bytes(onnx_program) > external_bytes
+    onnx_program.save(str(path), external_data=external)
+    model = onnx.load(str(path), load_external_data=False)
+    apply_contract(model, plan)
+    for name, default in plan.input_defaults.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(default, name))
+    files = [path]
+    if external:
+        files.append(relocate_external_data(model, path.parent, path.name + EXTERNAL_DATA_SUFFIX))
+    onnx.save(model, str(path))
+    return files
+
+
+def relocate_external_data(model, folder: Path, location: str) -> Path:
+    """Rename the external data file(s) of ``model`` (loaded without its data) to ``folder/location``."""
+    tensors = list(_external_tensors(model.graph))
+    old = {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
+    if len(old) != 1:
+        raise RuntimeError(f"expected one external data file, found {sorted(old)}; re-run the export")
+    (folder / old.pop()).replace(folder / location)
+    for tensor in tensors:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return folder / location
+
+
+def _external_tensors(graph):
+    """Every tensor of ``graph`` and its subgraphs whose data lives in an external file."""
+    import onnx
+
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            for tensor in [attribute.t, *attribute.tensors]:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    yield tensor
+            for subgraph in [attribute.g, *attribute.graphs]:
+                yield from _external_tensors(subgraph)
+
+
+# ---- the contract: dim names and a check of every graph input and output -------------------------------------
+
+_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def apply_contract(model, plan: GraphPlan) -> None:
+    """Rename the exporter's symbolic dims (``s13``, ``s13 + s29``) to the contract's names and check every graph
+    input and output (name, dtype, shape) against ``plan``; a mismatch is an exporter change this code must follow."""
+    graph = model.graph
+    mapping = _symbol_mapping(graph.input, plan.inputs)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = _SYMBOL.sub(lambda m: mapping.get(m.group(), m.group()), dim.dim_param)
+    check_contract(model, plan, set_names=True)
+
+
+def _symbol_mapping(values, specs: list[dict[str, Any]]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value, spec in zip(values, specs):
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec["shape"]):
+            if dim.HasField("dim_param") and isinstance(want, str) and want.isidentifier():
+                mapping.setdefault(dim.dim_param, want)
+    return mapping
+
+
+def check_contract(model, plan: GraphPlan, set_names: bool = False) -> None:
+    """Raise unless the graph's inputs and outputs are exactly ``plan``'s (same order, dtype, equivalent shapes)."""
+    graph = model.graph
+    for kind, values, specs in (("input", graph.input, plan.inputs), ("output", graph.output, plan.outputs)):
+        names = [value.name for value in values]
+        if names != [spec["name"] for spec in specs]:
+            expected = [spec["name"] for spec in specs]
+            raise RuntimeError(f"{plan.name}: graph {kind}s are {names}, the contract says {expected}")
+        for value, spec in zip(values, specs):
+            _check_value(plan.name, value, spec, set_names)
+
+
+def _check_value(graph_name: str, value, spec: dict[str, Any], set_names: bool) -> None:
+    import onnx
+
+    tensor_type = value.type.tensor_type
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+    where = f"{graph_name}: {value.name}"
+    if dtype != spec["dtype"]:
+        raise RuntimeError(f"{where} is {dtype}, the contract says {spec['dtype']}")
+    dims = tensor_type.shape.dim
+    if len(dims) != len(spec["shape"]):
+        raise RuntimeError(f"{where} has rank {len(dims)}, the contract says shape {spec['shape']}")
+    for dim, want in zip(dims, spec["shape"]):
+        actual = dim.dim_param if dim.HasField("dim_param") else dim.dim_value if dim.HasField("dim_value") else None
+        if actual is None and set_names:  # the exporter left it unknown: record the contract
+            actual = want
+        if isinstance(want, int) and actual != want:
+            raise RuntimeError(f"{where} has dim {actual!r} where the contract has {want}")
+        if isinstance(want, str):
+            if not isinstance(actual, str) or not same_expression(actual, want):
+                raise RuntimeError(f"{where} has dim {actual!r} where the contract has {want!r}")
+            if set_names:
+                dim.dim_param = want
+
+
+def evaluate_dim(expression: str, values: dict[str, int]) -> int:
+    """The value of a dim expression such as ``past_sequence_length + sequence_length`` (+, -, *, // of names and
+    integers); raises ValueError for anything else."""
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in values:
+            return values[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.BinOp):
+            ops = {ast.Add: int.__add__, ast.Sub: int.__sub__, ast.Mult: int.__mul__, ast.FloorDiv: int.__floordiv__}
+            if type(node.op) in ops:
+                return ops[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError(f"unsupported dim expression {expression!r}")
+
+    return walk(ast.parse(expression, mode="eval"))
+
+
+def same_expression(a: str, b: str) -> bool:
+    """Whether two dim expressions agree at a few random points (``s0 + s1`` == ``s1 + s0``)."""
+    names = set(_SYMBOL.findall(a)) | set(_SYMBOL.findall(b))
+    rng = random.Random(0)
+    try:
+        for _ in range(4):
+            values = {name: rng.randrange(1000, 100000) for name in names}
+            if evaluate_dim(a, values) != evaluate_dim(b, values):
+                return False
+    except ValueError:
+        return False
+    return True
+
+
+# ---- int8 -------------------------------------------------------------------------------------------------------
+
+
+def quantize_graph(
+    plan: GraphPlan, source: Path, target: Path, external_bytes: int = EXTERNAL_DATA_BYTES
+) -> list[Path]:
+    """onnxruntime dynamic int8 quantization of the weight MatMuls / Gathers of one graph -> the files written.
+
+    Only MatMuls with a constant weight are quantized (onnxruntime's default for dynamic mode), so the selection's
+    similarity products stay in float. The exporter's value_info is dropped first: the quantizer rewrites
+    initializers (Gemm -> MatMul transposes weights) and its shape inference then trips over the stale entries.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source))
+    external = sum(t.ByteSize() for t in model.graph.initializer) > external_bytes
+    del model.graph.value_info[:]
+    quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
+    quantized = onnx.load(str(target), load_external_data=False)
+    check_contract(quantized, plan)
+    files = [target]
+    if external:
+        files.append(relocate_external_data(quantized, target.parent, target.name + EXTERNAL_DATA_SUFFIX))
+        onnx.save(quantized, str(target))
+    return files
+
+
+# ---- dtypes ---------------------------------------------------------------------------------------------------------
+
+
+def check_dtype_runs(dtype: str, quantize: str) -> None:
+    """Refuse dtypes onnxruntime's CPU provider cannot run, by asking it (a one-MatMul probe graph)."""
+    if quantize == "int8" and dtype != "fp32":
+        raise ValueError(
+            f"--quantize int8 quantizes fp32 weights (onnxruntime dynamic quantization); use --dtype fp32 with "
+            f"--quantize int8, or --dtype {dtype} without it"
+        )
+    if dtype == "fp32":
+        return
+    import onnx
+    import onnxruntime
+    from onnx import helper
+
+    element = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"]), helper.make_node("Softmax", ["c"], ["d"])], "probe",
+        [helper.make_tensor_value_info(name, element, [2, 2]) for name in ("a", "b")],
+        [helper.make_tensor_value_info("d", element, [2, 2])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    try:
+        onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own NotImplemented / Fail types
+        raise ValueError(
+            f"--dtype {dtype}: onnxruntime {onnxruntime.__version__} cannot run {dtype} MatMul / Softmax on its CPU "
+            f"provider ({type(error).__name__}: {str(error).strip()[:160]}); export with --dtype fp16 or fp32"
+        ) from None
+
+
+# ================================================================================================================
+# Folder contents besides the graphs
+# ================================================================================================================
+
+
+def copy_model_files(model_dir: Path, processor: Any, out_dir: Path) -> tuple[list[str], list[str]]:
+    """Copy the tokenizer and config files a runtime reads -> (tokenizer files, all files copied)."""
+    copied = []
+    for name in TOKENIZER_FILES + MODEL_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:  # a checkpoint with only a slow tokenizer: write the fast one's file
+        processor.tokenizer.save_pretrained(out_dir)
+        copied += [name for name in TOKENIZER_FILES if (out_dir / name).is_file() and name not in copied]
+    return [name for name in copied if name in TOKENIZER_FILES], copied
+
+
+def tokenizer_info(model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
+    tokenizer = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({int(e) for e in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])}
+                     | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    return {
+        "files": files,
+        "bos_id": tokenizer.bos_token_id,
+        "eos_ids": eos_ids,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "image_token_id": int(model.config.image_token_id),
+        "image_token": image_token,
+        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "prompt_format": PROMPT_TEMPLATE.replace(image_token, "{image}"),
+    }
+
+
+def image_preprocessing(processor: Any) -> dict[str, Any]:
+    from runtime.preprocess import ImagePreprocessing
+
+    return ImagePreprocessing.from_hf_processor(processor.image_processor).to_dict()
+
+
+def graph_file(name: str, options: ExportOptions) -> str:
+    suffix = QUANTIZED_SUFFIX if options.quantize == "int8" else DTYPE_SUFFIX[options.dtype]
+    return f"{GRAPH_DIR}/{name}{suffix}.onnx"
+
+
+def decoder_layout(shapes: LlavaShapes) -> dict[str, Any]:
+    """What a runtime needs to build empty caches and positions for ``decoder_model_merged``."""
+    return {
+        "num_layers": shapes.num_layers,
+        "num_key_value_heads": shapes.kv_heads,
+        "head_dim": shapes.head_dim,
+        "hidden_size": shapes.hidden,
+        "vocab_size": shapes.vocab,
+        "full_cache_layers": shapes.split_layer,  # layers 0 .. K-1 cache the full prompt, the rest the kept one
+        "uses_attention_mask": shapes.split_layer == 0,
+    }
+
+
+# ================================================================================================================
+# The entry point
+# ================================================================================================================
+
+
+def export_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    options: ExportOptions,
+    *,
+    model_id: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export the pruned LLaVA in ``model_dir`` to ONNX graphs in ``out_dir`` (an existing, empty staging folder);
+    returns the export_config.json payload it wrote. Stages reported to ``progress``: trace, lower, serialise."""
+    import onnx
+
+    progress = progress or (lambda stage: None)
+    if options.target != "onnx":
+        raise ValueError(f"export_onnx writes the onnx target, got options for {options.target!r}")
+    check_supported(options.pruner)
+    check_dtype_runs(options.dtype, options.quantize)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, processor = load_llava(model_dir, dtype=TORCH_DTYPES[options.dtype])
+    model.requires_grad_(False)
+    shapes = read_shapes(model, processor, options.pruner, TORCH_DTYPES[options.dtype])
+    _check_max_seq_len(options.max_seq_len, shapes, model.config.text_config.max_position_embeddings)
+    plans = graph_plans(model, shapes, options.pruner)
+
+    progress("trace")
+    programs = [trace(plan) for plan in plans]
+    progress("lower")
+    lowered = [lower(plan, program) for plan, program in zip(plans, programs)]
+    del programs
+
+    progress("serialise")
+    graphs, written = _serialise(plans, lowered, out_dir, options)
+    for path in written:
+        if path.suffix == ".onnx":
+            onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data too
+    tokenizer_files, copied = copy_model_files(model_dir, processor, out_dir)
+    payload = build_export_config(
+        options,
+        model_id=model_id,
+        num_image_tokens=shapes.n_image,
+        grid=shapes.grid,
+        methods={plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans},
+        image_preprocessing=image_preprocessing(processor),
+        tokenizer=tokenizer_info(model, processor, tokenizer_files),
+        files=[str(path.relative_to(out_dir)) for path in written] + copied,
+        extra=_onnx_fields(shapes, graphs),
+    )
+    write_json(out_dir / "export_config.json", payload)
+    return payload
+
+
+def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str]) -> dict[str, Any]:
+    """What export_config.json adds for this target (the graph contracts themselves are its "methods")."""
+    return {
+        "graphs": graphs,  # graph name -> file, relative to the folder
+        "image_placeholders": shapes.placeholders,  # image tokens the prompt must carry (R at layer 0, N after)
+        "prompt_image_start": shapes.prompt_image_start,  # the layer-0 encoder's default image_start
+        "decoder": decoder_layout(shapes),
+    }
+
+
+def _serialise(plans: list[GraphPlan], lowered: list, out_dir: Path, options: ExportOptions):
+    """Save every graph (quantizing at --quantize int8) -> ({graph name: relative file}, files written)."""
+    graph_dir = out_dir / GRAPH_DIR
+    graph_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / ".fp32"  # unquantized graphs, removed once quantized
+    graphs, written = {}, []
+    for plan, onnx_program in zip(plans, lowered):
+        relative = graph_file(plan.name, options)
+        if options.quantize == "int8":
+            scratch.mkdir(exist_ok=True)
+            save_graph(plan, onnx_program, scratch / f"{plan.name}.onnx")
+            written += quantize_graph(plan, scratch / f"{plan.name}.onnx", out_dir / relative)
+        else:
+            written += save_graph(plan, onnx_program, out_dir / relative)
+        graphs[plan.name] = relative
+    shutil.rmtree(scratch, ignore_errors=True)
+    return graphs, written
+
+
+def _check_max_seq_len(max_seq_len: int, shapes: LlavaShapes, max_positions: int) -> None:
+    if max_seq_len > max_positions:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} exceeds the model's {max_positions} RoPE positions; "
+            f"pass --max-seq-len <= {max_positions}"
+        )
+    needed = shapes.prompt_image_start + shapes.placeholders + 2
+    if max_seq_len < needed:
+        raise ValueError(
+            f"max_seq_len={max_seq_len} cannot hold a prompt with {shapes.placeholders} image placeholders "
+            f"(at least {needed} tokens); pass --max-seq-len >= {needed}"
+        )

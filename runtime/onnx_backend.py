@@ -1,0 +1,235 @@
+"""Run an ONNX export of a pruned LLaVA (``export/onnx_llava.py``) with onnxruntime: a loader and greedy generation.
+
+Both placements, from ``export_config.json``:
+
+* layer 0 (``before_llm``): the prompt carries R image placeholders; ``vision_encoder`` returns the R kept tokens,
+  they are written into the placeholders, and ``decoder_model_merged`` prefills (empty past) and decodes, with
+  consecutive positions, as any transformers.js-style runtime does.
+* layer K >= 1 (``in_llm``): the prompt carries N placeholders; ``vision_encoder`` returns all N tokens,
+  ``prefill_pruned`` prunes between layers K-1 and K and returns per-layer caches of two lengths;
+  ``decoder_model_merged`` decodes from position T (the full prompt length).
+
+Running needs numpy and onnxruntime only (no transformers); pass ``config`` to skip reading export_config.json
+through ``export.common``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values [1, Hkv, P_i, d], in the order the graphs take them (P_i may differ by layer)."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    def length(self, layer: int) -> int:
+        return int(self.keys[layer].shape[2])
+
+    def feed(self) -> dict[str, np.ndarray]:
+        feed = {}
+        for i, (key, value) in enumerate(zip(self.keys, self.values, strict=True)):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = key, value
+        return feed
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray], num_layers: int) -> "KVCache":
+        return cls(
+            keys=[outputs[f"present.{i}.key"] for i in range(num_layers)],
+            values=[outputs[f"present.{i}.value"] for i in range(num_layers)],
+        )
+
+
+@dataclass
+class Prefill:
+    """The prompt's prefill: next-token logits [V], the cache, where decoding continues, which tokens were kept."""
+
+    logits: np.ndarray
+    cache: KVCache
+    next_position: int
+    kept_image_indices: np.ndarray | None  # [R] within the N image tokens
+
+
+def split_prompt(input_ids: Sequence[int] | np.ndarray, image_token_id: int) -> tuple[list[int], list[int]]:
+    """A prompt holding one run of image placeholders (one ``<image>``, or the processor's N) -> (before, after)."""
+    ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
+    spots = [i for i, token in enumerate(ids) if token == image_token_id]
+    if not spots or spots != list(range(spots[0], spots[-1] + 1)):
+        raise ValueError(
+            f"the prompt must hold exactly one image (one run of image token {image_token_id}), found "
+            f"{len(spots)} placeholder(s){' in several runs' if spots else ''}; put one '<image>' in the prompt"
+        )
+    return ids[: spots[0]], ids[spots[-1] + 1 :]
+
+
+class OnnxModel:
+    """An exported folder's graphs in onnxruntime sessions.
+
+    folder: written by ``pruner-export --target onnx``; providers: onnxruntime execution providers
+    (default CPU); config: the folder's export_config.json when the caller has read it already. Sessions are
+    created for the graph files ``config["graphs"]`` names.
+    """
+
+    def __init__(
+        self, folder: str | Path, providers: Sequence[str] | None = None, config: dict[str, Any] | None = None
+    ):
+        import onnxruntime
+
+        self.folder = Path(folder)
+        if config is None:
+            from export.common import read_export_config
+
+            config = read_export_config(self.folder)
+        self.config = config
+        if self.config.get("target") != "onnx":
+            raise ValueError(f"{self.folder} holds a {self.config.get('target')!r} export; OnnxModel runs onnx exports")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # the layer-0 encoder's overridable image_start initializer is intended
+        self.sessions = {
+            name: onnxruntime.InferenceSession(
+                str(self._graph_path(file)), options, providers=list(providers or ["CPUExecutionProvider"])
+            )
+            for name, file in self.config["graphs"].items()
+        }
+        self.decoder = self.config["decoder"]
+        tokenizer = self.config["tokenizer"]
+        self.image_token_id = int(tokenizer["image_token_id"])
+        self.eos_ids = {int(e) for e in tokenizer.get("eos_ids", [])}
+
+    def _graph_path(self, file: str) -> Path:
+        path = self.folder / file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the exported folder is incomplete; export the model again")
+        return path
+
+    # ---- what the export says ---------------------------------------------------------------------------------
+    @property
+    def placement(self) -> str:
+        return self.config["placement"]
+
+    @property
+    def image_placeholders(self) -> int:
+        """Image placeholder tokens the prompt carries: R at layer 0, N at layer >= 1."""
+        return int(self.config["image_placeholders"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.config["max_seq_len"])
+
+    def _float_type(self, graph: str, input_name: str) -> type:
+        for meta in self.sessions[graph].get_inputs():
+            if meta.name == input_name:
+                return ONNX_FLOAT_TYPES[meta.type]
+        raise KeyError(f"graph {graph} has no input {input_name!r}")
+
+    def _run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[graph]
+        names = [meta.name for meta in session.get_outputs()]
+        return dict(zip(names, session.run(names, feed)))
+
+    # ---- graphs -----------------------------------------------------------------------------------------------
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids [1, S] -> inputs_embeds [1, S, D]."""
+        return self._run("embed_tokens", {"input_ids": np.asarray(input_ids, dtype=np.int64).reshape(1, -1)})[
+            "inputs_embeds"
+        ]
+
+    def encode_image(self, pixel_values: np.ndarray, image_start: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """pixel_values [1, C, H, W] -> (image_features [1, placeholders, D], kept_image_indices [1, R] or None).
+
+        image_start: where the image span starts in the prompt (the layer-0 encoder's selection reads the image
+        tokens' RoPE positions; the full encoder ignores it)."""
+        feed = {"pixel_values": np.asarray(pixel_values).astype(self._float_type("vision_encoder", "pixel_values"))}
+        if "image_start" in {meta.name for meta in self.sessions["vision_encoder"].get_overridable_initializers()}:
+            feed["image_start"] = np.array([image_start], dtype=np.int64)
+        outputs = self._run("vision_encoder", feed)
+        return outputs["image_features"], outputs.get("kept_image_indices")
+
+    def prompt_ids(self, before: Sequence[int], after: Sequence[int]) -> np.ndarray:
+        """[1, T]: before + image placeholders (as many as the export needs) + after."""
+        ids = [*before, *[self.image_token_id] * self.image_placeholders, *after]
+        return np.asarray(ids, dtype=np.int64)[None]
+
+    def prefill(self, before: Sequence[int], pixel_values: np.ndarray, after: Sequence[int]) -> Prefill:
+        """Run the prompt (text before the image, the image, text after it) -> logits, cache, next position."""
+        ids = self.prompt_ids(before, after)  # [1, T]
+        start, length = len(before), ids.shape[1]
+        features, kept = self.encode_image(pixel_values, start)  # [1, placeholders, D]
+        embeds = self.embed(ids).copy()  # [1, T, D]
+        embeds[:, start : start + features.shape[1]] = features
+        kept = None if kept is None else kept[0]
+        if self.placement == "before_llm":
+            logits, cache = self._decode(embeds, np.arange(length)[None], self._empty_cache(embeds.dtype))
+            return Prefill(logits=logits[0, -1], cache=cache, next_position=length, kept_image_indices=kept)
+        outputs = self._run("prefill_pruned", {"inputs_embeds": embeds, "image_start": np.array([start])})
+        cache = KVCache.from_outputs(outputs, self.decoder["num_layers"])
+        return Prefill(logits=outputs["logits"][0], cache=cache, next_position=length,
+                       kept_image_indices=outputs["kept_image_indices"][0])
+
+    def decode(self, token: int, cache: KVCache, position: int) -> tuple[np.ndarray, KVCache]:
+        """One generated token at RoPE position ``position`` -> (next-token logits [V], the grown cache)."""
+        logits, cache = self._decode(self.embed(np.array([[token]])), np.array([[position]]), cache)
+        return logits[0, -1], cache
+
+    def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """embeds [1, S, D] at positions [1, S] over ``cache`` -> (logits [1, S, V], cache + S entries per layer)."""
+        feed = {"inputs_embeds": embeds, "position_ids": positions.astype(np.int64), **cache.feed()}
+        if self.decoder["uses_attention_mask"]:
+            feed["attention_mask"] = np.ones((1, cache.length(0) + embeds.shape[1]), dtype=np.int64)
+        outputs = self._run("decoder_model_merged", feed)
+        return outputs["logits"], KVCache.from_outputs(outputs, self.decoder["num_layers"])
+
+    def _empty_cache(self, dtype: np.dtype) -> KVCache:
+        shape = (1, self.decoder["num_key_value_heads"], 0, self.decoder["head_dim"])
+        layers = self.decoder["num_layers"]
+        return KVCache(keys=[np.zeros(shape, dtype)] * layers, values=[np.zeros(shape, dtype)] * layers)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate_greedy(
+        self,
+        before: Sequence[int],
+        pixel_values: np.ndarray,
+        after: Sequence[int],
+        max_new_tokens: int,
+        *,
+        stop_at_eos: bool = True,
+    ) -> list[int]:
+        """Greedy decoding of up to ``max_new_tokens`` tokens after the prompt ``before + image + after``.
+
+        ``before`` / ``after``: token ids around the image (``split_prompt`` cuts them from a processor's
+        input_ids); pixel_values [1, C, H, W] as the export's image_preprocessing makes them. Returns the generated
+        ids, the EOS that ended generation included (as transformers' ``generate``)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_length(len(before) + self.image_placeholders + len(after), max_new_tokens)
+        state = self.prefill(before, pixel_values, after)
+        logits, cache, position = state.logits, state.cache, state.next_position
+        tokens: list[int] = []
+        while True:
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            if len(tokens) == max_new_tokens or (stop_at_eos and token in self.eos_ids):
+                return tokens
+            logits, cache = self.decode(token, cache, position)
+            position += 1
+
+    def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        if prompt_length + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"the prompt ({prompt_length} tokens) plus {max_new_tokens} new tokens exceeds this export's "
+                f"max_seq_len={self.max_seq_len}; ask for fewer tokens or re-export with a larger --max-seq-len"
+            )
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """An image (path, PIL image or HxWx3 uint8 array) -> pixel_values [1, C, H, W], as the export recorded."""
+        from runtime.preprocess import ImagePreprocessing, preprocess
+
+        return preprocess(image, ImagePreprocessing.from_dict(self.config["image_preprocessing"]))
