@@ -235,8 +235,26 @@ def run(args: argparse.Namespace, stream: TextIO = sys.stderr) -> list[Path]:
     return written
 
 
+def quiet_libraries() -> None:
+    """Keep the progress display readable: library warnings and progress bars off (this process only)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torchao", "transformers", "onnxscript", "executorch", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         run(args)
     except ExportError as error:

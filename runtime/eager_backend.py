@@ -50,7 +50,7 @@ class EagerBackend:
         self._cls_attention: torch.Tensor | None = None
 
     @torch.no_grad()
-    def image_features(self, pixel_values: np.ndarray) -> torch.Tensor:
+    def image_features(self, pixel_values: np.ndarray, image_start: int = 0) -> torch.Tensor:
         """[1, 3, H, W] -> projector outputs [1, N, D] (pruning happens in prefill for both placements)."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.model.dtype)
         if self._needs_cls:

@@ -29,7 +29,8 @@ class Backend(Protocol):
     max_seq_len: int | None
     files: list[Path]
 
-    def image_features(self, pixel_values: np.ndarray) -> Any: ...  # [1, N or R, D] (R: pruned inside, layer 0)
+    def image_features(self, pixel_values: np.ndarray, image_start: int) -> Any: ...  # [1, N or R, D]
+    # (R: pruned inside for layer 0, whose selection reads the image tokens' positions from image_start)
 
     def embed(self, ids: list[int]) -> Any: ...  # [1, T, D]
 
@@ -116,7 +117,7 @@ class Session:
         with timed(profile, "preprocess"):
             pixels = preprocess(load_image(image), self.image_spec)
         with timed(profile, "vision"):
-            features = self.backend.image_features(pixels)
+            features = self.backend.image_features(pixels, len(prompt_ids.before))
         with timed(profile, "embed"):
             before, after = self.backend.embed(prompt_ids.before), self.backend.embed(prompt_ids.after)
         with timed(profile, "prefill"):

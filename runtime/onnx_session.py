@@ -1,0 +1,61 @@
+"""ONNX Runtime backend for runtime.Session: the exported graphs run step by step (see runtime/onnx_backend.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .devices import OnnxProviders
+from .onnx_backend import KVCache, OnnxModel
+
+
+class OnnxBackend:
+    """Backend protocol (runtime.session.Backend) over an ONNX export folder."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, folder: str | Path, export_config: dict[str, Any], providers: OnnxProviders):
+        self.model = OnnxModel(folder, providers=list(providers.providers), config=export_config)
+        self.device = providers.device
+        self.num_image_tokens = int(export_config["num_image_tokens"])
+        self.kept_image_tokens = int(export_config["kept_image_tokens"])
+        self.max_seq_len = int(export_config["max_seq_len"])
+        self.files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache: KVCache | None = None
+        self._position = 0
+
+    def image_features(self, pixel_values: np.ndarray, image_start: int) -> np.ndarray:
+        features, _ = self.model.encode_image(pixel_values, image_start)
+        return features  # [1, R (layer 0) or N, D]
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return self.model.embed(np.asarray([ids], dtype=np.int64))  # [1, T, D]
+
+    def prefill(self, before: np.ndarray, image: np.ndarray, after: np.ndarray) -> np.ndarray:
+        embeds = np.concatenate([before, image.astype(before.dtype), after], axis=1)  # [1, T, D]
+        length = embeds.shape[1]
+        if self.model.placement == "before_llm":
+            logits, cache = self.model._decode(embeds, np.arange(length)[None], self.model._empty_cache(embeds.dtype))
+            logits = logits[0, -1]
+        else:
+            outputs = self.model._run("prefill_pruned", {"inputs_embeds": embeds,
+                                                         "image_start": np.array([before.shape[1]], dtype=np.int64)})
+            cache = KVCache.from_outputs(outputs, self.model.decoder["num_layers"])
+            logits = outputs["logits"][0]
+        self._cache, self._position = cache, length  # decoding continues at the full prompt length
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        logits, self._cache = self.model.decode(token, self._cache, self._position)
+        self._position += 1
+        return logits
+
+    def kv_cache_bytes(self) -> int:
+        if self._cache is None:
+            return 0
+        return int(sum(a.nbytes for a in self._cache.keys + self._cache.values))
