@@ -165,6 +165,20 @@ def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
     print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
 
 
+def prepare_android(export_dir: Path, overwrite: bool, stream: TextIO) -> Path:
+    from .android import adb_push_commands, default_android_folder, prepare_android_folder
+
+    folder = default_android_folder(export_dir)
+    try:
+        names = prepare_android_folder(export_dir, folder, overwrite=overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise ExportError(str(error)) from None
+    print(f"\nandroid: {', '.join(names)} -> {folder}\npush them to the phone with:", file=stream)
+    for command in adb_push_commands(folder):
+        print(f"  {command}", file=stream)
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    output.add_argument("--android", action="store_true",
+                        help="also prepare <out>-android with exactly the files the Android demo needs (needs "
+                             "--target executorch --prune-layer 0) and print the adb push commands")
     return parser
 
 
@@ -199,6 +216,10 @@ def run(args: argparse.Namespace, stream: TextIO = sys.stderr) -> list[Path]:
     except ValueError as error:
         raise ExportError(str(error)) from None
     targets = ["executorch", "onnx"] if args.target == "all" else [args.target]
+    if args.android and (args.target == "onnx" or args.prune_layer != 0):
+        raise ExportError(
+            "--android needs an ExecuTorch export the stock runner can run: use --target executorch --prune-layer 0"
+        )
     plans = []
     for target in targets:
         quantize = args.quantize
@@ -232,6 +253,8 @@ def run(args: argparse.Namespace, stream: TextIO = sys.stderr) -> list[Path]:
             raise ExportError(str(error)) from None
         summarise(out, payload, progress.finish(), stream)
         written.append(out)
+        if args.android and options.target == "executorch":
+            written.append(prepare_android(out, args.overwrite, stream))
     return written
 
 
