@@ -46,11 +46,20 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
                    config={"placement": placement, "pruner": config.to_dict()}, device_note="cpu (eager PyTorch)")
 
 
-def load(path: str | Path, device: str = "cpu", *, config=None, cache_dir: str | Path | None = None) -> Session:
+def load(
+    path: str | Path,
+    device: str = "cpu",
+    *,
+    config=None,
+    cache_dir: str | Path | None = None,
+    profile_ops: bool = False,
+) -> Session:
     """A folder written by pruner-export (ExecuTorch or ONNX, chosen by its contents), or a model for eager PyTorch.
 
     device: "cpu", "npu" (an NPU execution provider / delegate; a clear error when this machine has none) or "auto"
     (NPU when available, else CPU; `session.device_note` says which was taken).
+    profile_ops: also record an operator-level breakdown (onnxruntime profiler / ExecuTorch ETDump in timing-only
+    mode) into the first call's `profile.ops`.
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -67,9 +76,9 @@ def load(path: str | Path, device: str = "cpu", *, config=None, cache_dir: str |
     export_config = read_export_config(folder)
     target = export_config.get("target")
     if target == "executorch":
-        backend, note = _executorch_backend(folder, export_config, device)
+        backend, note = _executorch_backend(folder, export_config, device, profile_ops)
     elif target == "onnx":
-        backend, note = _onnx_backend(folder, export_config, device)
+        backend, note = _onnx_backend(folder, export_config, device, profile_ops)
     else:
         raise ValueError(f"{folder}/export_config.json names an unknown target {target!r}; export the model again")
     encoder = PromptEncoder(folder, export_config["tokenizer"])
@@ -77,7 +86,7 @@ def load(path: str | Path, device: str = "cpu", *, config=None, cache_dir: str |
     return Session(backend=backend, encoder=encoder, image_spec=spec, config=export_config, device_note=note)
 
 
-def _executorch_backend(folder: Path, export_config: dict, device: str):
+def _executorch_backend(folder: Path, export_config: dict, device: str, profile_ops: bool = False):
     from .devices import pte_backend_ids
     from .executorch_session import ExecuTorchBackend
 
@@ -89,11 +98,11 @@ def _executorch_backend(folder: Path, export_config: dict, device: str):
     except Exception as error:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ValueError(f"{pte} is corrupt or not an ExecuTorch program ({error}); export the model again") from None
     chosen = resolve_executorch_backend(delegates, device)
-    return ExecuTorchBackend(folder, export_config, chosen.device), chosen.note
+    return ExecuTorchBackend(folder, export_config, chosen.device, profile_ops=profile_ops), chosen.note
 
 
-def _onnx_backend(folder: Path, export_config: dict, device: str):
+def _onnx_backend(folder: Path, export_config: dict, device: str, profile_ops: bool = False):
     from .onnx_session import OnnxBackend
 
     providers = resolve_onnx_providers(device)
-    return OnnxBackend(folder, export_config, providers), providers.note
+    return OnnxBackend(folder, export_config, providers, profile_ops=profile_ops), providers.note

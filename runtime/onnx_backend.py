@@ -79,7 +79,13 @@ class OnnxModel:
     """
 
     def __init__(
-        self, folder: str | Path, providers: Sequence[str] | None = None, config: dict[str, Any] | None = None
+        self,
+        folder: str | Path,
+        providers: Sequence[str] | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        provider_options: Sequence[dict[str, str]] | None = None,
+        profile_dir: str | Path | None = None,
     ):
         import onnxruntime
 
@@ -91,14 +97,17 @@ class OnnxModel:
         self.config = config
         if self.config.get("target") != "onnx":
             raise ValueError(f"{self.folder} holds a {self.config.get('target')!r} export; OnnxModel runs onnx exports")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # the layer-0 encoder's overridable image_start initializer is intended
-        self.sessions = {
-            name: onnxruntime.InferenceSession(
-                str(self._graph_path(file)), options, providers=list(providers or ["CPUExecutionProvider"])
-            )
-            for name, file in self.config["graphs"].items()
-        }
+        self.sessions = {}
+        for name, file in self.config["graphs"].items():
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3  # the layer-0 encoder's overridable image_start initializer is intended
+            if profile_dir is not None:  # onnxruntime's operator profiler, one JSON trace per graph
+                options.enable_profiling = True
+                options.profile_file_prefix = str(Path(profile_dir) / name)
+            kwargs = {"providers": list(providers or ["CPUExecutionProvider"])}
+            if provider_options is not None:
+                kwargs["provider_options"] = [dict(o) for o in provider_options]
+            self.sessions[name] = onnxruntime.InferenceSession(str(self._graph_path(file)), options, **kwargs)
         self.decoder = self.config["decoder"]
         tokenizer = self.config["tokenizer"]
         self.image_token_id = int(tokenizer["image_token_id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,12 @@ class OnnxBackend:
 
     kind = "onnxruntime"
 
-    def __init__(self, folder: str | Path, export_config: dict[str, Any], providers: OnnxProviders):
-        self.model = OnnxModel(folder, providers=list(providers.providers), config=export_config)
+    def __init__(
+        self, folder: str | Path, export_config: dict[str, Any], providers: OnnxProviders, profile_ops: bool = False
+    ):
+        self._profile_dir = tempfile.mkdtemp(prefix="pruner-ort-profile-") if profile_ops else None
+        self.model = OnnxModel(folder, providers=list(providers.providers), config=export_config,
+                               provider_options=list(providers.provider_options), profile_dir=self._profile_dir)
         self.device = providers.device
         self.num_image_tokens = int(export_config["num_image_tokens"])
         self.kept_image_tokens = int(export_config["kept_image_tokens"])
@@ -59,3 +64,12 @@ class OnnxBackend:
         if self._cache is None:
             return 0
         return int(sum(a.nbytes for a in self._cache.keys + self._cache.values))
+
+    def operator_profile(self) -> list:
+        """Top operators since load (onnxruntime profiler); empty unless loaded with profile_ops=True."""
+        if self._profile_dir is None:
+            return []
+        from .op_profile import summarise_onnx_traces
+
+        traces = [session.end_profiling() for session in self.model.sessions.values()]
+        return summarise_onnx_traces(traces)

@@ -126,6 +126,8 @@ class Session:
         tokens, text, stop = self._decode_loop(logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token)
         profile.wall_ms = (time.perf_counter() - start) * 1000.0
         self._fill_counts(profile, prompt_ids)
+        if hasattr(self.backend, "operator_profile"):
+            profile.ops = self.backend.operator_profile() or None
         profile.finish()
         return Result(text=text, tokens=tokens, profile=profile, stop_reason=stop)
 

@@ -1,0 +1,80 @@
+"""`pruner-run`: answer a prompt about an image with an exported (or eager) model, streaming, then profile it.
+
+    pruner-run exported/tiny-llava-keep0.12-executorch --image photo.jpg --prompt "What is in the picture?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .devices import NoNpuError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pruner-run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a folder written by pruner-export, or a model name (tiny-llava, a llava-hf "
+                                      "directory) to run eagerly in PyTorch with --keep/--prune-layer")
+    parser.add_argument("--image", required=True, help="image file (or astronaut / chelsea / coffee, the bundled "
+                                                       "scikit-image photographs)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto"])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    parser.add_argument("--profile-ops", action="store_true", help="add an operator-level breakdown")
+    eager = parser.add_argument_group("eager PyTorch (when MODEL is not an exported folder)")
+    eager.add_argument("--keep", default="0.12", help="token count or fraction")
+    eager.add_argument("--prune-layer", type=int, default=2)
+    eager.add_argument("--method", default="vlm_pruner")
+    eager.add_argument("--cache-dir", type=Path, default=None)
+    return parser
+
+
+def resolve_image(name: str):
+    """A path, or the name of a bundled scikit-image photograph."""
+    if not Path(name).exists() and name in ("astronaut", "chelsea", "coffee"):
+        from skimage import data
+
+        return getattr(data, name)()
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import load
+
+    config = None
+    if not (Path(args.model) / "export_config.json").is_file():
+        from pruner_core import PrunerConfig
+
+        keep = float(args.keep) if "." in args.keep else int(args.keep)
+        config = PrunerConfig(keep=keep, layer=args.prune_layer, method=args.method)
+    session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
+    if session.device_note:
+        print(f"[{session.device_note}]", file=sys.stderr)
+    result = session.generate(resolve_image(args.image), args.prompt, max_new_tokens=args.max_new_tokens,
+                              on_token=lambda piece: print(piece, end="", flush=True),
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print()
+    print(result.profile.to_json() if args.json else result.profile.table())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.cli import quiet_libraries
+
+    quiet_libraries()
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NoNpuError) as error:
+        print(f"pruner-run: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Run a folder written by ``pruner-export --target executorch`` with the ExecuTorch Python runtime.
+
+``ExecuTorchModel(folder)`` reads ``export_config.json``, loads ``model.pte`` with ``executorch.runtime.Runtime`` and
+generates greedily for one prompt with one image, for both placements:
+
+* layer 0 (``before_llm``): text before the image -> ``token_embedding`` + ``text_decoder``; the image ->
+  ``vision_encoder`` (R pruned tokens) + ``text_decoder``; text after the image likewise; then one token at a time.
+  The same calls the stock ``MultimodalRunner`` makes.
+* layer K (``in_llm``): the whole prompt's embeddings (text, N image embeddings, text) -> ``prefill`` (prunes
+  inside), then ``decode`` at positions T, T + 1, ...
+
+Prompts are token ids holding one run of image placeholder tokens (the processor's expanded prompt, or a single
+``<image>`` token); the image is the vision encoder's input (``image_preprocessing.input_layout`` in the config:
+normalised float32 [1, 3, H, W], what the processor's ``pixel_values`` are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from export.common import read_export_config
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """A prompt split around its image: token ids before and after the placeholder run."""
+
+    before: list[int]
+    after: list[int]
+
+
+def split_prompt(input_ids: Sequence[int] | torch.Tensor, image_token_id: int) -> PromptParts:
+    """ids (list, [T] or [1, T]) with one run of ``image_token_id`` -> the text before and after it."""
+    ids = _as_id_list(input_ids)
+    positions = [i for i, token in enumerate(ids) if token == image_token_id]
+    if not positions:
+        raise ValueError(
+            f"the prompt holds no image placeholder (token {image_token_id}); put '<image>' in the prompt, e.g. "
+            "'USER: <image>\\nWhat is in the picture? ASSISTANT:'"
+        )
+    first, last = positions[0], positions[-1]
+    if last - first + 1 != len(positions):
+        raise ValueError("the prompt holds more than one image placeholder run; this model takes one image per prompt")
+    return PromptParts(before=ids[:first], after=ids[last + 1 :])
+
+
+def _as_id_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be [T] or [1, T] (batch 1), got shape {tuple(input_ids.shape)}")
+        return [int(t) for t in input_ids.tolist()]
+    return [int(t) for t in input_ids]
+
+
+class ExecuTorchModel:
+    """One exported folder, loaded: ``generate_greedy(input_ids, image, max_new_tokens) -> new token ids``."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from executorch.runtime import Runtime
+
+        self.folder = Path(folder)
+        self.config: dict[str, Any] = read_export_config(self.folder)
+        if self.config.get("target") != "executorch":
+            raise ValueError(
+                f"{self.folder} holds a {self.config.get('target')!r} export; use the runtime for that target"
+            )
+        settings = self.config["executorch"]
+        self.program = Runtime.get().load_program(self.folder / settings["program"])
+        expected = set(self.config["methods"])
+        missing = expected - self.program.method_names
+        if missing:
+            raise ValueError(f"{self.folder / settings['program']} lacks methods {sorted(missing)}; export it again")
+        self.placement: str = self.config["placement"]
+        self.max_seq_len: int = int(self.config["max_seq_len"])
+        self.eos_ids: frozenset[int] = frozenset(self.config["tokenizer"]["eos_ids"])
+        self.image_token_id: int = int(self.config["tokenizer"]["image_token_id"])
+        self.num_image_tokens: int = int(self.config["num_image_tokens"])  # N
+        self.kept_image_tokens: int = int(self.config["kept_image_tokens"])  # R
+        self._methods: dict[str, Any] = {}
+
+    # ---- method calls ------------------------------------------------------------------------------
+    def _call(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        method = self._methods.get(name)
+        if method is None:
+            method = self._methods[name] = self.program.load_method(name)
+        return method.execute([x.contiguous() for x in inputs])[0]  # ExecuTorch needs contiguous inputs
+
+    def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """token ids -> [1, T, D]"""
+        return self._call("token_embedding", torch.tensor([list(token_ids)], dtype=torch.long))
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """pixel_values [1, 3, H, W] or [3, H, W] -> image embeddings [1, R (layer 0) or N, D]"""
+        pixel_values = image if image.dim() == 4 else image[None]
+        expected = self.config["methods"]["vision_encoder"]["inputs"][0]["shape"]
+        if list(pixel_values.shape) != expected:
+            raise ValueError(
+                f"the image must be pixel_values of shape {expected} (the processor's output for this model), got "
+                f"{tuple(image.shape)}; preprocess it with runtime.preprocess.preprocess(image, spec)"
+            )
+        return self._call("vision_encoder", pixel_values.to(torch.float32))
+
+    def _step(self, name: str, embeddings: torch.Tensor, position: int) -> torch.Tensor:
+        return self._call(name, embeddings, torch.tensor([position], dtype=torch.long))  # logits [1, V]
+
+    # ---- prefill per placement ---------------------------------------------------------------------
+    def prefill(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """-> (logits [1, V] after the prompt, RoPE position of the first generated token)."""
+        if self.placement == "before_llm":
+            return self._prefill_before_llm(parts, image)
+        return self._prefill_in_llm(parts, image)
+
+    def _prefill_before_llm(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self._check_length(len(parts.before) + self.kept_image_tokens + len(parts.after))
+        position, logits = 0, None
+        chunks = [self.embed(parts.before) if parts.before else None, self.encode_image(image),
+                  self.embed(parts.after) if parts.after else None]
+        for chunk in chunks:
+            if chunk is None:
+                continue
+            logits = self._step("text_decoder", chunk, position)
+            position += chunk.shape[1]
+        return logits, position
+
+    def _prefill_in_llm(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+        pieces = [self.embed(parts.before)] if parts.before else []
+        pieces.append(self.encode_image(image))
+        if parts.after:
+            pieces.append(self.embed(parts.after))
+        embeddings = torch.cat(pieces, dim=1)  # [1, T, D]
+        self._check_length(embeddings.shape[1])
+        start = torch.tensor([len(parts.before)], dtype=torch.long)
+        return self._call("prefill", embeddings, start), embeddings.shape[1]
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_seq_len:
+            raise ValueError(
+                f"the prompt needs {length} positions but the model was exported with max_seq_len={self.max_seq_len}; "
+                "shorten the prompt or export with a larger --max-seq-len"
+            )
+
+    # ---- generation --------------------------------------------------------------------------------
+    def greedy_steps(
+        self, input_ids: Sequence[int] | torch.Tensor, image: torch.Tensor, max_new_tokens: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Greedy decoding, one (token id, logits [1, V] it was chosen from) per step; stops after an EOS, after
+        ``max_new_tokens`` tokens, or when the cache is full."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        logits, position = self.prefill(split_prompt(input_ids, self.image_token_id), image)
+        decode = "text_decoder" if self.placement == "before_llm" else "decode"
+        for step in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            yield token, logits
+            if token in self.eos_ids or step + 1 == max_new_tokens or position >= self.max_seq_len:
+                return
+            logits = self._step(decode, self.embed([token]), position)
+            position += 1
+
+    def generate_greedy(
+        self, input_ids: Sequence[int] | torch.Tensor, image: torch.Tensor, max_new_tokens: int
+    ) -> list[int]:
+        """Greedy decoding: up to ``max_new_tokens`` new token ids, stopping after an EOS (included)."""
+        return [token for token, _ in self.greedy_steps(input_ids, image, max_new_tokens)]
