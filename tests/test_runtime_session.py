@@ -1,0 +1,195 @@
+"""runtime.load / Session.generate / pruner-run: backends equal eager, profiles are consistent, bad input is clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from export.common import ExportOptions
+from pruner_core import PrunerConfig
+from pruner_core.adapters import resolve_model
+from runtime import NoNpuError, load
+
+PROMPT = "What is in the picture?"
+TOKENS = 12
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(zoo, tmp_path_factory) -> dict[int, Path]:
+    """ONNX exports of tiny-llava at keep 0.12 for both placements."""
+    from export.onnx_llava import export_onnx
+
+    model_dir = resolve_model("tiny-llava", zoo)
+    folders = {}
+    for layer in (0, 2):
+        out = tmp_path_factory.mktemp(f"onnx-layer{layer}")
+        options = ExportOptions(model="tiny-llava", target="onnx", pruner=PrunerConfig(keep=0.12, layer=layer))
+        export_onnx(model_dir, out, options, model_id="tiny-llava")
+        folders[layer] = out
+    return folders
+
+
+@pytest.fixture(scope="module")
+def eager_tokens(zoo) -> dict[int, list[int]]:
+    out = {}
+    for layer in (0, 2):
+        session = load("tiny-llava", config=PrunerConfig(keep=0.12, layer=layer), cache_dir=zoo)
+        out[layer] = session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS).tokens
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_onnx_session_equals_eager(onnx_exports, eager_tokens, layer):
+    session = load(onnx_exports[layer])
+    result = session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS)
+    assert result.tokens == eager_tokens[layer]
+    assert len(result.tokens) == TOKENS or result.stop_reason == "eos"
+    again = session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS)  # reusable, deterministic
+    assert again.tokens == result.tokens and again.text == result.text
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_eager_session_matches_stock_generate_with_the_pruner(zoo, eager_tokens, layer):
+    """The eager backend is the adapter's pruned prefill + decode: the same tokens as model.generate patched."""
+    import torch
+
+    from pruner_core.adapters import apply_pruner, load_llava
+
+    model, processor = load_llava(resolve_model("tiny-llava", zoo))
+    apply_pruner(model, PrunerConfig(keep=0.12, layer=layer))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True
+    )
+    inputs = processor(images=data.astronaut(), text=text, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
+    stock = generated[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = processor.tokenizer.eos_token_id
+    assert eager_tokens[layer] == [t for t in stock if t != eos][: len(eager_tokens[layer])]
+
+
+def test_profile_is_consistent(onnx_exports, zoo):
+    session = load(onnx_exports[2])
+    profile = session.generate(data.chelsea(), PROMPT, max_new_tokens=TOKENS).profile
+    payload = json.loads(profile.to_json())
+    for key in ("preprocess_ms", "vision_ms", "embed_ms", "prefill_ms", "decode_ms", "time_to_first_token_ms",
+                "decode_tokens_per_s", "prompt_tokens_before_pruning", "prompt_tokens_after_pruning",
+                "peak_rss_bytes", "model_files_bytes", "kv_cache_bytes"):
+        assert payload[key] is not None, key
+    assert abs(profile.stage_sum_ms() - profile.wall_ms) <= 0.1 * profile.wall_ms
+    assert profile.time_to_first_token_ms <= profile.wall_ms
+    n_image = session.config["num_image_tokens"]
+    assert profile.image_tokens_total == n_image and profile.image_tokens_kept == round(n_image * 0.12)
+    assert profile.prompt_tokens_after_pruning == (
+        profile.prompt_tokens_before_pruning - n_image + profile.image_tokens_kept)
+    full = load("tiny-llava", config=PrunerConfig(keep=1.0), cache_dir=zoo).generate(
+        data.chelsea(), PROMPT, max_new_tokens=TOKENS).profile
+    assert profile.prompt_tokens_after_pruning < full.prompt_tokens_after_pruning
+    assert profile.kv_cache_bytes < full.kv_cache_bytes
+    assert "prefill" in profile.table() and "KV cache" in profile.table()
+
+
+def test_operator_profile_lists_top_operators(onnx_exports):
+    session = load(onnx_exports[0], profile_ops=True)
+    profile = session.generate(data.coffee(), PROMPT, max_new_tokens=4).profile
+    assert profile.ops and all(op.total_ms >= 0 and op.calls >= 1 for op in profile.ops)
+    assert {op.name for op in profile.ops} & {"MatMul", "FusedMatMul", "Scan"}
+    assert sum(op.share for op in profile.ops) <= 1.0 + 1e-6
+
+
+def test_sampling_is_seeded(onnx_exports):
+    session = load(onnx_exports[0])
+    first = session.generate(data.astronaut(), PROMPT, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    second = session.generate(data.astronaut(), PROMPT, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert first.tokens == second.tokens
+
+
+def test_stream_pieces_add_up_to_the_text(onnx_exports):
+    pieces = []
+    result = load(onnx_exports[2]).generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS, on_token=pieces.append)
+    assert "".join(pieces) == result.text
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+
+def copy_export(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(source, target)
+    return target
+
+
+def test_missing_model_file(onnx_exports, tmp_path):
+    folder = copy_export(onnx_exports[0], tmp_path)
+    (folder / "onnx" / "decoder_model_merged.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="decoder_model_merged.onnx is missing"):
+        load(folder)
+
+
+def test_corrupt_model_file(onnx_exports, tmp_path):
+    folder = copy_export(onnx_exports[0], tmp_path)
+    (folder / "onnx" / "embed_tokens.onnx").write_bytes(b"not a model")
+    with pytest.raises(Exception, match="(?i)protobuf|invalid|load model|parse"):
+        load(folder)
+
+
+def test_newer_export_format(onnx_exports, tmp_path):
+    folder = copy_export(onnx_exports[0], tmp_path)
+    config = json.loads((folder / "export_config.json").read_text())
+    config["format_version"] = 99
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="newer than this vlm-pruner-edge understands"):
+        load(folder)
+
+
+def test_image_that_is_not_an_image(onnx_exports, tmp_path):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("hello")
+    session = load(onnx_exports[0])
+    with pytest.raises(ValueError, match="not an image"):
+        session.generate(fake, PROMPT)
+    with pytest.raises(ValueError, match="shape"):
+        session.generate(np.zeros((4, 4), dtype=np.uint8), PROMPT)
+
+
+def test_empty_and_too_long_prompts(onnx_exports):
+    session = load(onnx_exports[0])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        session.generate(data.astronaut(), "   ")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        session.generate(data.astronaut(), "cat " * 2000)
+
+
+def test_npu_without_npu_lists_what_the_machine_has(onnx_exports):
+    with pytest.raises(NoNpuError, match="CPUExecutionProvider"):
+        load(onnx_exports[0], device="npu")
+    session = load(onnx_exports[0], device="auto")
+    assert "cpu" in session.device_note.lower()
+
+
+def test_pruner_run_cli_end_to_end(onnx_exports):
+    command = [sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", "astronaut", "--prompt", PROMPT,
+               "--max-new-tokens", "4", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout[done.stdout.index("{"):])
+    assert payload["backend"] == "onnxruntime"
+    assert payload["image_tokens_kept"] == json.loads((onnx_exports[2] / "export_config.json").read_text())[
+        "kept_image_tokens"]
+    bad = subprocess.run([sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", "/no/such.png",
+                          "--prompt", PROMPT], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "pruner-run: error" in bad.stderr and "not found" in bad.stderr
