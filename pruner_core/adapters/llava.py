@@ -91,6 +91,8 @@ class TinyLlavaSpec:
     text_heads: int = 4
     vocab_size: int = 512  # BPE training target; the model's vocab is the tokenizer's actual size
     max_positions: int = 4096
+    vision_ffn: int = 0  # 0 = 4 x vision_hidden (CLIP's ratio)
+    text_ffn: int = 0  # 0 = 4 x text_hidden; LLaVA-1.5-7B: 11008
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
@@ -163,7 +165,7 @@ def _tiny_config(spec: TinyLlavaSpec, tokenizer):
 
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=4 * spec.vision_hidden,
+        intermediate_size=spec.vision_ffn or 4 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
@@ -174,7 +176,7 @@ def _tiny_config(spec: TinyLlavaSpec, tokenizer):
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
-        intermediate_size=4 * spec.text_hidden,
+        intermediate_size=spec.text_ffn or 4 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.kv_heads,
@@ -196,7 +198,13 @@ def _tiny_config(spec: TinyLlavaSpec, tokenizer):
 
 
 def build_tiny_llava(
-    directory: str | Path, *, image_size: int = 336, patch_size: int = 14, gqa: bool = False, seed: int = 0
+    directory: str | Path,
+    *,
+    image_size: int = 336,
+    patch_size: int = 14,
+    gqa: bool = False,
+    seed: int = 0,
+    spec: TinyLlavaSpec | None = None,
 ) -> Path:
     """Write a tiny random LLaVA-1.5 (model, tokenizer, processor) to ``directory`` with ``save_pretrained``.
 
@@ -208,7 +216,9 @@ def build_tiny_llava(
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    spec = TinyLlavaSpec(image_size=image_size, patch_size=patch_size, gqa=gqa, seed=seed)
+    if spec is None:  # `spec` sets every size at once (benchmarks build LLaVA-1.5-7B widths with few layers)
+        spec = TinyLlavaSpec(image_size=image_size, patch_size=patch_size, gqa=gqa, seed=seed)
+    image_size, patch_size, seed = spec.image_size, spec.patch_size, spec.seed
     directory = Path(directory)
     tokenizer = _build_tokenizer(spec)
     config = _tiny_config(spec, tokenizer)
