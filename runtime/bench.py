@@ -1,0 +1,255 @@
+"""`pruner-bench`: keep settings side by side in one process, per runtime, with speed-up ratios against keep 1.0.
+
+    pruner-bench --model tiny-llava --targets executorch,onnx --keeps 1.0,0.33,0.22,0.11
+
+Exports each (target, keep) once into --work-dir (reused when already there), loads every export, then runs them
+interleaved (warm-up, then repeats) so that each setting sees the same machine state. Prints medians of time to
+first token, prefill, decode speed and peak memory growth of the call, with ratios against keep 1.0 on the same
+runtime; writes JSON and a PNG chart of time to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .memory import current_rss_bytes
+
+
+class PeakSampler:
+    """Peak resident memory while a block runs, sampled every `interval` seconds from another thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakSampler":
+        self.base = current_rss_bytes() or 0
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes() or 0)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes() or 0)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+@dataclass
+class Setting:
+    target: str
+    keep: float | int
+    folder: str
+    ttft_ms: list[float] = field(default_factory=list)
+    prefill_ms: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    peak_growth_bytes: list[int] = field(default_factory=list)
+    kv_cache_bytes: int = 0
+    prompt_tokens: int = 0
+
+    def medians(self) -> dict[str, float]:
+        def med(values):
+            return statistics.median(values) if values else float("nan")
+
+        return {"ttft_ms": med(self.ttft_ms), "prefill_ms": med(self.prefill_ms),
+                "decode_tokens_per_s": med(self.decode_tps), "peak_growth_bytes": med(self.peak_growth_bytes)}
+
+
+def parse_keeps(text: str) -> list[float | int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        out.append(float(part) if "." in part else int(part))
+    return out
+
+
+def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None) -> Path:
+    """Export once; reuse a folder whose export_config.json records the same pruner settings."""
+    from export.cli import default_out, main as export_main
+
+    folder = work_dir / default_out(model, keep, target).name
+    config_file = folder / "export_config.json"
+    if config_file.is_file():
+        pruner = json.loads(config_file.read_text()).get("pruner", {})
+        if pruner.get("keep") == keep and pruner.get("layer") == layer:
+            return folder
+    argv = ["--model", model, "--keep", str(keep), "--prune-layer", str(layer), "--target", target,
+            "--out", str(folder), "--overwrite"]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
+    if export_main(argv) != 0:
+        raise RuntimeError(f"export of {model} keep={keep} target={target} failed (see the messages above)")
+    return folder
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from . import load
+    from .cli import resolve_image
+
+    image = resolve_image(args.image)
+    settings: list[Setting] = []
+    sessions = []
+    for target in args.targets:
+        for keep in args.keeps:
+            folder = ensure_export(args.model, target, keep, args.prune_layer, args.work_dir, args.cache_dir)
+            settings.append(Setting(target=target, keep=keep, folder=str(folder)))
+            sessions.append(load(folder))
+    runs = [(i, r) for r in range(args.warmup + args.repeats) for i in range(len(settings))]
+    progress = _progress(len(runs), args.no_progress)
+    for index, repeat in runs:
+        setting, session = settings[index], sessions[index]
+        with PeakSampler() as sampler:
+            result = session.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
+        progress(f"{setting.target} keep {setting.keep}")
+        if repeat < args.warmup:
+            continue
+        profile = result.profile
+        setting.ttft_ms.append(profile.time_to_first_token_ms)
+        setting.prefill_ms.append(profile.prefill_ms)
+        if profile.decode_tokens_per_s:
+            setting.decode_tps.append(profile.decode_tokens_per_s)
+        setting.peak_growth_bytes.append(sampler.growth)
+        setting.kv_cache_bytes = profile.kv_cache_bytes or 0
+        setting.prompt_tokens = profile.prompt_tokens_after_pruning or 0
+    return summarise(settings, args)
+
+
+def summarise(settings: list[Setting], args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for setting in settings:
+        base = next((s for s in settings if s.target == setting.target and float(s.keep) == 1.0), None)
+        medians, base_medians = setting.medians(), base.medians() if base else None
+        ratio = (lambda key, inverse=False: None if base_medians is None or not medians[key] else
+                 (medians[key] / base_medians[key] if inverse else base_medians[key] / medians[key]))
+        rows.append({
+            **{k: v for k, v in asdict(setting).items() if k not in ("ttft_ms", "prefill_ms", "decode_tps",
+                                                                      "peak_growth_bytes")},
+            "median": medians,
+            "speedup_vs_keep1": {"ttft": ratio("ttft_ms"), "prefill": ratio("prefill_ms"),
+                                 "decode": ratio("decode_tokens_per_s", inverse=True),
+                                 "peak_growth": ratio("peak_growth_bytes")},
+            "samples": {"ttft_ms": setting.ttft_ms, "prefill_ms": setting.prefill_ms},
+        })
+    return {"model": args.model, "prune_layer": args.prune_layer, "repeats": args.repeats, "warmup": args.warmup,
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "rows": rows}
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"pruner-bench {report['model']} (layer {report['prune_layer']}, median of {report['repeats']})",
+             f"{'runtime':<11} {'keep':>6} {'tokens':>7} {'TTFT ms':>9} {'x':>6} {'prefill ms':>11} {'x':>6} "
+             f"{'decode t/s':>11} {'peak +MiB':>10} {'KV MiB':>8}"]
+    for row in report["rows"]:
+        m, x = row["median"], row["speedup_vs_keep1"]
+
+        def fmt(v):
+            return f"{v:5.2f}x" if v else "    - "
+
+        lines.append(f"{row['target']:<11} {str(row['keep']):>6} {row['prompt_tokens']:>7} {m['ttft_ms']:>9.1f} "
+                     f"{fmt(x['ttft'])} {m['prefill_ms']:>11.1f} {fmt(x['prefill'])} "
+                     f"{m['decode_tokens_per_s']:>11.1f} {m['peak_growth_bytes'] / 2**20:>10.1f} "
+                     f"{row['kv_cache_bytes'] / 2**20:>8.2f}")
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    """Bars of median time to first token per keep setting, one group per runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({row["target"] for row in report["rows"]})
+    keeps = [row["keep"] for row in report["rows"] if row["target"] == targets[0]]
+    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(keeps) * len(targets), 4))
+    width = 0.8 / len(targets)
+    for t, target in enumerate(targets):
+        values = [row["median"]["ttft_ms"] for row in report["rows"] if row["target"] == target]
+        axis.bar([k + t * width for k in range(len(values))], values, width, label=target)
+    axis.set_xticks([k + width * (len(targets) - 1) / 2 for k in range(len(keeps))], [f"keep {k}" for k in keeps])
+    axis.set_ylabel("time to first token (ms)")
+    axis.set_title(f"{report['model']}: time to first token by keep setting")
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def _progress(total: int, disabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if tqdm is not None and not disabled:
+        bar = tqdm(total=total, unit="run", file=sys.stderr)
+
+        def step(label: str) -> None:
+            bar.set_description(label)
+            bar.update(1)
+            if bar.n == total:
+                bar.close()
+        return step
+    return lambda label: None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pruner-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=["executorch", "onnx"])
+    parser.add_argument("--keeps", type=parse_keeps, default=[1.0, 0.33, 0.22, 0.11])
+    parser.add_argument("--prune-layer", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--image", default="astronaut")
+    parser.add_argument("--prompt", default="What is in the picture?")
+    parser.add_argument("--work-dir", type=Path, default=Path("exported") / "bench")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where tiny models are built")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report; the chart goes beside it")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.cli import quiet_libraries
+
+    quiet_libraries()
+    if not any(float(k) == 1.0 for k in args.keeps):
+        print("pruner-bench: error: --keeps must include 1.0 (the baseline of the ratios)", file=sys.stderr)
+        return 2
+    try:
+        report = run_bench(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"pruner-bench: error: {error}", file=sys.stderr)
+        return 2
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    chart(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
