@@ -29,7 +29,7 @@ class ExportError(Exception):
 class Progress:
     """Stage lines with elapsed time: `[  12.3s] lower (trace took 4.1s)`."""
 
-    stream: TextIO = sys.stderr
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
     start: float = field(default_factory=time.perf_counter)
     current: str | None = None
     stage_start: float = 0.0
@@ -208,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO = sys.stderr) -> list[Path]:
+def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     from pruner_core.adapters import estimate_parameters, resolve_model
 
+    stream = stream or sys.stderr
     try:
         pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
     except ValueError as error:
