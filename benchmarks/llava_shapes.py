@@ -1,0 +1,102 @@
+"""Time to first token at LLaVA-1.5-7B's real widths, pruned vs unpruned, against the token-count bound.
+
+    .venv/bin/python benchmarks/llava_shapes.py [--decoder-layers 4] [--targets onnx,executorch] [--repeats 3]
+
+Builds a LLaVA with LLaVA-1.5-7B's widths (CLIP ViT-L/14-336: 1024 hidden, 24 layers, 16 heads, 4096 FFN; Llama:
+4096 hidden, 11008 FFN, 32 heads) but few decoder layers (random weights, the tiny tokenizer, so the LM head is
+small), exports it pruned (64 of 576 at layer 2 and at layer 0) and unpruned to each target, runs every export side
+by side in one process and reports time to first token, the decoder prefill time and its speed-up against the bound
+set by token counts:
+
+    layer K >= 1: bound = L * T / (K * T + (L - K) * T')      (K layers still see all T prompt tokens)
+    layer 0:      bound = T / T'
+    T = prompt tokens with all N image tokens, T' = with R, L = decoder layers.
+
+Goals (issue #4): decoder prefill speed-up >= 80 % of the bound, pruning < 2 % of time to first token, peak memory of
+the pruned run below the unpruned run. Needs ~20 GiB of RAM for the ExecuTorch lowering at 4 decoder layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pruner_core.adapters.llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from runtime.bench import PeakSampler, ensure_export  # noqa: E402
+
+
+def llava_7b_widths(decoder_layers: int) -> TinyLlavaSpec:
+    return TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                         vision_ffn=4096, text_hidden=4096, text_layers=decoder_layers, text_heads=32, text_ffn=11008)
+
+
+def bound(total: int, kept: int, layers: int, split: int) -> float:
+    return total / kept if split == 0 else layers * total / (split * total + (layers - split) * kept)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder-layers", type=int, default=4)
+    parser.add_argument("--targets", default="onnx,executorch")
+    parser.add_argument("--keep", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=Path("exported") / "llava_shapes")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "llava_shapes.json")
+    args = parser.parse_args(argv)
+
+    from export.cli import quiet_libraries
+    from runtime import load
+    from skimage import data
+
+    quiet_libraries()
+    model_dir = args.work_dir / f"llava7b-widths-{args.decoder_layers}l"
+    if not (model_dir / "config.json").is_file():
+        print(f"building {model_dir} ...", file=sys.stderr)
+        build_tiny_llava(model_dir, spec=llava_7b_widths(args.decoder_layers))
+    settings = [("unpruned", 1.0, 2), ("layer 2", args.keep, 2), ("layer 0", args.keep, 0)]
+    runs = []
+    for target in args.targets.split(","):
+        for label, keep, layer in settings:
+            folder = ensure_export(str(model_dir.resolve()), target, keep, layer, args.work_dir / target, None)
+            runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "session": load(folder)})
+    image, prompt = data.astronaut(), "What is in the picture?"
+    for run in runs:  # warm-up
+        run["session"].generate(image, prompt, max_new_tokens=1)
+    for _ in range(args.repeats):
+        for run in runs:
+            with PeakSampler() as sampler:
+                profile = run["session"].generate(image, prompt, max_new_tokens=1).profile
+            run.setdefault("ttft", []).append(profile.time_to_first_token_ms)
+            run.setdefault("prefill", []).append(profile.prefill_ms)
+            run.setdefault("vision", []).append(profile.vision_ms)
+            run.setdefault("peak", []).append(sampler.peak)
+            run["tokens"] = (profile.prompt_tokens_before_pruning, profile.prompt_tokens_after_pruning)
+    report = []
+    print(f"{'target':<11} {'setting':<9} {'T->T_':>10} {'TTFT ms':>9} {'prefill ms':>11} {'speed-up':>9} "
+          f"{'bound':>6} {'of bound':>9} {'peak GiB':>9}")
+    for run in runs:
+        base = next(r for r in runs if r["target"] == run["target"] and r["label"] == "unpruned")
+        ttft, prefill = statistics.median(run["ttft"]), statistics.median(run["prefill"])
+        speedup = statistics.median(base["prefill"]) / prefill
+        total, kept = run["tokens"]
+        limit = bound(total, kept, args.decoder_layers, run["layer"]) if run["label"] != "unpruned" else 1.0
+        row = {k: run[k] for k in ("target", "label", "keep", "layer")} | {
+            "tokens": run["tokens"], "ttft_ms": ttft, "prefill_ms": prefill, "vision_ms": statistics.median(run["vision"]),
+            "decoder_prefill_speedup": speedup, "bound": limit, "share_of_bound": speedup / limit,
+            "ttft_speedup": statistics.median(base["ttft"]) / ttft, "peak_rss_bytes": max(run["peak"])}
+        report.append(row)
+        print(f"{run['target']:<11} {run['label']:<9} {f'{total}->{kept}':>10} {ttft:>9.0f} {prefill:>11.0f} "
+              f"{speedup:>8.2f}x {limit:>6.2f} {speedup / limit:>8.0%} {max(run['peak']) / 2**30:>9.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""ExecuTorch backend for runtime.Session: the `.pte`'s methods run step by step (see runtime/executorch_backend.py)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .executorch_backend import ExecuTorchModel
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+class ExecuTorchBackend:
+    """Backend protocol (runtime.session.Backend) over an ExecuTorch export folder."""
+
+    kind = "executorch"
+
+    def __init__(self, folder: str | Path, export_config: dict[str, Any], device: str, profile_ops: bool = False):
+        self.folder = Path(folder)
+        self.model = ExecuTorchModel(folder)
+        self.config = export_config
+        self.device = device
+        self.num_image_tokens = int(export_config["num_image_tokens"])
+        self.kept_image_tokens = int(export_config["kept_image_tokens"])
+        self.max_seq_len = int(export_config["max_seq_len"])
+        self.files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        self._etdump_dir = None
+        if profile_ops:  # timing-only ETDump: a debug buffer that overflows would abort the process
+            from executorch.runtime import Runtime
+
+            self._etdump_dir = Path(tempfile.mkdtemp(prefix="pruner-etdump-"))
+            program = self.folder / export_config["executorch"]["program"]
+            self.model.program = Runtime.get().load_program(program, enable_etdump=True, debug_buffer_size=0)
+            self.model._methods = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._position = 0
+        self._decode_method = "text_decoder" if self.model.placement == "before_llm" else "decode"
+
+    def image_features(self, pixel_values: np.ndarray, image_start: int) -> torch.Tensor:
+        return self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixel_values)))
+
+    def embed(self, ids: list[int]) -> torch.Tensor | None:
+        return self.model.embed(ids) if ids else None
+
+    def prefill(self, before, image, after) -> np.ndarray:
+        if self.model.placement == "before_llm":  # the runner's way: each chunk through text_decoder in turn
+            position, logits = 0, None
+            for chunk in (before, image, after):
+                if chunk is None:
+                    continue
+                logits = self.model._step("text_decoder", chunk, position)
+                position += chunk.shape[1]
+        else:
+            pieces = [p for p in (before, image, after) if p is not None]
+            embeddings = torch.cat(pieces, dim=1)  # [1, T, D]
+            start = torch.tensor([0 if before is None else before.shape[1]], dtype=torch.long)
+            logits = self.model._call("prefill", embeddings, start)
+            position = embeddings.shape[1]
+        self._position = position
+        return logits[0].float().numpy()
+
+    def decode(self, token: int) -> np.ndarray:
+        logits = self.model._step(self._decode_method, self.model.embed([token]), self._position)
+        self._position += 1
+        return logits[0].float().numpy()
+
+    def kv_cache_bytes(self) -> int:
+        """The static caches the program allocates: keys and values, every layer's slots."""
+        cache = self.config["executorch"]["kv_cache"]
+        slots = cache["slots"]
+        slots = sum(slots) if isinstance(slots, list) else slots * int(self.config["executorch"]["num_layers"])
+        return 2 * int(cache["kv_heads"]) * int(cache["head_dim"]) * slots * DTYPE_BYTES.get(self.config["dtype"], 4)
+
+    def operator_profile(self) -> list:
+        if self._etdump_dir is None:
+            return []
+        from .op_profile import summarise_etdump
+
+        path = self._etdump_dir / "run.etdp"
+        self.model.program.write_etdump_result_to_file(str(path), str(self._etdump_dir / "run.debug"))
+        return summarise_etdump(path)
