@@ -1,0 +1,303 @@
+"""The ExecuTorch target: `.pte` files that generate what eager pruned PyTorch generates, in our runtime and (layer 0)
+in ExecuTorch's stock MultimodalRunner; export_config.json consistent with the program; clear backend errors.
+
+Tiny random LLaVA-1.5 models are built once per session (no downloads); the image is scikit-image's astronaut.
+Exports are shared by every test of this module (lowering dominates its runtime, mostly per XNNPACK partition):
+XNNPACK, the default backend, for tiny-llava at layer 0 and tiny-llava-gqa at layer 2 (keep 0.12) and for the
+quantised export; the portable backend (no delegate, the same graphs) for the rest of the matrix and fp16. The
+quantised export, the slowest (one XNNPACK partition per quantised linear), goes through the `pruner-export` CLI in a
+second process started with the first export, so it overlaps the others on a multi-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from export.common import ExportOptions
+from export.executorch_llava import BackendUnavailableError, export_executorch
+from pruner_core import PrunerConfig
+from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, resolve_model
+from runtime.executorch_backend import ExecuTorchModel, split_prompt
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("tiny-llava", "tiny-llava-gqa")
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 16
+MAX_SEQ_LEN = 640
+LOGIT_TOLERANCE = 1e-4
+SCALAR_TYPES = {"float32": 6, "float16": 5, "bfloat16": 15, "int64": 4}  # ExecuTorch ScalarType codes
+XNNPACK_EXPORTS = {("tiny-llava", 0, 0.12), ("tiny-llava-gqa", 2, 0.12)}
+REPO = Path(__file__).resolve().parents[1]
+QUANTISED = ("tiny-llava-gqa", 0, 0.12)  # model, layer, keep of the 8da4w export
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def et_zoo(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("et_zoo")
+    return {name: resolve_model(name, cache_dir) for name in MODELS}
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def prompts(et_zoo, astronaut):
+    """The processor's inputs (input_ids with N placeholders, pixel_values) per model."""
+    out = {}
+    for name, path in et_zoo.items():
+        _, processor = load_llava(path)
+        out[name] = processor(images=astronaut, text=llava_prompt(QUESTION), return_tensors="pt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantised_cli_export(et_zoo, tmp_path_factory):
+    """The 8da4w XNNPACK export through `python -m export.cli`, running in the background -> a wait() giving its
+    folder. Killed at teardown if still running."""
+    name, layer, keep = QUANTISED
+    out = tmp_path_factory.mktemp("cli") / "quantised"
+    command = [
+        sys.executable, "-m", "export.cli", "--model", name, "--cache-dir", str(et_zoo[name].parent),
+        "--keep", str(keep), "--prune-layer", str(layer), "--target", "executorch", "--backend", "xnnpack",
+        "--quantize", "8da4w", "--max-seq-len", str(MAX_SEQ_LEN), "--out", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one intra-op thread, like this process (tests/conftest.py)
+    log_path = out.parent / "pruner-export.log"  # a file, not a pipe: a full pipe would stall the export
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait() -> Path:
+        process.wait(timeout=1800)
+        log = log_path.read_text()
+        assert process.returncode == 0, f"pruner-export failed ({process.returncode}):\n{log[-4000:]}"
+        assert (out / "model.pte").is_file() and (out / "export_config.json").is_file(), log[-4000:]
+        return out
+
+    yield wait
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def exports(et_zoo, tmp_path_factory, quantised_cli_export):
+    """export(name, layer, keep, **options) -> (folder, payload), each distinct export done once per session.
+
+    Asking for it starts the quantised CLI export in the background (see ``quantised_cli_export``).
+    """
+    done: dict[tuple, tuple[Path, dict]] = {}
+
+    def export(name, layer, keep, backend=None, quantize="none", dtype="fp32"):
+        backend = backend or ("xnnpack" if (name, layer, keep) in XNNPACK_EXPORTS else "portable")
+        key = (name, layer, keep, backend, quantize, dtype)
+        if key not in done:
+            options = ExportOptions(
+                model=name, target="executorch", pruner=PrunerConfig(keep=keep, layer=layer), backend=backend,
+                quantize=quantize, dtype=dtype, max_seq_len=MAX_SEQ_LEN,
+            )
+            folder = tmp_path_factory.mktemp(f"{name}-L{layer}-k{keep}-{backend}-{quantize}-{dtype}")
+            stages = []
+            payload = export_executorch(et_zoo[name], folder, options, model_id=name, progress=stages.append)
+            assert stages == ["trace", "lower", "serialise"]
+            done[key] = folder, payload
+        return done[key]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def eager(et_zoo, prompts):
+    """Greedy tokens and per-step logits of eager pruned PyTorch (the adapter's apply_pruner + generate)."""
+    runs = {}
+
+    def run(name, layer, keep):
+        key = (name, layer, keep)
+        if key not in runs:
+            model, _ = load_llava(et_zoo[name])
+            apply_pruner(model, PrunerConfig(keep=keep, layer=layer))
+            inputs = prompts[name]
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+            runs[key] = tokens, [logits[0].float() for logits in out.logits]
+        return runs[key]
+
+    return run
+
+
+def run_greedy(folder, inputs):
+    model = ExecuTorchModel(folder)
+    steps = list(model.greedy_steps(inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS))
+    return [token for token, _ in steps], [logits[0] for _, logits in steps]
+
+
+# ---------------------------------------------------------------- exported == eager
+
+
+@pytest.mark.parametrize("keep", [0.12, 1.0])
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_tokens_match_eager(exports, eager, prompts, name, layer, keep):
+    folder, payload = exports(name, layer, keep)
+    tokens, logits = run_greedy(folder, prompts[name])
+    eager_tokens, eager_logits = eager(name, layer, keep)
+    assert tokens == eager_tokens
+    # every step's logits, not only the argmax: a wrong kept set or a stale cache would show here
+    for step, (ours, reference) in enumerate(zip(logits, eager_logits, strict=True)):
+        error = (ours - reference).abs().max().item()
+        assert error <= LOGIT_TOLERANCE, f"step {step}: logits differ by {error:.2e}"
+    assert payload["kept_image_tokens"] == PrunerConfig(keep=keep).budget(payload["num_image_tokens"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer0_pte_runs_in_stock_multimodal_runner(exports, eager, prompts, et_zoo, name):
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_text_input
+
+    folder, payload = exports(name, 0, 0.12)
+    _, processor = load_llava(et_zoo[name])
+    tokenizer = processor.tokenizer
+    inputs = prompts[name]
+    parts = split_prompt(inputs["input_ids"], payload["tokenizer"]["image_token_id"])
+    bos = payload["tokenizer"]["bos_id"]
+    assert parts.before[0] == bos  # the runner adds it (num_bos=1); the text pieces go without it
+    runner = MultimodalRunner(str(folder / "model.pte"), str(folder / payload["tokenizer"]["runner_file"]))
+    pieces, stats = [], []
+    config = GenerationConfig(echo=False, max_new_tokens=NEW_TOKENS, temperature=0.0, num_bos=1)
+    runner.generate(
+        [make_text_input(tokenizer.decode(parts.before[1:])), make_image_input(inputs["pixel_values"]),
+         make_text_input(tokenizer.decode(parts.after))],
+        config, pieces.append, stats.append,
+    )
+    eager_tokens, _ = eager(name, 0, 0.12)
+    assert stats[0].num_prompt_tokens == len(parts.before) + payload["kept_image_tokens"] + len(parts.after)
+    assert pieces == [tokenizer.decode([token]) for token in eager_tokens]
+
+
+# ---------------------------------------------------------------- export_config.json against the program
+
+
+def _expected_sizes(shape, payload):
+    """A spec's shape with its dynamic dim replaced by the upper bound ExecuTorch plans for."""
+    high = payload["executorch"]["dynamic_dims"]["T"][1]
+    return [high if isinstance(d, str) else d for d in shape]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_export_config_matches_program(exports, layer):
+    from executorch.runtime import Runtime
+
+    folder, payload = exports("tiny-llava", layer, 0.12)
+    on_disk = json.loads((folder / "export_config.json").read_text())
+    assert on_disk == payload
+    for field in PrunerConfig.__dataclass_fields__:
+        assert payload["pruner"][field] == getattr(PrunerConfig(keep=0.12, layer=layer), field)
+    assert payload["placement"] == ("before_llm" if layer == 0 else "in_llm")
+    assert payload["positions"] == ("consecutive" if layer == 0 else "original")
+    assert payload["grid"] == [24, 24] and payload["num_image_tokens"] == 24 * 24
+    assert (payload["dtype"], payload["quantization"], payload["max_seq_len"]) == ("fp32", "none", MAX_SEQ_LEN)
+    assert {"torch", "executorch", "transformers"} <= set(payload["library_versions"])
+    preprocessing = payload["image_preprocessing"]
+    assert preprocessing["input_layout"] == "float_nchw" and preprocessing["crop_height"] == 336
+    tokenizer = payload["tokenizer"]
+    assert {"bos_id", "eos_ids", "image_token_id", "chat_template"} <= set(tokenizer)
+    assert all((folder / name).is_file() for name in payload["files"])
+
+    program = Runtime.get().load_program(folder / "model.pte")
+    expected_methods = {"vision_encoder", "token_embedding"} | (
+        {"text_decoder"} if layer == 0 else {"prefill", "decode"})
+    assert set(payload["methods"]) == expected_methods
+    assert expected_methods | set(payload["executorch"]["constant_methods"]) <= program.method_names
+    for name, contract in payload["methods"].items():
+        meta = program.metadata(name)
+        assert meta.num_inputs() == len(contract["inputs"]) and meta.num_outputs() == len(contract["outputs"])
+        for index, spec in enumerate(contract["inputs"]):
+            tensor = meta.input_tensor_meta(index)
+            assert list(tensor.sizes()) == _expected_sizes(spec["shape"], payload), (name, spec)
+            assert tensor.dtype() == SCALAR_TYPES[spec["dtype"]], (name, spec)
+        for index, spec in enumerate(contract["outputs"]):
+            tensor = meta.output_tensor_meta(index)
+            assert list(tensor.sizes()) == _expected_sizes(spec["shape"], payload), (name, spec)
+            assert tensor.dtype() == SCALAR_TYPES[spec["dtype"]], (name, spec)
+    constants = payload["executorch"]["constant_methods"]
+    for name, value in constants.items():
+        result = program.load_method(name).execute([])
+        assert (list(result) if isinstance(value, list) else result[0]) == value, name
+    image_tokens = payload["kept_image_tokens"] if layer == 0 else payload["num_image_tokens"]
+    assert constants["get_num_image_tokens"] == image_tokens
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("backend", "words"),
+    [("coreml", ("CoreML", "macOS", "pip install coremltools")), ("qnn", ("QNN", "SDK"))],
+)
+def test_unavailable_backends_fail_first_with_the_fix(tmp_path, backend, words):
+    options = ExportOptions(model="tiny-llava", target="executorch", backend=backend, pruner=PrunerConfig(layer=0))
+    with pytest.raises(BackendUnavailableError) as error:  # before loading: the model path does not even exist
+        export_executorch(tmp_path / "no-model", tmp_path / "out", options, model_id="tiny-llava")
+    assert all(word in str(error.value) for word in words), str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_combinations_fail_before_work(tmp_path, et_zoo):
+    with pytest.raises(ValueError, match="xnnpack"):
+        export_executorch(tmp_path / "no-model", tmp_path, ExportOptions(
+            model="m", target="executorch", backend="portable", quantize="8da4w"), model_id="m")
+    with pytest.raises(ValueError, match="prune-layer"):
+        export_executorch(tmp_path / "no-model", tmp_path, ExportOptions(
+            model="m", target="executorch", pruner=PrunerConfig(method="fastv", layer=0)), model_id="m")
+    with pytest.raises(ValueError, match="max-seq-len"):
+        export_executorch(et_zoo["tiny-llava"], tmp_path, ExportOptions(
+            model="tiny-llava", target="executorch", pruner=PrunerConfig(keep=0.5, layer=2), max_seq_len=64),
+            model_id="tiny-llava")
+
+
+def assert_generates(folder: Path, inputs) -> None:
+    """NEW_TOKENS tokens of the vocabulary, or fewer ending in EOS (quantised / half tokens may differ from fp32)."""
+    payload = json.loads((folder / "export_config.json").read_text())
+    tokens = ExecuTorchModel(folder).generate_greedy(inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS)
+    assert len(tokens) == NEW_TOKENS or (tokens and tokens[-1] in set(payload["tokenizer"]["eos_ids"]))
+    assert all(0 <= token < payload["executorch"]["vocab_size"] for token in tokens)
+
+
+def test_8da4w_export_through_the_cli_generates(quantised_cli_export, prompts):
+    folder = quantised_cli_export()
+    payload = json.loads((folder / "export_config.json").read_text())
+    assert (payload["quantization"], payload["backend"], payload["dtype"]) == ("8da4w", "xnnpack", "fp32")
+    assert_generates(folder, prompts[QUANTISED[0]])
+
+
+def test_fp16_export_generates(exports, prompts):
+    folder, payload = exports("tiny-llava-gqa", 0, 0.12, backend="portable", dtype="fp16")
+    assert payload["dtype"] == "fp16"
+    assert payload["methods"]["text_decoder"]["inputs"][0]["dtype"] == "float16"
+    assert_generates(folder, prompts["tiny-llava-gqa"])
+
+
+def test_runtime_rejects_prompts_without_an_image(exports, prompts):
+    folder, _ = exports("tiny-llava", 0, 0.12)
+    model = ExecuTorchModel(folder)
+    with pytest.raises(ValueError, match="no image placeholder"):
+        model.generate_greedy([1, 5, 6], prompts["tiny-llava"]["pixel_values"], 2)
+    with pytest.raises(ValueError, match="pixel_values of shape"):
+        model.generate_greedy(prompts["tiny-llava"]["input_ids"], torch.zeros(1, 3, 32, 32), 2)
