@@ -193,3 +193,49 @@ def test_pruner_run_cli_end_to_end(onnx_exports):
     bad = subprocess.run([sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", "/no/such.png",
                           "--prompt", PROMPT], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "pruner-run: error" in bad.stderr and "not found" in bad.stderr
+
+
+# ---- ExecuTorch backend -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def executorch_exports(zoo, tmp_path_factory) -> dict[int, Path]:
+    """ExecuTorch exports of tiny-llava at keep 0.12 for both placements (portable kernels: quick to lower)."""
+    from export.executorch_llava import export_executorch
+
+    model_dir = resolve_model("tiny-llava", zoo)
+    folders = {}
+    for layer in (0, 2):
+        out = tmp_path_factory.mktemp(f"et-layer{layer}")
+        options = ExportOptions(model="tiny-llava", target="executorch", backend="portable",
+                                pruner=PrunerConfig(keep=0.12, layer=layer))
+        export_executorch(model_dir, out, options, model_id="tiny-llava")
+        folders[layer] = out
+    return folders
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_executorch_session_equals_eager(executorch_exports, eager_tokens, layer):
+    session = load(executorch_exports[layer])
+    assert session.backend.kind == "executorch"
+    result = session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS)
+    assert result.tokens == eager_tokens[layer]
+    assert session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS).tokens == result.tokens
+    profile = result.profile
+    assert abs(profile.stage_sum_ms() - profile.wall_ms) <= 0.1 * profile.wall_ms
+    assert profile.kv_cache_bytes > 0 and profile.image_tokens_kept < profile.image_tokens_total
+
+
+def test_executorch_operator_profile_does_not_abort(executorch_exports):
+    profile = load(executorch_exports[2], profile_ops=True).generate(data.coffee(), PROMPT, max_new_tokens=3).profile
+    assert profile.ops and all(op.total_ms >= 0 for op in profile.ops)
+
+
+def test_executorch_missing_and_corrupt_program(executorch_exports, tmp_path):
+    folder = copy_export(executorch_exports[0], tmp_path)
+    (folder / "model.pte").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="corrupt"):
+        load(folder)
+    (folder / "model.pte").unlink()
+    with pytest.raises(FileNotFoundError, match="model.pte is missing"):
+        load(folder)
