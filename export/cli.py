@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from pruner_core import PrunerConfig, method_names
+from pruner_core.config import parse_keep as keep_from_text
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, staging_directory
 
@@ -53,15 +54,11 @@ class Progress:
 
 
 def parse_keep(text: str) -> int | float:
-    """'64' -> 64 tokens; '0.12' / '1.0' -> a fraction."""
+    """'64' -> 64 tokens; '0.12' / '1.0' -> a fraction (argparse type)."""
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--keep {text!r}: give a token count (64) or a fraction (0.12)") from None
+        return keep_from_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def keep_label(keep: int | float) -> str:

@@ -116,6 +116,19 @@ class PrunerConfig:
         return cls.from_dict(json.loads(text))
 
 
+def parse_keep(text: str) -> int | float:
+    """Command-line keep: '64' -> 64 tokens; '0.12' or '1.0' -> a fraction ('1' is one token, '1.0' all of them)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)") from None
+
+
 def num_rounds(config: PrunerConfig) -> int:
     """Rounds the static form runs: ceil((1 + lambda - tau0) / dtau) + 2.
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .config import PrunerConfig
+from .config import parse_keep as keep_from_text
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
 
@@ -486,15 +487,11 @@ def visualize(options: VizOptions, loaded: tuple[Any, Any] | None = None) -> Viz
 
 
 def parse_keep(text: str) -> int | float:
-    """'64' -> 64 tokens; '0.12' -> a fraction."""
+    """argparse type for --keep (see pruner_core.config.parse_keep)."""
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--keep {text!r}: give a token count (64) or a fraction (0.12)") from None
+        return keep_from_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
