@@ -85,7 +85,7 @@ def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cac
     """Export once; reuse a folder whose export_config.json records the same pruner settings."""
     from export.cli import default_out, main as export_main
 
-    folder = work_dir / default_out(model, keep, target).name
+    folder = work_dir / f"{default_out(model, keep, target).name}-layer{layer}"
     config_file = folder / "export_config.json"
     if config_file.is_file():
         pruner = json.loads(config_file.read_text()).get("pruner", {})
