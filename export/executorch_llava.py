@@ -36,10 +36,11 @@ from pruner_core.adapters.llava import (
     encode_image,
     image_grid,
     layer_keys,
-    llava_prompt,
     load_llava,
+    prompt_image_start,
     prune_and_prefill,
     rotary,
+    tokenizer_info,
 )
 
 from .common import ExportOptions, build_export_config, tensor_spec, write_json
@@ -229,17 +230,6 @@ class LlavaGeometry:
         return 1 if self.split_layer == 0 else self.num_image_tokens + 1
 
 
-def prompt_image_start(processor: Any, image_token_id: int) -> int:
-    """Index of the image placeholder in the LLaVA-1.5 prompt ("USER: <image>\\n{question} ASSISTANT:")."""
-    ids = processor.tokenizer(llava_prompt("?")).input_ids
-    if image_token_id not in ids:
-        raise ValueError(
-            f"the tokenizer does not keep the image token (id {image_token_id}) in the LLaVA prompt; use the "
-            "model's own processor files"
-        )
-    return ids.index(image_token_id)
-
-
 def read_geometry(model: nn.Module, processor: Any, options: ExportOptions) -> LlavaGeometry:
     """Geometry from the loaded model and processor; raises when the options cannot fit the model."""
     text = model.config.text_config
@@ -261,7 +251,7 @@ def read_geometry(model: nn.Module, processor: Any, options: ExportOptions) -> L
         num_image_tokens=num_image,
         kept_tokens=budget,
         split_layer=options.pruner.layer,
-        image_start=prompt_image_start(processor, model.config.image_token_id),
+        image_start=prompt_image_start(processor.tokenizer, model.config.image_token_id),
         max_seq_len=options.max_seq_len,
     )
     _check_lengths(geometry, text)
@@ -704,22 +694,6 @@ def image_preprocessing(image_processor: Any) -> dict[str, Any]:
     return ImagePreprocessing.from_hf_processor(image_processor, input_layout=IMAGE_INPUT_LAYOUT).to_dict()
 
 
-def tokenizer_info(processor: Any, model: nn.Module, files: list[str]) -> dict[str, Any]:
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-                     or {int(tokenizer.eos_token_id)})
-    return {
-        "files": files,
-        "runner_file": RUNNER_TOKENIZER,
-        "bos_id": int(tokenizer.bos_token_id),
-        "eos_ids": eos_ids,
-        "image_token_id": int(model.config.image_token_id),
-        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
-        "prompt_format": llava_prompt("{prompt}"),
-    }
-
-
 def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -800,7 +774,7 @@ def export_executorch(
     if options.quantize == "8da4w":
         quantize_decoder_8da4w(model)
     files = copy_tokenizer_files(model_dir, out_dir)
-    tokenizer = tokenizer_info(processor, model, files)
+    tokenizer = {**tokenizer_info(model, processor, files), "runner_file": RUNNER_TOKENIZER}
     constants = constant_methods(geometry, tokenizer["bos_id"], tokenizer["eos_ids"])
     plans = plan_methods(model, geometry, options.pruner, dtype)
 

@@ -36,17 +36,17 @@ from torch import nn
 
 from pruner_core import PrunerConfig, get_method, select_tokens
 from pruner_core.adapters.llava import (
-    PROMPT_TEMPLATE,
     KVRecorder,
     check_split_layer,
     decode_step,
     encode_image,
     image_grid,
     layer_keys,
-    llava_prompt,
     load_llava,
     prefill_with_pruning,
+    prompt_image_start,
     rotary,
+    tokenizer_info,
 )
 
 from .common import ExportOptions, build_export_config, tensor_spec, write_json
@@ -126,17 +126,6 @@ def read_shapes(model: nn.Module, processor: Any, config: PrunerConfig, dtype: t
         prompt_image_start=prompt_image_start(processor.tokenizer, model.config.image_token_id),
         dtype=dtype,
     )
-
-
-def prompt_image_start(tokenizer: Any, image_token_id: int) -> int:
-    """Index of the image placeholder in the model's prompt format (LLaVA-1.5: after "<s> USER: ")."""
-    ids = list(tokenizer(llava_prompt("?"))["input_ids"])
-    if image_token_id not in ids:
-        raise ValueError(
-            f"the tokenizer does not keep the image token (id {image_token_id}) as one token in "
-            f"{llava_prompt('?')!r}; use the checkpoint's own tokenizer (it registers '<image>' as a special token)"
-        )
-    return ids.index(image_token_id)
 
 
 # ================================================================================================================
@@ -671,25 +660,6 @@ def copy_model_files(model_dir: Path, processor: Any, out_dir: Path) -> tuple[li
         processor.tokenizer.save_pretrained(out_dir)
         copied += [name for name in TOKENIZER_FILES if (out_dir / name).is_file() and name not in copied]
     return [name for name in copied if name in TOKENIZER_FILES], copied
-
-
-def tokenizer_info(model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted({int(e) for e in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])}
-                     | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-    return {
-        "files": files,
-        "bos_id": tokenizer.bos_token_id,
-        "eos_ids": eos_ids,
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "image_token_id": int(model.config.image_token_id),
-        "image_token": image_token,
-        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
-        "prompt_format": PROMPT_TEMPLATE.replace(image_token, "{image}"),
-    }
 
 
 def image_preprocessing(processor: Any) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from .devices import resolve_executorch_backend, resolve_onnx_providers
 from .preprocess import ImagePreprocessing
@@ -14,24 +12,11 @@ from .session import Session
 DEVICES = ("cpu", "npu", "auto")
 
 
-def _tokenizer_info_from_processor(processor: Any) -> dict[str, Any]:
-    tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<image>")
-    return {
-        "files": ["tokenizer.json"],
-        "bos_id": tokenizer.bos_token_id,
-        "eos_ids": [tokenizer.eos_token_id],
-        "image_token_id": tokenizer.convert_tokens_to_ids(image_token),
-        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-    }
-
-
 def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None) -> Session:
     """Eager PyTorch reference: a model name or llava-hf directory plus a PrunerConfig."""
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
+    from pruner_core.adapters.llava import tokenizer_info
 
     from .eager_backend import EagerBackend
 
@@ -39,7 +24,7 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     model_dir = resolve_model(str(model), cache_dir)
     config = config or PrunerConfig()
     backend = EagerBackend(model_dir, config, device)
-    encoder = PromptEncoder(model_dir, _tokenizer_info_from_processor(backend.processor))
+    encoder = PromptEncoder(model_dir, tokenizer_info(backend.model, backend.processor, ["tokenizer.json"]))
     spec = ImagePreprocessing.from_hf_processor(backend.processor.image_processor)
     placement = "before_llm" if config.layer == 0 else "in_llm"
     return Session(backend=backend, encoder=encoder, image_spec=spec,

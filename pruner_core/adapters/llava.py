@@ -130,6 +130,38 @@ def llava_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=question)
 
 
+def prompt_image_start(tokenizer: Any, image_token_id: int) -> int:
+    """Index of the image placeholder in LLaVA-1.5's prompt format (after "<s> USER: ")."""
+    ids = list(tokenizer(llava_prompt("?"))["input_ids"])
+    if image_token_id not in ids:
+        raise ValueError(
+            f"the tokenizer does not keep the image token (id {image_token_id}) as one token in "
+            f"{llava_prompt('?')!r}; use the checkpoint's own tokenizer (it registers '<image>' as a special token)"
+        )
+    return ids.index(image_token_id)
+
+
+def tokenizer_info(model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
+    """The `export_config.json["tokenizer"]` block every target writes (and the eager runtime uses): special ids
+    and tokens, the chat template and the LLaVA prompt format with a literal image token and a {prompt} field."""
+    tokenizer = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({int(e) for e in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])}
+                     | ({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()))
+    image_token_id = int(model.config.image_token_id)
+    return {
+        "files": files,
+        "bos_id": tokenizer.bos_token_id,
+        "eos_ids": eos_ids,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "image_token_id": image_token_id,
+        "image_token": tokenizer.convert_ids_to_tokens(image_token_id),
+        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "prompt_format": llava_prompt("{prompt}"),
+    }
+
+
 def _build_tokenizer(spec: TinyLlavaSpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
