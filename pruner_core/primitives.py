@@ -30,16 +30,38 @@ def grid_distance(anchor_xy: torch.Tensor, all_xy: torch.Tensor, diameter: float
 
 
 def sum_last(values: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim as a matmul with ones (XNNPACK runs it; a portable reduction is ~10x slower).
-    [..., C] -> [...]"""
-    ones = torch.ones(values.shape[-1], 1, dtype=values.dtype, device=values.device)
-    return (values @ ones).squeeze(-1)
+    """Sum over the last dim as a batched matmul with ones (XNNPACK runs it; a portable reduction is ~10x slower,
+    and a 2-D matmul would make XNNPACK copy the operand into a reshaped buffer first).  [B, N, C] -> [B, N]"""
+    ones = torch.ones(values.shape[0], values.shape[-1], 1, dtype=values.dtype, device=values.device)
+    return torch.bmm(values, ones).squeeze(-1)
 
 
 def sum_tokens(values: torch.Tensor) -> torch.Tensor:
-    """Sum over the token dim as a matmul with ones.  [B, N, C] -> [B, C]"""
+    """Sum over the token dim as a batched matmul with ones.  [B, N, C] -> [B, C]"""
     ones = torch.ones(values.shape[0], 1, values.shape[1], dtype=values.dtype, device=values.device)
-    return (ones @ values).squeeze(1)
+    return torch.bmm(ones, values).squeeze(1)
+
+
+def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[b, index[b, a], :] for every batch item.  values [B, N, C], index [B, A] -> [B, A, C]
+
+    `index_select` copies whole rows.  A `gather` would need an expanded index as large as the result (~5x slower
+    in ExecuTorch's portable kernels), and a reshape of `values` would become a full copy inside an XNNPACK
+    partition, so batch 1 (what exported models run) selects on `values` as it is; larger batches select once over
+    the flattened batch.
+    """
+    batch, num_tokens, width = values.shape
+    if batch == 1:  # static: the batch size is part of the exported shape
+        return values.index_select(1, index.reshape(-1))
+    flat = index + torch.arange(batch, device=index.device).unsqueeze(1) * num_tokens  # [B, A] rows of [B*N, C]
+    return values.reshape(batch * num_tokens, width).index_select(0, flat.reshape(-1)).reshape(batch, -1, width)
+
+
+def take_columns(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[b, :, index[b, a]] for every batch item.  values [B, N, C], index [B, A] -> [B, N, A]"""
+    if values.shape[0] == 1:
+        return values.index_select(2, index.reshape(-1))
+    return torch.stack([values[b].index_select(1, index[b]) for b in range(values.shape[0])])
 
 
 def key_l1_norm(keys: torch.Tensor) -> torch.Tensor:
@@ -57,9 +79,9 @@ def key_distance(keys: torch.Tensor, sq_norm: torch.Tensor, anchor: torch.Tensor
 
     keys [B, N, Dk], sq_norm [B, N] (key_sq_norm), anchor [B] token index -> [B, N]
     """
-    anchor_key = keys.gather(1, anchor.view(-1, 1, 1).expand(-1, 1, keys.shape[-1]))  # [B, 1, Dk]
+    anchor_key = take_rows(keys, anchor.view(-1, 1))  # [B, 1, Dk]
     anchor_sq = sq_norm.gather(1, anchor.view(-1, 1))  # [B, 1]
-    dot = (keys @ anchor_key.transpose(1, 2)).squeeze(-1)  # [B, N]
+    dot = torch.bmm(keys, anchor_key.transpose(1, 2)).squeeze(-1)  # [B, N]
     return (sq_norm + anchor_sq - 2.0 * dot).clamp_min(0.0).sqrt()
 
 
@@ -72,19 +94,18 @@ def channel_variance(hidden: torch.Tensor) -> torch.Tensor:
 
 def select_feature_channels(hidden: torch.Tensor, channels: int) -> torch.Tensor:
     """F: the `channels` channels of largest (unbiased) variance across the N tokens.  [B, N, D] -> [B, N, q]"""
-    batch, num_tokens, width = hidden.shape
-    if channels >= width:
+    if channels >= hidden.shape[-1]:
         return hidden
     variance = channel_variance(hidden)  # [B, D]
     top = variance.topk(channels, dim=-1).indices  # [B, q]
-    return hidden.gather(2, top.unsqueeze(1).expand(batch, num_tokens, channels))
+    return take_columns(hidden, top)
 
 
 def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
     """M_ij = cos(F_i, F_j).  [B, N, q] -> [B, N, N]"""
     norm = sum_last(features * features).unsqueeze(-1).sqrt().clamp_min(1e-12)  # [B, N, 1]
     unit = features / norm
-    return unit @ unit.transpose(1, 2)
+    return torch.bmm(unit, unit.transpose(1, 2))
 
 
 def similarity_for(hidden: torch.Tensor, channels: int) -> torch.Tensor:
@@ -138,19 +159,18 @@ def similarity_weighted_fusion(
     hidden [B, N, D], similarity [B, N, N], kept [B, R] ascending, kept_mask [B, N] -> states [B, R, D].
     A kept token whose weight sum is <= 1e-6 is left unchanged (the authors would divide by 1e-8).
     """
-    batch, num_tokens, width = hidden.shape
     budget = kept.shape[1]
-    kept_h = hidden.gather(1, kept.unsqueeze(-1).expand(batch, budget, width))  # [B, R, D]
+    kept_h = take_rows(hidden, kept)  # [B, R, D]
     if beta >= 1.0:
         return kept_h
-    to_kept = similarity.gather(2, kept.unsqueeze(1).expand(batch, num_tokens, budget))  # [B, N, R]  M[u, j]
+    to_kept = take_columns(similarity, kept)  # [B, N, R]  M[u, j]
     target = to_kept.argmax(-1)  # [B, N]  first max in ascending kept order
-    weight = to_kept.gather(2, target.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    weight = to_kept.amax(-1)  # [B, N]  M[u, target]
     weight = torch.where(kept_mask, torch.zeros_like(weight), weight)  # kept tokens are not fused
     one_hot = (target.unsqueeze(-1) == torch.arange(budget, device=hidden.device)).to(hidden.dtype)  # [B, N, R]
     assign = one_hot * weight.unsqueeze(-1)  # [B, N, R]
     weight_sum = assign.sum(1)  # [B, R]
-    aggregate = assign.transpose(1, 2) @ hidden / weight_sum.clamp_min(1e-6).unsqueeze(-1)  # [B, R, D]
+    aggregate = torch.bmm(assign.transpose(1, 2), hidden) / weight_sum.clamp_min(1e-6).unsqueeze(-1)  # [B, R, D]
     # beta where the weights are usable, 1 (keep unchanged) elsewhere: a small [B, R, 1] select instead of a
     # [B, R, D] one; 1 * kept + 0 * aggregate is exactly kept since the aggregate is finite
     keep_weight = torch.where(weight_sum > 1e-6, beta, 1.0).unsqueeze(-1)  # [B, R, 1]

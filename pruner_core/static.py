@@ -27,6 +27,7 @@ from .primitives import (
     similarity_weighted_fusion,
     stable_argsort,
     stable_rank,
+    take_rows,
 )
 
 
@@ -60,11 +61,6 @@ class StaticPlan:
             thresholds=tuple(round_threshold(config, r) for r in range(rounds)),
             beta=config.fusion_beta,
         )
-
-
-def gather_rows(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """matrix [B, N, C], index [B, A] -> [B, A, C]"""
-    return matrix.gather(1, index.unsqueeze(-1).expand(*index.shape, matrix.shape[-1]))
 
 
 def one_hot_any(index: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -154,7 +150,7 @@ def centrifugal_step(
     count = count + accepted.long().sum(1)
 
     # Incremental s_i = max_j M[j, i] and d_i = min_j dist(i, j) over the newly accepted j.
-    new_sim = torch.where(accepted.unsqueeze(-1), gather_rows(similarity, members), float("-inf"))  # [B, C, N]
+    new_sim = torch.where(accepted.unsqueeze(-1), take_rows(similarity, members), float("-inf"))  # [B, C, N]
     max_sim = torch.maximum(max_sim, new_sim.amax(1))
     member_xy = positions.index_select(0, members.reshape(-1)).reshape(batch, -1, 2)  # [B, C, 2]
     new_dist = grid_distance(member_xy, positions, grid_diameter(plan.rows, plan.cols))  # [B, C, N]
@@ -177,7 +173,7 @@ def centrifugal_select(
     pivots = static_pivots(keys, plan.pivots)  # [B, P]
     selected = one_hot_any(pivots, torch.ones_like(pivots, dtype=torch.bool), num_tokens)
     positions = grid_positions(plan.rows, plan.cols, device)
-    max_sim = gather_rows(similarity, pivots).amax(1)  # [B, N]
+    max_sim = take_rows(similarity, pivots).amax(1)  # [B, N]
     pivot_xy = positions.index_select(0, pivots.reshape(-1)).reshape(batch, -1, 2)
     min_dist = grid_distance(pivot_xy, positions, grid_diameter(plan.rows, plan.cols)).amin(1)  # [B, N]
     picked = torch.cat([pivots, pivots.new_zeros(batch, plan.budget - plan.pivots)], dim=1)  # [B, R]

@@ -127,6 +127,57 @@ def test_kotlin_stats_keys_are_what_the_runner_writes():
         assert f'"{key}":'.encode() in library, f"stats key {key} not written by executorch {metadata.version('executorch')}"
 
 
+API_FIXTURE = TEST_RESOURCES / "executorch_android_api.json"
+
+
+def executorch_android_api() -> dict[str, set[str]]:
+    return {cls: set(names) for cls, names in json.loads(API_FIXTURE.read_text())["classes"].items()}
+
+
+def kotlin_uses_of_executorch(text: str) -> dict[str, set[str]]:
+    """Which members of ExecuTorch's Android classes the app's Kotlin touches: statics (`Tensor.fromBlob`),
+    LlmModuleConfig builder steps, LlmCallback overrides, and calls on the app's `module` variables, which hold an
+    LlmModule or a Module (reported as "module", checked against both)."""
+    code = strip_comments_and_strings(text)
+    uses: dict[str, set[str]] = {}
+    for cls in ("LlmModule", "LlmModuleConfig", "Module", "Tensor", "EValue"):
+        uses[cls] = set(re.findall(rf"(?<![\w.]){cls}\.(\w+)", code))
+    for chain in re.findall(r"LlmModuleConfig\.create\(\)(.*?)\.build\(\)", code, flags=re.S):
+        uses["LlmModuleConfig"] |= set(re.findall(r"\.(\w+)\s*\(", chain)) | {"create", "build"}
+    uses["LlmCallback"] = set()
+    for start in re.finditer(r"object\s*:\s*LlmCallback\s*\{", code):
+        depth, end = 1, start.end()
+        while depth:  # to the brace that closes the object
+            depth += {"{": 1, "}": -1}.get(code[end], 0)
+            end += 1
+        uses["LlmCallback"] |= set(re.findall(r"override fun (\w+)", code[start.end() : end]))
+    uses["module"] = set(re.findall(r"\bmodule\.(\w+)\s*\(", code))
+    uses["ExecutorchRuntimeException"] = set(re.findall(r"\berror\.(errorCode)\b", code))
+    return {cls: names for cls, names in uses.items() if names}
+
+
+def unknown_members(uses: dict[str, set[str]], api: dict[str, set[str]]) -> dict[str, set[str]]:
+    known = dict(api, module=api["LlmModule"] | api["Module"])
+    return {cls: names - known[cls] for cls, names in uses.items() if names - known[cls]}
+
+
+def test_kotlin_calls_only_members_of_the_executorch_android_api():
+    uses = kotlin_uses_of_executorch("\n".join(kotlin_sources().values()))
+    for cls in ("LlmModuleConfig", "LlmCallback", "module", "Tensor", "ExecutorchRuntimeException"):
+        assert uses.get(cls), f"found no use of {cls}: the scan of the Kotlin is broken"
+    assert unknown_members(uses, executorch_android_api()) == {}, API_FIXTURE.name
+
+
+def test_kotlin_api_scan_catches_a_misspelt_member():
+    wrong = "val c = LlmModuleConfig.create().modulePath(p).tokenizerFile(t).build()\nmodule.prefillImage(x)\n" \
+            "val t = Tensor.fromFloats(x)\n"
+    wrong += "val cb = object : LlmCallback {\n  override fun onResult(r: String) { if (x) { y() } }\n" \
+             "  override fun onToken(t: String) {}\n}\n"
+    assert unknown_members(kotlin_uses_of_executorch(wrong), executorch_android_api()) == {
+        "LlmModuleConfig": {"tokenizerFile"}, "module": {"prefillImage"}, "Tensor": {"fromFloats"},
+        "LlmCallback": {"onToken"}}
+
+
 def test_kotlin_config_paths_exist_in_the_fixture_export_config():
     config = json.loads(CONFIG_FIXTURE.read_text())
     for dotted in {**kotlin_object_constants("ConfigPaths"), **kotlin_object_constants("OptionalConfigPaths")}.values():

@@ -33,6 +33,7 @@ from torch import nn
 from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
+from ..primitives import take_rows
 from ..selection import Selection
 
 # ================================================================================================================
@@ -695,10 +696,10 @@ def _as_starts(image_start: int | torch.Tensor, batch: int, device: torch.device
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] gathered along T with index [B, S] -> [B, S, ...]"""
+    """x [B, T] or [B, T, D] gathered along T with index [B, S] -> [B, S] or [B, S, D]"""
     if x.dim() == 2:
         return x.gather(1, index)
-    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
+    return take_rows(x, index)
 
 
 def kept_sequence_index(image_start: torch.Tensor, kept: torch.Tensor, length: int, n_image: int) -> torch.Tensor:

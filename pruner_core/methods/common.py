@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of `values` at `index`, per batch item.  values [B, N, C], index [B, A] int64 -> [B, A, C]"""
-    return values.gather(1, index.unsqueeze(-1).expand(*index.shape, values.shape[-1]))
+from ..primitives import take_rows
 
 
 def top_order(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -41,4 +38,4 @@ def keep_gathered(hidden: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tens
     """Output for methods that keep states unchanged.  hidden [B, N, D], order [B, R] ->
     (indices [B, R] ascending, states [B, R, D] in hidden's dtype, order [B, R])."""
     indices = ascending(order)
-    return indices, gather_tokens(hidden, indices), order
+    return indices, take_rows(hidden, indices), order

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from ..config import PrunerConfig
-from ..primitives import key_l1_norm
+from ..primitives import key_l1_norm, take_rows
 from .base import Grid, SelectionMethod, Signals, register_method
-from .common import gather_tokens, keep_gathered, mask_of, top_order, unit_rows
+from .common import keep_gathered, mask_of, top_order, unit_rows
 
 
 def pivot_similarity(hidden: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
     """max over pivots p of cos(h_i, h_p), float32.  hidden [B, N, D], pivots [B, P] -> [B, N]"""
     unit = unit_rows(hidden)  # [B, N, D]
-    pivot_unit = gather_tokens(unit, pivots)  # [B, P, D]
+    pivot_unit = take_rows(unit, pivots)  # [B, P, D]
     return (unit @ pivot_unit.transpose(1, 2)).amax(-1)  # [B, N]
 
 

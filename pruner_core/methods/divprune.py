@@ -6,8 +6,9 @@ import torch
 from torch._higher_order_ops.scan import scan
 
 from ..config import PrunerConfig
+from ..primitives import take_rows
 from .base import Grid, SelectionMethod, Signals, register_method
-from .common import gather_tokens, keep_gathered, one_hot, unit_rows
+from .common import keep_gathered, one_hot, unit_rows
 
 
 def cosine_distance(hidden: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def farthest_point_step(
     score = torch.where(taken, torch.full_like(nearest, -1.0), nearest)  # [B, N] distances lie in [0, 2]
     choice = score.argmax(-1)  # [B]
     taken = taken | one_hot(choice.unsqueeze(1), num_tokens, torch.bool).squeeze(1)
-    nearest = torch.minimum(nearest, gather_tokens(distance, choice.unsqueeze(1)).squeeze(1))
+    nearest = torch.minimum(nearest, take_rows(distance, choice.unsqueeze(1)).squeeze(1))
     return choice, taken, nearest
 
 
@@ -58,7 +59,7 @@ def farthest_point_order(distance: torch.Tensor, budget: int, use_scan: bool | N
     if budget == 1:
         return first.unsqueeze(1)
     taken = one_hot(first.unsqueeze(1), num_tokens, torch.bool).squeeze(1)  # [B, N]
-    nearest = gather_tokens(distance, first.unsqueeze(1)).squeeze(1)  # [B, N] distance to the selected set
+    nearest = take_rows(distance, first.unsqueeze(1)).squeeze(1)  # [B, N] distance to the selected set
     if use_scan is None:
         use_scan = torch.compiler.is_compiling()
     if use_scan:

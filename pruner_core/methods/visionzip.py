@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..config import PrunerConfig
+from ..primitives import take_rows
 from .base import Grid, SelectionMethod, Signals, register_method
-from .common import gather_tokens, mask_of, one_hot, top_order, unit_rows
+from .common import mask_of, one_hot, top_order, unit_rows
 
 # The authors' LLaVA-1.5 split at a 64-token budget is 54 dominant + 10 contextual: keep that ratio.
 DOMINANT_FRACTION = 54.0 / 64.0
@@ -40,11 +41,11 @@ def contextual_states(
     hidden [B, N, D], features [B, N, C] (unit rows), merged [B, N] bool, targets [B, T] -> [B, T, D] float32
     """
     num_targets = targets.shape[1]
-    similarity = features @ gather_tokens(features, targets).transpose(1, 2)  # [B, N, T]
+    similarity = features @ take_rows(features, targets).transpose(1, 2)  # [B, N, T]
     assign = one_hot(similarity.argmax(-1), num_targets, torch.float32)  # [B, N, T]
     assign = assign * merged.unsqueeze(-1).to(torch.float32)  # only merged tokens join a group
     hidden32 = hidden.float()
-    total = gather_tokens(hidden32, targets) + assign.transpose(1, 2) @ hidden32  # [B, T, D]
+    total = take_rows(hidden32, targets) + assign.transpose(1, 2) @ hidden32  # [B, T, D]
     count = 1.0 + assign.sum(1)  # [B, T]
     return total / count.unsqueeze(-1)
 
@@ -71,7 +72,7 @@ def select_visionzip(
     dominant_count, contextual_count = split_budget(budget)
     dominant = top_order(signals.cls_attention.float(), dominant_count)  # [B, Dn]
     if contextual_count == 0:
-        order, states = dominant, gather_tokens(hidden, dominant)
+        order, states = dominant, take_rows(hidden, dominant)
     else:
         remaining = remaining_ascending(dominant, num_tokens)  # [B, N - Dn]
         slots = torch.tensor(target_slots(remaining.shape[1], contextual_count), device=hidden.device)  # [C]
@@ -80,9 +81,9 @@ def select_visionzip(
         source = signals.keys if signals.keys is not None else hidden
         context = contextual_states(hidden, unit_rows(source), merged, targets)  # [B, C, D]
         order = torch.cat([dominant, targets], dim=1)  # [B, R]
-        states = torch.cat([gather_tokens(hidden, dominant), context.to(hidden.dtype)], dim=1)  # [B, R, D]
+        states = torch.cat([take_rows(hidden, dominant), context.to(hidden.dtype)], dim=1)  # [B, R, D]
     indices, position = order.topk(budget, dim=-1, largest=False, sorted=True)  # [B, R] each, ascending
-    return indices, gather_tokens(states, position), order
+    return indices, take_rows(states, position), order
 
 
 VISIONZIP = register_method(
