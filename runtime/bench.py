@@ -74,11 +74,13 @@ class Setting:
 
 
 def parse_keeps(text: str) -> list[float | int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        out.append(float(part) if "." in part else int(part))
-    return out
+    """'1.0,0.33,64' -> [1.0, 0.33, 64] (argparse type; each part as pruner_core.config.parse_keep reads it)."""
+    from pruner_core.config import parse_keep
+
+    try:
+        return [parse_keep(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None) -> Path:

@@ -301,16 +301,12 @@ class Setting:
 
 def parse_keep(text: str) -> int | float:
     """'64' -> 64 tokens; '0.33' or '1.0' -> a fraction (so '1' is one token and '1.0' is every token)."""
-    text = text.strip()
+    from pruner_core.config import parse_keep as parse_config_keep
+
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise EvalError(f"--keep {text!r}: give a token count (64) or a fraction (0.33; 1.0 keeps every token)") \
-            from None
+        return parse_config_keep(text)
+    except ValueError as error:
+        raise EvalError(str(error)) from None
 
 
 def parse_list(text: str) -> list[str]:

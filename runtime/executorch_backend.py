@@ -3,9 +3,10 @@
 ``ExecuTorchModel(folder)`` reads ``export_config.json``, loads ``model.pte`` with ``executorch.runtime.Runtime`` and
 generates greedily for one prompt with one image, for both placements:
 
-* layer 0 (``before_llm``): text before the image -> ``token_embedding`` + ``text_decoder``; the image ->
-  ``vision_encoder`` (R pruned tokens) + ``text_decoder``; text after the image likewise; then one token at a time.
-  The same calls the stock ``MultimodalRunner`` makes.
+* layer 0 (``before_llm``): the text before and after the image -> ``token_embedding``; the image ->
+  ``vision_encoder`` (R pruned tokens); all of it -> ``text_decoder`` in one call; then one token at a time. The
+  methods the stock ``MultimodalRunner`` calls (it feeds the three pieces to ``text_decoder`` in turn, which fills
+  the cache the same way but reads the decoder weights three times).
 * layer K (``in_llm``): the whole prompt's embeddings (text, N image embeddings, text) -> ``prefill`` (prunes
   inside), then ``decode`` at positions T, T + 1, ...
 
@@ -16,7 +17,6 @@ normalised float32 [1, 3, H, W], what the processor's ``pixel_values`` are).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,38 +24,7 @@ import torch
 
 from export.common import read_export_config
 
-
-@dataclass(frozen=True)
-class PromptParts:
-    """A prompt split around its image: token ids before and after the placeholder run."""
-
-    before: list[int]
-    after: list[int]
-
-
-def split_prompt(input_ids: Sequence[int] | torch.Tensor, image_token_id: int) -> PromptParts:
-    """ids (list, [T] or [1, T]) with one run of ``image_token_id`` -> the text before and after it."""
-    ids = _as_id_list(input_ids)
-    positions = [i for i, token in enumerate(ids) if token == image_token_id]
-    if not positions:
-        raise ValueError(
-            f"the prompt holds no image placeholder (token {image_token_id}); put '<image>' in the prompt, e.g. "
-            "'USER: <image>\\nWhat is in the picture? ASSISTANT:'"
-        )
-    first, last = positions[0], positions[-1]
-    if last - first + 1 != len(positions):
-        raise ValueError("the prompt holds more than one image placeholder run; this model takes one image per prompt")
-    return PromptParts(before=ids[:first], after=ids[last + 1 :])
-
-
-def _as_id_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 2 and input_ids.shape[0] == 1:
-            input_ids = input_ids[0]
-        if input_ids.dim() != 1:
-            raise ValueError(f"input_ids must be [T] or [1, T] (batch 1), got shape {tuple(input_ids.shape)}")
-        return [int(t) for t in input_ids.tolist()]
-    return [int(t) for t in input_ids]
+from .prompt import PromptIds, split_prompt
 
 
 class ExecuTorchModel:
@@ -110,32 +79,26 @@ class ExecuTorchModel:
         return self._call(name, embeddings, torch.tensor([position], dtype=torch.long))  # logits [1, V]
 
     # ---- prefill per placement ---------------------------------------------------------------------
-    def prefill(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def prefill(self, parts: PromptIds, image: torch.Tensor) -> tuple[torch.Tensor, int]:
         """-> (logits [1, V] after the prompt, RoPE position of the first generated token)."""
+        image_tokens = self.kept_image_tokens if self.placement == "before_llm" else self.num_image_tokens
+        self._check_length(len(parts.before) + image_tokens + len(parts.after))
+        return self.prefill_chunks(self.embed(parts.before) if parts.before else None, self.encode_image(image),
+                                   self.embed(parts.after) if parts.after else None)
+
+    def prefill_chunks(
+        self, before: torch.Tensor | None, image: torch.Tensor, after: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """Embedded prompt pieces [1, t, D] (text before, image features from ``encode_image``, text after; no
+        text is None) -> (logits [1, V] after the prompt, position of the first generated token).
+
+        One call over the whole prompt: layer 0 through ``text_decoder`` (its token dim is dynamic, so the pieces go
+        together and the decoder weights are read once; the stock runner feeds them in turn, which gives the same
+        cache), layer K through ``prefill``, which prunes the image span inside."""
+        embeddings = torch.cat([p for p in (before, image, after) if p is not None], dim=1)  # [1, T, D]
         if self.placement == "before_llm":
-            return self._prefill_before_llm(parts, image)
-        return self._prefill_in_llm(parts, image)
-
-    def _prefill_before_llm(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
-        self._check_length(len(parts.before) + self.kept_image_tokens + len(parts.after))
-        position, logits = 0, None
-        chunks = [self.embed(parts.before) if parts.before else None, self.encode_image(image),
-                  self.embed(parts.after) if parts.after else None]
-        for chunk in chunks:
-            if chunk is None:
-                continue
-            logits = self._step("text_decoder", chunk, position)
-            position += chunk.shape[1]
-        return logits, position
-
-    def _prefill_in_llm(self, parts: PromptParts, image: torch.Tensor) -> tuple[torch.Tensor, int]:
-        pieces = [self.embed(parts.before)] if parts.before else []
-        pieces.append(self.encode_image(image))
-        if parts.after:
-            pieces.append(self.embed(parts.after))
-        embeddings = torch.cat(pieces, dim=1)  # [1, T, D]
-        self._check_length(embeddings.shape[1])
-        start = torch.tensor([len(parts.before)], dtype=torch.long)
+            return self._step("text_decoder", embeddings, 0), embeddings.shape[1]
+        start = torch.tensor([0 if before is None else before.shape[1]], dtype=torch.long)
         return self._call("prefill", embeddings, start), embeddings.shape[1]
 
     def _check_length(self, length: int) -> None:

@@ -49,20 +49,7 @@ class ExecuTorchBackend:
         return self.model.embed(ids) if ids else None
 
     def prefill(self, before, image, after) -> np.ndarray:
-        if self.model.placement == "before_llm":  # the runner's way: each chunk through text_decoder in turn
-            position, logits = 0, None
-            for chunk in (before, image, after):
-                if chunk is None:
-                    continue
-                logits = self.model._step("text_decoder", chunk, position)
-                position += chunk.shape[1]
-        else:
-            pieces = [p for p in (before, image, after) if p is not None]
-            embeddings = torch.cat(pieces, dim=1)  # [1, T, D]
-            start = torch.tensor([0 if before is None else before.shape[1]], dtype=torch.long)
-            logits = self.model._call("prefill", embeddings, start)
-            position = embeddings.shape[1]
-        self._position = position
+        logits, self._position = self.model.prefill_chunks(before, image, after)
         return logits[0].float().numpy()
 
     def decode(self, token: int) -> np.ndarray:

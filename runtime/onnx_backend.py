@@ -58,18 +58,6 @@ class Prefill:
     kept_image_indices: np.ndarray | None  # [R] within the N image tokens
 
 
-def split_prompt(input_ids: Sequence[int] | np.ndarray, image_token_id: int) -> tuple[list[int], list[int]]:
-    """A prompt holding one run of image placeholders (one ``<image>``, or the processor's N) -> (before, after)."""
-    ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
-    spots = [i for i, token in enumerate(ids) if token == image_token_id]
-    if not spots or spots != list(range(spots[0], spots[-1] + 1)):
-        raise ValueError(
-            f"the prompt must hold exactly one image (one run of image token {image_token_id}), found "
-            f"{len(spots)} placeholder(s){' in several runs' if spots else ''}; put one '<image>' in the prompt"
-        )
-    return ids[: spots[0]], ids[spots[-1] + 1 :]
-
-
 class OnnxModel:
     """An exported folder's graphs in onnxruntime sessions.
 
@@ -170,15 +158,24 @@ class OnnxModel:
     def prefill(self, before: Sequence[int], pixel_values: np.ndarray, after: Sequence[int]) -> Prefill:
         """Run the prompt (text before the image, the image, text after it) -> logits, cache, next position."""
         ids = self.prompt_ids(before, after)  # [1, T]
-        start, length = len(before), ids.shape[1]
+        start = len(before)
         features, kept = self.encode_image(pixel_values, start)  # [1, placeholders, D]
         embeds = self.embed(ids).copy()  # [1, T, D]
         embeds[:, start : start + features.shape[1]] = features
-        kept = None if kept is None else kept[0]
+        prefill = self.prefill_embeds(embeds, start)
+        if prefill.kept_image_indices is None and kept is not None:  # layer 0: the encoder's selection
+            prefill.kept_image_indices = kept[0]
+        return prefill
+
+    def prefill_embeds(self, embeds: np.ndarray, image_start: int) -> Prefill:
+        """The whole prompt's embeddings [1, T, D] (image features from ``encode_image`` in place at image_start)
+        -> logits, cache, next position; layer K's ``prefill_pruned`` also reports the kept image tokens."""
+        length = embeds.shape[1]
         if self.placement == "before_llm":
             logits, cache = self._decode(embeds, np.arange(length)[None], self._empty_cache(embeds.dtype))
-            return Prefill(logits=logits[0, -1], cache=cache, next_position=length, kept_image_indices=kept)
-        outputs = self._run("prefill_pruned", {"inputs_embeds": embeds, "image_start": np.array([start])})
+            return Prefill(logits=logits[0, -1], cache=cache, next_position=length, kept_image_indices=None)
+        outputs = self._run("prefill_pruned", {"inputs_embeds": embeds,
+                                               "image_start": np.array([image_start], dtype=np.int64)})
         cache = KVCache.from_outputs(outputs, self.decoder["num_layers"])
         return Prefill(logits=outputs["logits"][0], cache=cache, next_position=length,
                        kept_image_indices=outputs["kept_image_indices"][0])
@@ -213,7 +210,7 @@ class OnnxModel:
     ) -> list[int]:
         """Greedy decoding of up to ``max_new_tokens`` tokens after the prompt ``before + image + after``.
 
-        ``before`` / ``after``: token ids around the image (``split_prompt`` cuts them from a processor's
+        ``before`` / ``after``: token ids around the image (``runtime.prompt.split_prompt`` cuts them from a processor's
         input_ids); pixel_values [1, C, H, W] as the export's image_preprocessing makes them. Returns the generated
         ids, the EOS that ended generation included (as transformers' ``generate``)."""
         if max_new_tokens < 1:

@@ -43,17 +43,9 @@ class OnnxBackend:
 
     def prefill(self, before: np.ndarray, image: np.ndarray, after: np.ndarray) -> np.ndarray:
         embeds = np.concatenate([before, image.astype(before.dtype), after], axis=1)  # [1, T, D]
-        length = embeds.shape[1]
-        if self.model.placement == "before_llm":
-            logits, cache = self.model._decode(embeds, np.arange(length)[None], self.model._empty_cache(embeds.dtype))
-            logits = logits[0, -1]
-        else:
-            outputs = self.model._run("prefill_pruned", {"inputs_embeds": embeds,
-                                                         "image_start": np.array([before.shape[1]], dtype=np.int64)})
-            cache = KVCache.from_outputs(outputs, self.model.decoder["num_layers"])
-            logits = outputs["logits"][0]
-        self._cache, self._position = cache, length  # decoding continues at the full prompt length
-        return logits
+        prefill = self.model.prefill_embeds(embeds, before.shape[1])
+        self._cache, self._position = prefill.cache, prefill.next_position  # decoding goes on after the full prompt
+        return prefill.logits
 
     def decode(self, token: int) -> np.ndarray:
         logits, self._cache = self.model.decode(token, self._cache, self._position)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,29 @@ class PromptIds:
     @property
     def text_tokens(self) -> int:
         return len(self.before) + len(self.after)
+
+
+def split_prompt(input_ids: Sequence[int] | Any, image_token_id: int) -> PromptIds:
+    """Ids holding one run of image placeholders (one ``<image>``, or a processor's N) -> the ids around it.
+
+    input_ids: a list, or a numpy array / torch tensor of shape [T] or [1, T] (batch 1).
+    """
+    import numpy as np
+
+    array = np.asarray(input_ids)
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1:
+        raise ValueError(f"input_ids must be [T] or [1, T] (batch 1), got shape {tuple(array.shape)}")
+    ids = [int(i) for i in array]
+    spots = [i for i, token in enumerate(ids) if token == image_token_id]
+    if not spots or spots != list(range(spots[0], spots[-1] + 1)):
+        raise ValueError(
+            f"the prompt must hold exactly one image (one run of image token {image_token_id}), found "
+            f"{len(spots)} placeholder(s){' in several runs' if spots else ''}; put one '<image>' in the prompt, "
+            "e.g. 'USER: <image>\\nWhat is in the picture? ASSISTANT:'"
+        )
+    return PromptIds(before=ids[: spots[0]], after=ids[spots[-1] + 1 :])
 
 
 class PromptEncoder:

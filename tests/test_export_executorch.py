@@ -26,7 +26,8 @@ from export.common import ExportOptions
 from export.executorch_llava import BackendUnavailableError, export_executorch
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, resolve_model
-from runtime.executorch_backend import ExecuTorchModel, split_prompt
+from runtime.executorch_backend import ExecuTorchModel
+from runtime.prompt import split_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -297,7 +298,7 @@ def test_fp16_export_generates(exports, prompts):
 def test_runtime_rejects_prompts_without_an_image(exports, prompts):
     folder, _ = exports("tiny-llava", 0, 0.12)
     model = ExecuTorchModel(folder)
-    with pytest.raises(ValueError, match="no image placeholder"):
+    with pytest.raises(ValueError, match="exactly one image.*found 0 placeholder"):
         model.generate_greedy([1, 5, 6], prompts["tiny-llava"]["pixel_values"], 2)
     with pytest.raises(ValueError, match="pixel_values of shape"):
         model.generate_greedy(prompts["tiny-llava"]["input_ids"], torch.zeros(1, 3, 32, 32), 2)

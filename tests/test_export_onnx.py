@@ -43,7 +43,8 @@ from pruner_core.adapters import (
     prefill_with_pruning,
     resolve_model,
 )
-from runtime.onnx_backend import OnnxModel, split_prompt
+from runtime.onnx_backend import OnnxModel
+from runtime.prompt import PromptIds, split_prompt
 from runtime.preprocess import ImagePreprocessing
 
 pytestmark = pytest.mark.slow
@@ -173,8 +174,8 @@ def run_case(exports, eager, case):
     folder, payload, _ = exports.get(case)
     inputs, tokens, logits, kept = eager(case)
     model = OnnxModel(folder)
-    before, after = split_prompt(inputs["input_ids"][0].numpy(), model.image_token_id)
-    return model, (before, inputs["pixel_values"].float().numpy(), after), (tokens, logits, kept)
+    parts = split_prompt(inputs["input_ids"][0].numpy(), model.image_token_id)
+    return model, (parts.before, inputs["pixel_values"].float().numpy(), parts.after), (tokens, logits, kept)
 
 
 # ---------------------------------------------------------------- onnxruntime == eager pruned PyTorch
@@ -368,8 +369,11 @@ def test_external_data_uses_the_transformers_js_name(zoo, tmp_path):
 
 
 def test_split_prompt_and_prompt_length_errors(exports):
-    assert split_prompt([1, 2, 7, 7, 7, 3], 7) == ([1, 2], [3])
-    assert split_prompt(np.array([[1, 7, 4]]), 7) == ([1], [4])
+    assert split_prompt([1, 2, 7, 7, 7, 3], 7) == PromptIds(before=[1, 2], after=[3])
+    assert split_prompt(np.array([[1, 7, 4]]), 7) == PromptIds(before=[1], after=[4])
+    assert split_prompt(torch.tensor([[1, 7, 7, 4, 5]]), 7) == PromptIds(before=[1], after=[4, 5])
+    with pytest.raises(ValueError, match=r"\[T\] or \[1, T\]"):
+        split_prompt(np.ones((2, 3), np.int64), 7)
     with pytest.raises(ValueError, match="exactly one image"):
         split_prompt([1, 7, 2, 7], 7)
     with pytest.raises(ValueError, match="found 0 placeholder"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -14,6 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_parse_keeps():
     assert parse_keeps("1.0,0.33,64") == [1.0, 0.33, 64]
+    with pytest.raises(argparse.ArgumentTypeError, match="'half'.*token count"):
+        parse_keeps("1.0,half")
 
 
 def test_peak_sampler_sees_an_allocation():
