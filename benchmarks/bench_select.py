@@ -25,21 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.selection import SelectionModule, _atomic_write  # noqa: E402
 from pruner_core import PrunerConfig, select_tokens, select_tokens_reference  # noqa: E402
+from pruner_core.primitives import key_l1_norm, take_rows  # noqa: E402
 
 GOAL_MS = 25.0
 
 
 class L1TopK(torch.nn.Module):
-    """The cheapest selection: top-R tokens by key L1 norm, ascending, no fusion."""
+    """The cheapest selection: top-R tokens by key L1 norm, ascending, no fusion (with the same XNNPACK-friendly
+    reduction and row copy as the static form, so the comparison is between algorithms, not kernels)."""
 
     def __init__(self, budget: int):
         super().__init__()
         self.budget = budget
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = keys.abs().sum(-1).topk(self.budget, dim=-1).indices  # [B, R]
+        top = key_l1_norm(keys).topk(self.budget, dim=-1).indices  # [B, R]
         indices = top.float().topk(self.budget, dim=-1, largest=False, sorted=True).values.long()
-        return indices, hidden.gather(1, indices.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return indices, take_rows(hidden, indices)
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
