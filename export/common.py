@@ -8,18 +8,31 @@ import platform
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from pruner_core import PrunerConfig
+import torch
+from torch import nn
+
+from pruner_core import PrunerConfig, get_method
 
 EXPORT_FORMAT_VERSION = 1
 TARGETS = ("executorch", "onnx")
 EXECUTORCH_BACKENDS = ("xnnpack", "portable", "coreml", "qnn")
 QUANTIZE_CHOICES = {"executorch": ("none", "8da4w"), "onnx": ("none", "int8")}
 DTYPES = ("fp32", "fp16", "bf16")
+# Signals a selection can read inside the exported graphs, per placement: the selection runs in the vision encoder
+# at layer 0 (no prompt text there) and in the prefill at layer K; no graph exposes the vision tower's [CLS] attention.
+GRAPH_SIGNALS = {
+    "before_llm": frozenset({"hidden", "keys"}),
+    "in_llm": frozenset({"hidden", "keys", "text_attention"}),
+}
+# Files copied beside the graphs: the tokenizer first, then what a runtime or app reads of the processor.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
 LIBRARIES = ("torch", "executorch", "transformers", "onnx", "onnxruntime", "onnxscript", "optimum", "torchao")
 
 
@@ -164,3 +177,55 @@ def staging_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_method_exportable(options: "ExportOptions") -> None:
+    """Refuse, before any work, a selection method whose signals the placement's graphs cannot compute."""
+    allowed = GRAPH_SIGNALS[options.placement]
+    missing = sorted(get_method(options.pruner.method).needs - allowed)
+    if missing:
+        hint = (
+            "prune inside the LLM instead (--prune-layer >= 1)"
+            if options.placement == "before_llm" and missing == ["text_attention"]
+            else f"choose a --method that reads only {sorted(allowed)}"
+        )
+        raise ValueError(
+            f"method {options.pruner.method!r} needs {missing}, which the {options.target} {options.placement} "
+            f"graphs do not compute; {hint}"
+        )
+
+
+def copy_model_files(
+    model_dir: Path, processor: Any, out_dir: Path, extra: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
+    """Copy the tokenizer, processor and ``extra`` files a runtime reads -> (tokenizer files, all files copied).
+
+    A checkpoint with only a slow tokenizer gets the fast tokenizer's tokenizer.json written.
+    """
+    copied = []
+    for name in TOKENIZER_FILES + PROCESSOR_FILES + tuple(extra):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        processor.tokenizer.save_pretrained(out_dir)
+        copied += [name for name in TOKENIZER_FILES if (out_dir / name).is_file() and name not in copied]
+    return [name for name in copied if name in TOKENIZER_FILES], copied
+
+
+def image_preprocessing(processor: Any, input_layout: str = "float_nchw") -> dict[str, Any]:
+    """The processor's image settings as runtime/preprocess.py's ImagePreprocessing (a dict for the config)."""
+    from runtime.preprocess import ImagePreprocessing
+
+    return ImagePreprocessing.from_hf_processor(processor.image_processor, input_layout=input_layout).to_dict()
+
+
+class TokenEmbedding(nn.Module):
+    """token ids int64 [1, T] -> embeddings [1, T, D]: the stock embedding table."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)

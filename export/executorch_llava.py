@@ -21,7 +21,6 @@ d head width, L cache slots, K the pruning layer.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,36 +29,36 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pruner_core import PrunerConfig, get_method, select_tokens
+from pruner_core import PrunerConfig
 from pruner_core.adapters.llava import (
     check_split_layer,
     encode_image,
     image_grid,
-    layer_keys,
     load_llava,
     prompt_image_start,
+    select_before_llm,
     prune_and_prefill,
     rotary,
     tokenizer_info,
 )
 
-from .common import ExportOptions, build_export_config, tensor_spec, write_json
+from .common import (
+    ExportOptions,
+    TokenEmbedding,
+    build_export_config,
+    check_method_exportable,
+    copy_model_files,
+    image_preprocessing,
+    tensor_spec,
+    write_json,
+)
 
 PROGRAM_FILE = "model.pte"
 RUNNER_TOKENIZER = "tokenizer.json"  # what MultimodalRunner(model_path, tokenizer_path) is given
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-)
 IMAGE_INPUT_LAYOUT = "float_nchw"  # vision_encoder takes the processor's normalised pixel_values, float32 [1, 3, H, W]
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
 QUANT_GROUP_SIZE = 128  # torchao 8da4w group size, as ExecuTorch's LLaVA / Llama exports
-# Signals each placement can compute inside its graphs (the selection runs in vision_encoder at layer 0).
-SIGNALS_BY_PLACEMENT = {
-    "before_llm": frozenset({"hidden", "keys"}),
-    "in_llm": frozenset({"hidden", "keys", "text_attention"}),
-}
 
 
 class BackendUnavailableError(ImportError):
@@ -274,22 +273,6 @@ def _check_lengths(geometry: LlavaGeometry, text_config: Any) -> None:
         )
 
 
-def check_method_exportable(config: PrunerConfig, placement: str) -> None:
-    """Methods whose signals the placement's graphs can compute; others fail here with the fix."""
-    method = get_method(config.method)
-    missing = method.needs - SIGNALS_BY_PLACEMENT[placement]
-    if missing:
-        hint = (
-            "prune inside the LLM instead (--prune-layer >= 1)"
-            if placement == "before_llm" and missing == {"text_attention"}
-            else "choose another --method"
-        )
-        raise ValueError(
-            f"method {config.method!r} needs {sorted(missing)}, which the ExecuTorch {placement} graphs do not "
-            f"compute; {hint}"
-        )
-
-
 # ================================================================================================================
 # Static KV cache (ExecuTorch mutable buffers) and the cache views the stock decoder layers write through
 # ================================================================================================================
@@ -405,24 +388,8 @@ class VisionEncoder(nn.Module):
         features = encode_image(self.model, pixel_values.to(self.dtype))  # [1, N, D]
         if self.config is None:
             return features
-        language_model = self.model.model.language_model
-        keys = None
-        if "keys" in get_method(self.config.method).needs:
-            n = features.shape[1]
-            positions = self.geometry.image_start + torch.arange(n, device=features.device)[None]  # [1, N]
-            keys = layer_keys(language_model.layers[0], features, *rotary(language_model, features, positions))
-        return select_tokens(features, keys, self.geometry.grid, self.config).states  # [1, R, D]
-
-
-class TokenEmbedding(nn.Module):
-    """token ids int64 [1, T] -> embeddings [1, T, D] (the stock embedding table)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.embed = model.get_input_embeddings()
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)
+        selection = select_before_llm(self.model, features, self.geometry.image_start, self.geometry.grid, self.config)
+        return selection.states  # [1, R, D]
 
 
 class TextDecoder(nn.Module):
@@ -687,20 +654,9 @@ def serialise(edge) -> bytes:
 # ================================================================================================================
 
 
-def image_preprocessing(image_processor: Any) -> dict[str, Any]:
-    """The processor's settings as runtime/preprocess.py's ImagePreprocessing, layout float_nchw."""
-    from runtime.preprocess import ImagePreprocessing
-
-    return ImagePreprocessing.from_hf_processor(image_processor, input_layout=IMAGE_INPUT_LAYOUT).to_dict()
-
-
-def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        source = model_dir / name
-        if source.is_file():
-            shutil.copyfile(source, out_dir / name)
-            copied.append(name)
+def copy_tokenizer_files(model_dir: Path, processor: Any, out_dir: Path) -> list[str]:
+    """Copy the tokenizer and processor files; the runner needs tokenizer.json."""
+    _, copied = copy_model_files(model_dir, processor, out_dir)
     if RUNNER_TOKENIZER not in copied:
         raise ValueError(
             f"{model_dir} has no {RUNNER_TOKENIZER}; the ExecuTorch runner reads the Hugging Face tokenizer.json: "
@@ -767,13 +723,13 @@ def export_executorch(
             f"export_executorch got options for target {options.target!r}; use the {options.target} exporter"
         )
     recipe = backend_recipe(options)
-    check_method_exportable(options.pruner, options.placement)
+    check_method_exportable(options)
     model, processor = _load(model_dir, options)
     geometry = read_geometry(model, processor, options)
     dtype = TORCH_DTYPES[options.dtype]
     if options.quantize == "8da4w":
         quantize_decoder_8da4w(model)
-    files = copy_tokenizer_files(model_dir, out_dir)
+    files = copy_tokenizer_files(model_dir, processor, out_dir)
     tokenizer = {**tokenizer_info(model, processor, files), "runner_file": RUNNER_TOKENIZER}
     constants = constant_methods(geometry, tokenizer["bos_id"], tokenizer["eos_ids"])
     plans = plan_methods(model, geometry, options.pruner, dtype)
@@ -790,7 +746,7 @@ def export_executorch(
         num_image_tokens=geometry.num_image_tokens,
         grid=geometry.grid,
         methods={plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans},
-        image_preprocessing=image_preprocessing(processor.image_processor),
+        image_preprocessing=image_preprocessing(processor, IMAGE_INPUT_LAYOUT),
         tokenizer=tokenizer,
         files=[PROGRAM_FILE, "export_config.json", *files],
         extra={

@@ -34,22 +34,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner_core import PrunerConfig, get_method, select_tokens
+from pruner_core import PrunerConfig
 from pruner_core.adapters.llava import (
     KVRecorder,
     check_split_layer,
     decode_step,
     encode_image,
     image_grid,
-    layer_keys,
     load_llava,
     prefill_with_pruning,
     prompt_image_start,
-    rotary,
+    select_before_llm,
     tokenizer_info,
 )
 
-from .common import ExportOptions, build_export_config, tensor_spec, write_json
+from .common import (
+    ExportOptions,
+    TokenEmbedding,
+    build_export_config,
+    check_method_exportable,
+    copy_model_files,
+    image_preprocessing,
+    tensor_spec,
+    write_json,
+)
 
 # Dynamic dimensions, as export_config.json and the ONNX files name them.
 SEQUENCE = "sequence_length"  # tokens fed in this call
@@ -64,16 +72,9 @@ SPEC_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in "<graph>.onnx_data" (protobuf: 2 GiB)
 EXTERNAL_DATA_SUFFIX = "_data"  # transformers.js looks for "<graph>.onnx_data"
 
-# Model files a transformers.js-style runtime reads besides the graphs; the first group is the tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json")
-MODEL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-               "chat_template.json", "chat_template.jinja")
+# Model files a transformers.js-style runtime reads besides the graphs, the tokenizer and the processor files.
+MODEL_FILES = ("config.json", "generation_config.json")
 
-# Decoder-side signals a selection can read in each graph (VisionZip's [CLS] attention needs the tower's
-# per-layer attention, which no graph exposes).
-LAYER0_SIGNALS = frozenset({"hidden", "keys"})
-IN_LLM_SIGNALS = frozenset({"hidden", "keys", "text_attention"})
 
 Progress = Callable[[str], None]
 
@@ -165,30 +166,11 @@ class PrunedVisionEncoder(nn.Module):
         self.model = model
         self.config = config
         self.grid = grid
-        self.needs_keys = "keys" in get_method(config.method).needs
 
     def forward(self, pixel_values: torch.Tensor, image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = encode_image(self.model, pixel_values)  # [1, N, D]
-        keys = self._layer0_keys(features, image_start) if self.needs_keys else None  # [1, N, H*d]
-        selection = select_tokens(features, keys, self.grid, self.config)
+        selection = select_before_llm(self.model, features, image_start, self.grid, self.config)
         return selection.states, selection.indices  # [1, R, D], [1, R]
-
-    def _layer0_keys(self, features: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
-        language_model = _language_model(self.model)
-        positions = image_start.reshape(-1, 1) + torch.arange(features.shape[1])[None]  # [1, N]
-        cos, sin = rotary(language_model, features, positions)  # [1, N, d] each
-        return layer_keys(language_model.layers[0], features, cos, sin)  # [1, N, H*d]
-
-
-class TokenEmbedding(nn.Module):
-    """input_ids [1, S] -> inputs_embeds [1, S, D]: the stock embedding table."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.embed = model.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
 
 
 class _Decoder(nn.Module):
@@ -383,20 +365,6 @@ def graph_plans(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig) -> 
         plans.append(prefill_plan(model, shapes, config, generator))
     plans.append(decoder_plan(model, shapes, generator))
     return plans
-
-
-def check_supported(config: PrunerConfig) -> None:
-    """Refuse selection methods whose signals no graph can compute, naming the fix."""
-    needs = get_method(config.method).needs
-    allowed = LAYER0_SIGNALS if config.layer == 0 else IN_LLM_SIGNALS
-    missing = sorted(needs - allowed)
-    if missing:
-        where = "the vision encoder (layer 0) sees no prompt text" if config.layer == 0 else "no graph exposes it"
-        raise ValueError(
-            f"method {config.method!r} needs {missing}, which the ONNX export cannot provide ({where}); "
-            f"use a method that reads only {sorted(allowed)}"
-            + (" or prune at --prune-layer >= 1" if config.layer == 0 and "text_attention" in missing else "")
-        )
 
 
 # ================================================================================================================
@@ -649,25 +617,6 @@ def check_dtype_runs(dtype: str, quantize: str) -> None:
 # ================================================================================================================
 
 
-def copy_model_files(model_dir: Path, processor: Any, out_dir: Path) -> tuple[list[str], list[str]]:
-    """Copy the tokenizer and config files a runtime reads -> (tokenizer files, all files copied)."""
-    copied = []
-    for name in TOKENIZER_FILES + MODEL_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out_dir / name)
-            copied.append(name)
-    if "tokenizer.json" not in copied:  # a checkpoint with only a slow tokenizer: write the fast one's file
-        processor.tokenizer.save_pretrained(out_dir)
-        copied += [name for name in TOKENIZER_FILES if (out_dir / name).is_file() and name not in copied]
-    return [name for name in copied if name in TOKENIZER_FILES], copied
-
-
-def image_preprocessing(processor: Any) -> dict[str, Any]:
-    from runtime.preprocess import ImagePreprocessing
-
-    return ImagePreprocessing.from_hf_processor(processor.image_processor).to_dict()
-
-
 def graph_file(name: str, options: ExportOptions) -> str:
     suffix = QUANTIZED_SUFFIX if options.quantize == "int8" else DTYPE_SUFFIX[options.dtype]
     return f"{GRAPH_DIR}/{name}{suffix}.onnx"
@@ -706,7 +655,7 @@ def export_onnx(
     progress = progress or (lambda stage: None)
     if options.target != "onnx":
         raise ValueError(f"export_onnx writes the onnx target, got options for {options.target!r}")
-    check_supported(options.pruner)
+    check_method_exportable(options)
     check_dtype_runs(options.dtype, options.quantize)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model, processor = load_llava(model_dir, dtype=TORCH_DTYPES[options.dtype])
@@ -726,7 +675,7 @@ def export_onnx(
     for path in written:
         if path.suffix == ".onnx":
             onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data too
-    tokenizer_files, copied = copy_model_files(model_dir, processor, out_dir)
+    tokenizer_files, copied = copy_model_files(model_dir, processor, out_dir, MODEL_FILES)
     payload = build_export_config(
         options,
         model_id=model_id,

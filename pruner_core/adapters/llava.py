@@ -478,6 +478,25 @@ def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(features))
 
 
+def select_before_llm(
+    model: nn.Module, features: torch.Tensor, image_start: int | torch.Tensor, grid: tuple[int, int],
+    config: PrunerConfig,
+) -> Selection:
+    """The layer-0 placement's selection over the projector outputs features [1, N, D].
+
+    Methods that read keys get decoder layer 0's post-RoPE keys of the image tokens at their prompt positions
+    image_start .. image_start + N - 1 (image_start: an int, or a [1] tensor in graphs that take it as an input), as
+    ``prune_and_prefill`` computes them at K = 0.
+    """
+    keys = None
+    if "keys" in get_method(config.method).needs:
+        language_model = _llava_inner(model).language_model
+        start = image_start if isinstance(image_start, int) else image_start.reshape(-1, 1)
+        positions = start + torch.arange(features.shape[1], device=features.device)[None]  # [1, N]
+        keys = layer_keys(language_model.layers[0], features, *rotary(language_model, features, positions))
+    return select_tokens(features, keys, grid, config)
+
+
 def image_span_starts(input_ids: torch.Tensor, image_token_id: int, n_image: int) -> torch.Tensor:
     """input_ids [B, T] -> image_start [B]: where each row's single run of ``n_image`` placeholders begins.
 
