@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from pruner_core import PrunerConfig, method_names
-from pruner_core.config import parse_keep as keep_from_text
+from pruner_core.config import parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, staging_directory
 
@@ -51,14 +51,6 @@ class Progress:
         now = time.perf_counter()
         self._close(now)
         return now - self.start
-
-
-def parse_keep(text: str) -> int | float:
-    """'64' -> 64 tokens; '0.12' / '1.0' -> a fraction (argparse type)."""
-    try:
-        return keep_from_text(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def keep_label(keep: int | float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -116,8 +117,15 @@ class PrunerConfig:
         return cls.from_dict(json.loads(text))
 
 
+class KeepError(ValueError, argparse.ArgumentTypeError):
+    """A --keep that is neither a count nor a fraction: a ValueError, and an argparse type error, so argparse
+    prints its message as it is."""
+
+
 def parse_keep(text: str) -> int | float:
-    """Command-line keep: '64' -> 64 tokens; '0.12' or '1.0' -> a fraction ('1' is one token, '1.0' all of them)."""
+    """Command-line keep: '64' -> 64 tokens; '0.12' or '1.0' -> a fraction ('1' is one token, '1.0' all of them).
+
+    Usable directly as an argparse ``type``."""
     text = text.strip()
     try:
         return int(text)
@@ -126,7 +134,7 @@ def parse_keep(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)") from None
+        raise KeepError(f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)") from None
 
 
 def num_rounds(config: PrunerConfig) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import PrunerConfig
-from .config import parse_keep as keep_from_text
+from .config import parse_keep
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
 
@@ -484,14 +484,6 @@ def visualize(options: VizOptions, loaded: tuple[Any, Any] | None = None) -> Viz
 # ================================================================================================================
 # CLI
 # ================================================================================================================
-
-
-def parse_keep(text: str) -> int | float:
-    """argparse type for --keep (see pruner_core.config.parse_keep)."""
-    try:
-        return keep_from_text(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -77,10 +77,7 @@ def parse_keeps(text: str) -> list[float | int]:
     """'1.0,0.33,64' -> [1.0, 0.33, 64] (argparse type; each part as pruner_core.config.parse_keep reads it)."""
     from pruner_core.config import parse_keep
 
-    try:
-        return [parse_keep(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    return [parse_keep(part) for part in text.split(",") if part.strip()]
 
 
 def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None) -> Path:
