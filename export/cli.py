@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from pruner_core import PrunerConfig, method_names
-from pruner_core.config import parse_keep
+from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, staging_directory
 
@@ -53,13 +53,10 @@ class Progress:
         return now - self.start
 
 
-def keep_label(keep: int | float) -> str:
-    return str(keep) if isinstance(keep, int) else f"{keep:g}" if keep != 1.0 else "1.0"
-
-
-def default_out(model: str, keep: int | float, target: str) -> Path:
+def default_out(model: str, keep: Keep | int | float, target: str) -> Path:
+    """exported/<model>-keep<keep>-<target>; the keep label tells a count (64, 1) from a fraction (0.12, 1.0)."""
     name = Path(model.rstrip("/")).name or model.replace("/", "_")
-    return Path("exported") / f"{name}-keep{keep_label(keep)}-{target}"
+    return Path("exported") / f"{name}-keep{Keep.of(keep)}-{target}"
 
 
 def available_memory_bytes() -> int | None:
@@ -177,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "cache, or a local llava-hf directory")
     model.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where tiny models are built")
     pruning = parser.add_argument_group("pruning")
-    pruning.add_argument("--keep", type=parse_keep, default=0.12, help="token count (64) or fraction (0.12)")
+    pruning.add_argument("--keep", type=parse_keep, default=Keep(0.12),
+                         help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     pruning.add_argument("--prune-layer", type=int, default=2,
                          help="K: prune between decoder layers K-1 and K (0 = before the LLM, runs in stock runners)")
     pruning.add_argument("--method", default="vlm_pruner", choices=method_names())

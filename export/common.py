@@ -139,7 +139,7 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is corrupt ({error}); export the model again") from None
-    version = payload.get("format_version")
+    version = payload.get("format_version") if isinstance(payload, dict) else None
     if not isinstance(version, int):
         raise ValueError(f"{path} has no format_version; export the model again")
     if version > EXPORT_FORMAT_VERSION:
@@ -147,7 +147,35 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
             f"{path} uses export format {version}, newer than this vlm-pruner-edge understands "
             f"({EXPORT_FORMAT_VERSION}); upgrade vlm-pruner-edge"
         )
+    check_runtime_fields(payload, path)
     return payload
+
+
+# What a runtime reads from export_config.json, per target (the rest is documentation for people).
+RUNTIME_FIELDS = ("target", "placement", "num_image_tokens", "kept_image_tokens", "max_seq_len", "methods",
+                  "image_preprocessing", "tokenizer", "tokenizer.image_token_id")
+TARGET_FIELDS = {"onnx": ("graphs", "decoder", "image_placeholders"), "executorch": ("executorch.program",)}
+
+
+def check_runtime_fields(payload: dict[str, Any], path: Path | str) -> None:
+    """Raise ValueError naming every field a runtime needs that ``payload`` lacks (and, for the tokenizer's EOS ids,
+    why: without them generation never stops), so that no backend fails later with a KeyError."""
+    from runtime.prompt import eos_ids
+
+    def has(dotted: str) -> bool:
+        node: Any = payload
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
+
+    needed = RUNTIME_FIELDS + TARGET_FIELDS.get(payload.get("target"), ())
+    missing = [name for name in needed if not has(name)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by this pruner-export (or was "
+                         "edited); export the model again")
+    eos_ids(payload["tokenizer"])
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 CONFIG_VERSION = 1
@@ -16,14 +16,88 @@ def _is_real_number(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """How many of the N image tokens to keep: a token count R (an ``int``) or a fraction of N (a ``float`` in
+    (0, 1]).
+
+    The kind is part of the value: ``Keep(1)`` keeps one token and ``Keep(1.0)`` keeps every token, so the two are
+    different settings wherever they are compared, hashed, stored, labelled or used as a baseline (a bare ``1 == 1.0``
+    would conflate them). ``str(keep)`` is the label and the command-line spelling (``64``, ``0.12``, ``1.0``);
+    ``keep.number`` is what JSON files store (an int or a float, so the kind survives a round trip).
+
+    Raises ValueError for anything else (bool, str, NaN, a fraction outside (0, 1], a count < 1).
+    """
+
+    value: int | float
+    is_fraction: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        value = self.value
+        if not _is_real_number(value):
+            raise ValueError(f"keep must be an int (token count) or a float in (0, 1] (fraction), got {value!r}")
+        if isinstance(value, float):
+            if not math.isfinite(value) or value <= 0.0:
+                raise ValueError(f"keep={value!r}: a fraction must be in (0, 1]; use e.g. keep=0.12 or a count keep=64")
+            if value > 1.0:
+                raise ValueError(
+                    f"keep={value!r}: a float is a fraction and must be <= 1.0; for a token count pass an int "
+                    f"(keep={int(value)})"
+                )
+        elif value <= 0:
+            raise ValueError(f"keep={value!r}: the token count must be >= 1")
+        object.__setattr__(self, "is_fraction", isinstance(value, float))
+
+    @classmethod
+    def of(cls, value: "Keep | int | float") -> "Keep":
+        """A Keep as it is, or an int (count) / float (fraction) made into one."""
+        return value if isinstance(value, Keep) else cls(value)
+
+    @classmethod
+    def parse(cls, text: str) -> "Keep":
+        """Command-line spelling -> Keep: '64' a count; '0.12', '1.0' or '1e-3' a fraction ('1' is one token)."""
+        return parse_keep(text)
+
+    @property
+    def number(self) -> int | float:
+        """The JSON form: the int count or the float fraction."""
+        return self.value
+
+    @property
+    def keeps_all(self) -> bool:
+        """The fraction 1.0: every image token, whatever N is (a count keeps all only when it equals N)."""
+        return self.is_fraction and self.value == 1.0
+
+    def budget(self, num_tokens: int) -> int:
+        """R for an image of ``num_tokens`` tokens (fraction: round half to even, at least 1); raises ValueError
+        when a count exceeds the image's tokens."""
+        if num_tokens < 1:
+            raise ValueError(f"the image span must hold at least one token, got N={num_tokens}")
+        if self.is_fraction:
+            return max(1, min(num_tokens, round(num_tokens * self.value)))  # round() is half-to-even
+        if self.value > num_tokens:
+            raise ValueError(
+                f"keep={self.value} exceeds the {num_tokens} image tokens; pass a token count from 1 to {num_tokens}, "
+                f"or a fraction in (0, 1] such as keep=0.12 (keep=1.0 keeps every token)"
+            )
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return repr(self.value)  # 64, 0.12, 1.0: a fraction always shows its point or exponent
+
+    def __repr__(self) -> str:
+        return f"Keep({self.value!r})"
+
+
+@dataclass(frozen=True)
 class PrunerConfig:
     """What to keep and how.
 
-    keep: an ``int`` is a token count R; a ``float`` in (0, 1] is a fraction of the N image tokens
-    (R = round-half-to-even(N * keep), at least 1).
+    keep: a ``Keep``, or an ``int`` (token count R) / ``float`` in (0, 1] (fraction of the N image tokens,
+    R = round-half-to-even(N * keep), at least 1), stored as a ``Keep`` so that a count and a fraction never compare
+    equal (``PrunerConfig(keep=1) != PrunerConfig(keep=1.0)``).
     """
 
-    keep: int | float = 64
+    keep: Keep | int | float = 64
     method: str = "vlm_pruner"
     layer: int = 2  # K: prune between decoder layers K-1 and K (0 = before the LLM)
     pivots: int = 4  # kappa
@@ -36,19 +110,7 @@ class PrunerConfig:
     seed: int = 0  # only the `random` method uses it
 
     def __post_init__(self) -> None:
-        keep = self.keep
-        if not _is_real_number(keep):
-            raise ValueError(f"keep must be an int (token count) or a float in (0, 1] (fraction), got {keep!r}")
-        if isinstance(keep, float):
-            if not math.isfinite(keep) or keep <= 0.0:
-                raise ValueError(f"keep={keep!r}: a fraction must be in (0, 1]; use e.g. keep=0.12 or a count keep=64")
-            if keep > 1.0:
-                raise ValueError(
-                    f"keep={keep!r}: a float is a fraction and must be <= 1.0; for a token count pass an int "
-                    f"(keep={int(keep)})"
-                )
-        elif keep <= 0:
-            raise ValueError(f"keep={keep!r}: the token count must be >= 1")
+        object.__setattr__(self, "keep", Keep.of(self.keep))
         self._check_int("layer", minimum=0)
         self._check_int("pivots", minimum=1)
         self._check_int("feature_channels", minimum=1)
@@ -78,21 +140,12 @@ class PrunerConfig:
 
     # ---- budget -------------------------------------------------------------------------------
     def budget(self, num_tokens: int) -> int:
-        """R for an image of ``num_tokens`` tokens; raises when it cannot be met."""
-        if num_tokens < 1:
-            raise ValueError(f"the image span must hold at least one token, got N={num_tokens}")
-        if isinstance(self.keep, float):
-            return max(1, min(num_tokens, round(num_tokens * self.keep)))  # round() is half-to-even
-        if self.keep > num_tokens:
-            raise ValueError(
-                f"keep={self.keep} exceeds the {num_tokens} image tokens; pass keep <= {num_tokens} "
-                f"or a fraction such as keep={self.keep / num_tokens:.3f}"
-            )
-        return self.keep
+        """R for an image of ``num_tokens`` tokens; raises when it cannot be met (see ``Keep.budget``)."""
+        return self.keep.budget(num_tokens)
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, **asdict(self)}
+        return {"version": CONFIG_VERSION, **asdict(self), "keep": self.keep.number}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -122,19 +175,35 @@ class KeepError(ValueError, argparse.ArgumentTypeError):
     prints its message as it is."""
 
 
-def parse_keep(text: str) -> int | float:
-    """Command-line keep: '64' -> 64 tokens; '0.12' or '1.0' -> a fraction ('1' is one token, '1.0' all of them).
+def parse_keep(text: str) -> Keep:
+    """Command-line keep -> Keep: '64' -> 64 tokens; '0.12', '1.0' or '1e-3' -> a fraction ('1' is one token,
+    '1.0' all of them). The one parser every CLI uses; usable directly as an argparse ``type``.
 
-    Usable directly as an argparse ``type``."""
-    text = text.strip()
+    Raises KeepError (a ValueError) naming the text and the valid spellings."""
+    text = str(text).strip()
     try:
-        return int(text)
+        number: int | float = int(text)
     except ValueError:
-        pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise KeepError(
+                f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)"
+            ) from None
     try:
-        return float(text)
-    except ValueError:
-        raise KeepError(f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)") from None
+        return Keep(number)
+    except ValueError as error:
+        raise KeepError(f"--keep {text}: {error}") from None
+
+
+def parse_keeps(text: str) -> list[Keep]:
+    """'1.0,0.33,64' -> [Keep(1.0), Keep(0.33), Keep(64)], each part through ``parse_keep``, in the order given; a
+    setting given twice is kept once ('1,1.0' is two settings: one token, every token). Usable as an argparse
+    ``type``."""
+    keeps = [parse_keep(part) for part in str(text).split(",") if part.strip()]
+    if not keeps:
+        raise KeepError(f"--keep {text!r}: give one or more comma-separated counts or fractions, e.g. 1.0,0.33,64")
+    return list(dict.fromkeys(keeps))
 
 
 def num_rounds(config: PrunerConfig) -> int:

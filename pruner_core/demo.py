@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from . import PrunerConfig, method_names, select_tokens
+from .config import Keep, parse_keep
 from .methods import get_method
 
 PATCH = 14
@@ -42,15 +43,15 @@ def selection_map(order: list[int], rows: int, cols: int, pivots: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prune a scikit-image photograph's patch tokens and show the result")
     parser.add_argument("--image", default="astronaut", help="scikit-image sample: astronaut, chelsea, coffee")
-    parser.add_argument("--keep", type=float, default=64, help="token count (>= 1) or fraction (< 1)")
+    parser.add_argument("--keep", type=parse_keep, default=Keep(64),
+                        help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     parser.add_argument("--grid", type=int, nargs=2, default=[24, 24], metavar=("ROWS", "COLS"))
     parser.add_argument("--method", default="vlm_pruner", choices=method_names())
     args = parser.parse_args(argv)
 
     from skimage import data
 
-    keep = int(args.keep) if args.keep >= 1 else args.keep
-    config = PrunerConfig(keep=keep, method=args.method)
+    config = PrunerConfig(keep=args.keep, method=args.method)
     rows, cols = args.grid
     hidden, keys = patch_tokens(getattr(data, args.image)(), rows, cols, width=256)
     signals = {}

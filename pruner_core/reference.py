@@ -73,11 +73,10 @@ def reference_centrifugal(
         for start in range(0, len(candidates), config.chunk):
             chunk = candidates[start : start + config.chunk]
             redundancy = reference_redundancy(similarity, distance, selected, config.bss_lambda)  # against CURRENT S
-            accepted = [i for i in chunk if bool(redundancy[i] < tau)]
+            accepted = [i for i in chunk if bool(redundancy[i] < tau)]  # chunk order
             room = budget - len(selected)
-            if len(accepted) > room:
-                lowest = sorted(accepted, key=lambda i: (float(redundancy[i]), chunk.index(i)))[:room]
-                accepted = [i for i in chunk if i in lowest]  # keep chunk order
+            if len(accepted) > room:  # the cap: the `room` lowest m_i, lowest first (as the authors' top-k returns them)
+                accepted = sorted(accepted, key=lambda i: (float(redundancy[i]), chunk.index(i)))[:room]
             selected.extend(accepted)
             if start == 0 and not accepted:
                 break  # authors' quirk: a round whose first chunk accepts nothing ends there

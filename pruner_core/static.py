@@ -139,10 +139,13 @@ def centrifugal_step(
     ok = passes.gather(1, slots) & in_chunk
     slot_key = torch.where(ok, ordered.gather(1, slots), torch.full_like(ordered[:, :chunk], float("inf")))
     room = (budget - count).unsqueeze(1)
-    accepted = ok & (stable_rank(slot_key) < room)  # [B, C]
+    rank = stable_rank(slot_key)  # [B, C] position by (m_i, chunk position); passing members first
+    accepted = ok & (rank < room)  # [B, C]
+    capped = ok.long().sum(1, keepdim=True) > room  # [B, 1] the chunk would overflow the budget
 
-    # Record the accepted tokens in chunk order after the ones already picked.
-    write_at = count.unsqueeze(1) + accepted.long().cumsum(1) - 1  # [B, C]
+    # Record the accepted tokens after the ones already picked: in chunk order, or, when the budget caps the chunk,
+    # lowest redundancy first (the order the authors' top-k returns them).
+    write_at = count.unsqueeze(1) + torch.where(capped, rank, accepted.long().cumsum(1) - 1)  # [B, C]
     targets = (write_at.unsqueeze(-1) == torch.arange(budget, device=device)) & accepted.unsqueeze(-1)  # [B, C, R]
     written = targets.any(1)  # [B, R]
     picked = torch.where(written, (targets.long() * members.unsqueeze(-1)).sum(1), picked)

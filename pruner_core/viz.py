@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PrunerConfig
-from .config import parse_keep
+from .config import Keep, PrunerConfig, parse_keep
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
 
@@ -65,7 +64,7 @@ class VizOptions:
     model: str = "tiny-llava"
     image: str = "astronaut"
     prompt: str = DEFAULT_PROMPT
-    keep: int | float = 64
+    keep: Keep | int | float = 64  # stored as a Keep
     methods: tuple[str, ...] = DEFAULT_METHODS
     out: Path = Path("viz.png")
     layer: int = 2
@@ -73,6 +72,10 @@ class VizOptions:
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "keep", Keep.of(self.keep))
+        except ValueError as error:
+            raise VizError(str(error)) from None
         if not self.methods:
             raise VizError(f"no methods given; pass --methods with names from {method_names()}")
         for name in self.methods:
@@ -97,16 +100,18 @@ class VizOptions:
 
 
 def load_image(source: str):
-    """A path to an image file, or a scikit-image sample name -> PIL RGB image."""
-    from PIL import Image, UnidentifiedImageError
+    """A path to an image file, or a scikit-image sample name -> PIL RGB image (files decoded by the runtime's
+    ``open_image_file``: the same errors as pruner-run)."""
+    from PIL import Image
+
+    from runtime.preprocess import load_image as load_rgb
 
     path = Path(source).expanduser()
     if path.is_file():
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise VizError(f"{path} is not an image PIL can read ({error}); pass a PNG / JPEG file") from None
+            return load_rgb(path)
+        except ValueError as error:
+            raise VizError(str(error)) from None
     if source in SAMPLE_IMAGES:
         try:
             from skimage import data
@@ -199,6 +204,18 @@ def model_view(pixel_values: torch.Tensor, image_processor: Any, grid: tuple[int
     return ModelView(pixels=image.permute(1, 2, 0).numpy(), grid=grid, patch=patch)  # [H, W, 3]
 
 
+def _pixel_values(processor: Any, image: Any) -> torch.Tensor:
+    """The processor's pixel_values for ``image``, computed by the runtime's preprocessing (bit for bit the same
+    for every ordinary image, and bounded in memory for extreme aspect ratios, where the processor is not)."""
+    from runtime.preprocess import ImagePreprocessing, preprocess
+
+    try:
+        spec = ImagePreprocessing.from_hf_processor(processor.image_processor)
+        return torch.from_numpy(preprocess(image, spec))
+    except ValueError as error:
+        raise VizError(str(error)) from None
+
+
 def _cls_attention(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """VisionZip's signal: the tower's [CLS] attention over the patches -> [1, N]."""
     from .adapters.llava import clip_cls_attention
@@ -211,6 +228,8 @@ def _cls_attention(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def collect_selections(model: Any, processor: Any, image: Any, options: VizOptions) -> tuple[ModelView, list]:
     """Run the prompt through the model once per method -> (what the model sees, one PanelSelection per method)."""
+    from PIL import Image
+
     from .adapters import embed_prompt, image_grid, llava_prompt, prefill_with_pruning
     from .adapters.llava import check_split_layer
 
@@ -219,10 +238,14 @@ def collect_selections(model: Any, processor: Any, image: Any, options: VizOptio
     except ValueError as error:
         raise VizError(str(error)) from None
 
-    inputs = processor(images=image, text=llava_prompt(options.prompt), return_tensors="pt")
-    pixel_values = inputs["pixel_values"].to(model.dtype)  # [1, 3, H, W]
+    pixel_values = _pixel_values(processor, image)  # [1, 3, H, W] float32
+    # the prompt's ids depend on the input size alone, not on the pixels: an empty image of that size gives them
+    blank = Image.new("RGB", (pixel_values.shape[-1], pixel_values.shape[-2]))
+    inputs = processor(images=blank, text=llava_prompt(options.prompt), return_tensors="pt")
+    view = model_view(pixel_values, processor.image_processor, image_grid(model.config, pixel_values),
+                      model.config.vision_config.patch_size)
+    pixel_values = pixel_values.to(model.dtype)
     grid = image_grid(model.config, pixel_values)
-    view = model_view(inputs["pixel_values"], processor.image_processor, grid, model.config.vision_config.patch_size)
     selections = []
     with torch.no_grad():
         embeds, starts, n_image = embed_prompt(model, inputs["input_ids"], pixel_values)  # [1, T, D]
@@ -473,7 +496,7 @@ def visualize(options: VizOptions, loaded: tuple[Any, Any] | None = None) -> Viz
                f"K={options.layer}. Bright + green outline: kept (number = pick rank); magenta P: pivot; "
                "dimmed: discarded")
     layout = render(view, panels, out, caption)
-    meta = {"model": options.model, "image": options.image, "prompt": options.prompt, "keep": options.keep,
+    meta = {"model": options.model, "image": options.image, "prompt": options.prompt, "keep": options.keep.number,
             "layer": options.layer, "grid": list(view.grid), "patch_px": view.patch}
     result = VizResult(out, sidecar_path(out), tuple(panels), layout, meta)
     payload = json.dumps(result.to_dict(), indent=2).encode()
@@ -501,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", default="astronaut",
                         help=f"an image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)}")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about the image")
-    parser.add_argument("--keep", type=parse_keep, default=64, help="token count (64) or fraction (0.12)")
+    parser.add_argument("--keep", type=parse_keep, default=Keep(64),
+                        help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     parser.add_argument("--methods", type=parse_methods, default=DEFAULT_METHODS,
                         help=f"comma-separated, one panel each (registered: {', '.join(method_names())})")
     parser.add_argument("--layer", type=int, default=2,

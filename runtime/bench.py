@@ -56,7 +56,7 @@ class PeakSampler:
 @dataclass
 class Setting:
     target: str
-    keep: float | int
+    keep: Any  # pruner_core.config.Keep (a count and a fraction are different settings)
     folder: str
     ttft_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
@@ -73,11 +73,11 @@ class Setting:
                 "decode_tokens_per_s": med(self.decode_tps), "peak_growth_bytes": med(self.peak_growth_bytes)}
 
 
-def parse_keeps(text: str) -> list[float | int]:
-    """'1.0,0.33,64' -> [1.0, 0.33, 64] (argparse type; each part as pruner_core.config.parse_keep reads it)."""
-    from pruner_core.config import parse_keep
+def parse_keeps(text: str) -> list:
+    """'1.0,0.33,64' -> [Keep(1.0), Keep(0.33), Keep(64)] (argparse type: pruner_core.config.parse_keeps)."""
+    from pruner_core.config import parse_keeps as parse
 
-    return [parse_keep(part) for part in text.split(",") if part.strip()]
+    return parse(text)
 
 
 def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None) -> Path:
@@ -87,8 +87,14 @@ def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cac
     folder = work_dir / f"{default_out(model, keep, target).name}-layer{layer}"
     config_file = folder / "export_config.json"
     if config_file.is_file():
+        from pruner_core.config import Keep
+
         pruner = json.loads(config_file.read_text()).get("pruner", {})
-        if pruner.get("keep") == keep and pruner.get("layer") == layer:
+        try:
+            same = Keep.of(pruner.get("keep")) == keep and pruner.get("layer") == layer
+        except ValueError:  # no or an unreadable keep: export again
+            same = False
+        if same:
             return folder
     argv = ["--model", model, "--keep", str(keep), "--prune-layer", str(layer), "--target", target,
             "--out", str(folder), "--overwrite"]
@@ -134,13 +140,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def summarise(settings: list[Setting], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for setting in settings:
-        base = next((s for s in settings if s.target == setting.target and float(s.keep) == 1.0), None)
+        base = next((s for s in settings if s.target == setting.target and s.keep.keeps_all), None)
         medians, base_medians = setting.medians(), base.medians() if base else None
         ratio = (lambda key, inverse=False: None if base_medians is None or not medians[key] else
                  (medians[key] / base_medians[key] if inverse else base_medians[key] / medians[key]))
         rows.append({
             **{k: v for k, v in asdict(setting).items() if k not in ("ttft_ms", "prefill_ms", "decode_tps",
                                                                       "peak_growth_bytes")},
+            "keep": setting.keep.number,  # int count or float fraction: JSON keeps the two apart
             "median": medians,
             "speedup_vs_keep1": {"ttft": ratio("ttft_ms"), "prefill": ratio("prefill_ms"),
                                  "decode": ratio("decode_tokens_per_s", inverse=True),
@@ -215,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava")
     parser.add_argument("--targets", type=lambda s: s.split(","), default=["executorch", "onnx"])
-    parser.add_argument("--keeps", type=parse_keeps, default=[1.0, 0.33, 0.22, 0.11])
+    parser.add_argument("--keeps", type=parse_keeps, default="1.0,0.33,0.22,0.11",
+                        help="comma-separated counts (64) or fractions (0.33); must include 1.0, the baseline "
+                             "(default: %(default)s)")
     parser.add_argument("--prune-layer", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -234,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     from export.cli import quiet_libraries
 
     quiet_libraries()
-    if not any(float(k) == 1.0 for k in args.keeps):
-        print("pruner-bench: error: --keeps must include 1.0 (the baseline of the ratios)", file=sys.stderr)
+    if not any(k.keeps_all for k in args.keeps):
+        print("pruner-bench: error: --keeps must include 1.0 (the unpruned baseline of the ratios; the count 1 keeps "
+              "one token)", file=sys.stderr)
         return 2
     try:
         report = run_bench(args)

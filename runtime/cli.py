@@ -28,11 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     parser.add_argument("--profile-ops", action="store_true", help="add an operator-level breakdown")
     eager = parser.add_argument_group("eager PyTorch (when MODEL is not an exported folder)")
-    eager.add_argument("--keep", default="0.12", help="token count or fraction")
+    eager.add_argument("--keep", type=_keep, default="0.12",
+                       help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     eager.add_argument("--prune-layer", type=int, default=2)
     eager.add_argument("--method", default="vlm_pruner")
     eager.add_argument("--cache-dir", type=Path, default=None)
     return parser
+
+
+def _keep(text: str):
+    """argparse type: the one keep parser (pruner_core.config.parse_keep), imported only when used (it loads torch)."""
+    from pruner_core.config import parse_keep
+
+    return parse_keep(text)
 
 
 def resolve_image(name: str):
@@ -51,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "export_config.json").is_file():
         from pruner_core import PrunerConfig
 
-        keep = float(args.keep) if "." in args.keep else int(args.keep)
-        config = PrunerConfig(keep=keep, layer=args.prune_layer, method=args.method)
+        config = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)

@@ -245,13 +245,12 @@ def resolve_image(image: str, folder: Path) -> str:
 
 @lru_cache(maxsize=None)
 def _check_readable(path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from .preprocess import open_image_file  # the runtime's decoder: the same check and message as pruner-run
 
     try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as error:
-        raise _BadLine(f"image {path} is not an image PIL can read ({error})") from None
+        open_image_file(path)
+    except ValueError as error:
+        raise _BadLine(str(error)) from None
 
 
 @lru_cache(maxsize=1)
@@ -288,7 +287,7 @@ class Setting:
     kind: str  # "eager" | "exported"
     source: str  # the model name / directory, or the exported folder
     method: str
-    keep: int | float
+    keep: Any  # pruner_core.config.Keep: a count and a fraction are different settings
     layer: int
     full: bool  # keeps every image token
     group: str  # settings with the same group compare with each other (same model, backend, layer)
@@ -299,12 +298,14 @@ class Setting:
         return json.dumps(self.pruner, sort_keys=True)
 
 
-def parse_keep(text: str) -> int | float:
-    """'64' -> 64 tokens; '0.33' or '1.0' -> a fraction (so '1' is one token and '1.0' is every token)."""
-    from pruner_core.config import parse_keep as parse_config_keep
+def parse_keeps(text: str) -> list[Any]:
+    """'1.0,0.33,64' -> [Keep(1.0), Keep(0.33), Keep(64)] ('1' is one token and '1.0' is every token: two settings).
+
+    pruner_core.config.parse_keeps, imported here so that importing this module does not load torch."""
+    from pruner_core.config import parse_keeps as parse_config_keeps
 
     try:
-        return parse_config_keep(text)
+        return parse_config_keeps(text)
     except ValueError as error:
         raise EvalError(str(error)) from None
 
@@ -313,9 +314,11 @@ def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def eager_settings(model: str, keeps: Iterable[int | float], methods: Iterable[str], layer: int) -> list[Setting]:
-    """Every (method, keep) pair for the eager backend, methods outer; duplicates dropped."""
+def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], layer: int) -> list[Setting]:
+    """Every (method, keep) pair for the eager backend, methods outer; duplicates dropped (keeps are Keep values,
+    or ints / floats made into them: 1 and 1.0 stay two settings)."""
     from pruner_core import PrunerConfig, method_names
+    from pruner_core.config import Keep
 
     known = method_names()
     unknown = [m for m in methods if m not in known]
@@ -323,17 +326,18 @@ def eager_settings(model: str, keeps: Iterable[int | float], methods: Iterable[s
         raise EvalError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
     local = Path(model).expanduser()
     identity = f"dir:{local.resolve()}" if local.is_dir() else f"model:{model}"
-    settings: dict[tuple[str, int | float], Setting] = {}
+    settings: dict[tuple[str, Any], Setting] = {}
     for method in methods:
-        for keep in keeps:
+        for value in keeps:
             try:
+                keep = Keep.of(value)
                 config = PrunerConfig(keep=keep, method=method, layer=layer)
             except ValueError as error:
                 raise EvalError(str(error)) from None
             label = f"{method} keep={keep}"
             settings.setdefault((method, keep), Setting(
                 label=label, kind="eager", source=model, method=method, keep=keep, layer=layer,
-                full=isinstance(keep, float) and keep == 1.0, group=f"{identity} layer={layer}", identity=identity,
+                full=keep.keeps_all, group=f"{identity} layer={layer}", identity=identity,
                 pruner=config.to_dict()))
     if not settings:
         raise EvalError("no setting to evaluate: give --keep and --methods (e.g. --keep 1.0,0.11 --methods vlm_pruner)")
@@ -346,15 +350,17 @@ def exported_setting(folder: str | Path) -> Setting:
     path = folder / "export_config.json"
     if not path.is_file():
         raise EvalError(f"{folder} has no export_config.json; pass folders written by pruner-export to --exported")
+    from pruner_core.config import Keep
+
     text = path.read_text(encoding="utf-8")
     try:
         config = json.loads(text)
         pruner = dict(config["pruner"])
-        method, keep, layer = pruner["method"], pruner["keep"], int(pruner["layer"])
+        method, keep, layer = pruner["method"], Keep.of(pruner["keep"]), int(pruner["layer"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise EvalError(f"{path} is corrupt or has no pruner settings ({error}); export the model again") from None
     kept, total = config.get("kept_image_tokens"), config.get("num_image_tokens")
-    full = (isinstance(keep, float) and keep == 1.0) or (kept is not None and kept == total)
+    full = keep.keeps_all or (kept is not None and kept == total)
     group = json.dumps({name: config.get(name) for name in ("model_id", "target", "backend", "dtype", "quantization")}
                        | {"layer": layer}, sort_keys=True)
     return Setting(label=folder.name or str(folder), kind="exported", source=str(folder), method=method, keep=keep,
@@ -460,7 +466,7 @@ class EvalOptions:
 
     questions: Path = field(default_factory=shipped_questions)
     model: str = "tiny-llava"
-    keeps: tuple[int | float, ...] = (1.0, 0.33, 0.11)
+    keeps: tuple[Any, ...] = (1.0, 0.33, 0.11)  # Keep values (or ints / floats made into them)
     methods: tuple[str, ...] = ("vlm_pruner",)
     layer: int = 2
     exported: tuple[Path, ...] = ()
@@ -514,7 +520,7 @@ class SettingResult:
     kind: str
     source: str
     method: str
-    keep: int | float
+    keep: Any  # pruner_core.config.Keep; its JSON form (EvalReport.to_dict) is the int count or float fraction
     layer: int
     reference: str
     accuracy: float
@@ -542,7 +548,10 @@ class EvalReport:
     settings: list[SettingResult]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": EVAL_VERSION, "reference_rule": REFERENCE_RULE, **asdict(self)}
+        payload = {"version": EVAL_VERSION, "reference_rule": REFERENCE_RULE, **asdict(self)}
+        for row, result in zip(payload["settings"], self.settings):
+            row["keep"] = result.keep.number  # an int count or a float fraction: JSON keeps the two apart
+        return payload
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -762,7 +771,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
                         f"drop --{', --'.join(eager_flags)}")
     return EvalOptions(
         questions=args.questions or shipped_questions(), model=args.model or "tiny-llava",
-        keeps=tuple(parse_keep(k) for k in parse_list(args.keep or DEFAULT_KEEPS)),
+        keeps=tuple(parse_keeps(args.keep or DEFAULT_KEEPS)),
         methods=tuple(parse_list(args.methods or DEFAULT_METHODS)), layer=2 if args.layer is None else args.layer,
         exported=tuple(args.exported or ()), max_new_tokens=args.max_new_tokens, cache_dir=args.cache,
         model_cache_dir=args.model_cache_dir, device=args.device, prompt_suffix=args.prompt_suffix,

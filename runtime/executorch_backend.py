@@ -24,7 +24,7 @@ import torch
 
 from export.common import read_export_config
 
-from .prompt import PromptIds, split_prompt
+from .prompt import PromptIds, eos_ids, split_prompt
 
 
 class ExecuTorchModel:
@@ -39,6 +39,7 @@ class ExecuTorchModel:
             raise ValueError(
                 f"{self.folder} holds a {self.config.get('target')!r} export; use the runtime for that target"
             )
+        self.eos_ids: frozenset[int] = eos_ids(self.config["tokenizer"])  # before loading: fail at once
         settings = self.config["executorch"]
         self.program = Runtime.get().load_program(self.folder / settings["program"])
         expected = set(self.config["methods"])
@@ -47,7 +48,6 @@ class ExecuTorchModel:
             raise ValueError(f"{self.folder / settings['program']} lacks methods {sorted(missing)}; export it again")
         self.placement: str = self.config["placement"]
         self.max_seq_len: int = int(self.config["max_seq_len"])
-        self.eos_ids: frozenset[int] = frozenset(self.config["tokenizer"]["eos_ids"])
         self.image_token_id: int = int(self.config["tokenizer"]["image_token_id"])
         self.num_image_tokens: int = int(self.config["num_image_tokens"])  # N
         self.kept_image_tokens: int = int(self.config["kept_image_tokens"])  # R

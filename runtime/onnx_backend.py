@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .prompt import eos_ids
+
 ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -58,6 +60,23 @@ class Prefill:
     kept_image_indices: np.ndarray | None  # [R] within the N image tokens
 
 
+def open_session(path: Path, options: Any, kwargs: dict[str, Any]):
+    """An onnxruntime session for one graph file; a corrupt or truncated file (or its ``.onnx_data``) raises
+    ValueError naming the file and saying to export again, instead of onnxruntime's protobuf traceback."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(str(path), options, **kwargs)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidProtobuf / RuntimeError
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if "provider" in reason.lower() and "available" in reason.lower():
+            raise  # a device problem, not a file problem
+        raise ValueError(
+            f"{path} is corrupt or incomplete: onnxruntime cannot load it ({type(error).__name__}: {reason}); "
+            "export the model again"
+        ) from None
+
+
 class OnnxModel:
     """An exported folder's graphs in onnxruntime sessions.
 
@@ -85,6 +104,9 @@ class OnnxModel:
         self.config = config
         if self.config.get("target") != "onnx":
             raise ValueError(f"{self.folder} holds a {self.config.get('target')!r} export; OnnxModel runs onnx exports")
+        tokenizer = self.config["tokenizer"]
+        self.image_token_id = int(tokenizer["image_token_id"])
+        self.eos_ids = set(eos_ids(tokenizer))  # before any session: a config that cannot stop fails at once
         self.sessions = {}
         for name, file in self.config["graphs"].items():
             options = onnxruntime.SessionOptions()
@@ -95,11 +117,8 @@ class OnnxModel:
             kwargs = {"providers": list(providers or ["CPUExecutionProvider"])}
             if provider_options is not None:
                 kwargs["provider_options"] = [dict(o) for o in provider_options]
-            self.sessions[name] = onnxruntime.InferenceSession(str(self._graph_path(file)), options, **kwargs)
+            self.sessions[name] = open_session(self._graph_path(file), options, kwargs)
         self.decoder = self.config["decoder"]
-        tokenizer = self.config["tokenizer"]
-        self.image_token_id = int(tokenizer["image_token_id"])
-        self.eos_ids = {int(e) for e in tokenizer.get("eos_ids", [])}
 
     def _graph_path(self, file: str) -> Path:
         path = self.folder / file
@@ -228,7 +247,8 @@ class OnnxModel:
             position += 1
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
-        if prompt_length + max_new_tokens > self.max_seq_len:
+        # the prompt fills prompt_length positions; every new token but the last is decoded into one more
+        if prompt_length + max_new_tokens - 1 > self.max_seq_len:
             raise ValueError(
                 f"the prompt ({prompt_length} tokens) plus {max_new_tokens} new tokens exceeds this export's "
                 f"max_seq_len={self.max_seq_len}; ask for fewer tokens or re-export with a larger --max-seq-len"

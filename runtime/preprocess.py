@@ -18,6 +18,22 @@ instantiates when torchvision is absent, and ``LlavaImageProcessorPil`` for pad-
    normalise inside, like ExecuTorch's LLaVA).
 
 The torchvision ("fast") backend resizes with a different kernel and differs from this by up to a few grey levels.
+
+Extreme aspect ratios (``MAX_INTERMEDIATE_PIXELS``): a 1 x 20000 px file is a few KB, but resizing its short side to
+336 px makes a 336 x 6,720,000 px intermediate (6.7 GB) of which the centre crop keeps 336 x 336. Where the resized
+image (or the padded square) would hold more than ``max_pixels`` pixels, ``preprocess`` first reduces the image in
+source pixels, so the work stays bounded, and then runs the steps above:
+
+* resize to ``shortest_edge`` + centre crop: the image is centre-cropped along its long side to
+  ``ceil(2 * crop * short / shortest_edge)`` source pixels (``crop`` = the crop size along that side), twice what
+  the centre crop keeps, window at floor((long - kept) / 2);
+* pad to square: the image is first resized (``resample``) to a longest edge of ``isqrt(max_pixels)``, the short
+  edge ``max(1, short * that // long)``;
+* resize to ``shortest_edge`` without a crop: refused (the output itself would be that large).
+
+Images under the limit (every ordinary photo: 16:1 panoramas included) are processed exactly as transformers does;
+the reduced ones differ from what transformers would compute (if it had the memory) by the resampling phase.
+``android_demo``'s ImagePreprocessor.kt applies the same rule.
 """
 
 from __future__ import annotations
@@ -36,6 +52,9 @@ INPUT_LAYOUTS = ("float_nchw", "uint8_chw")
 
 # PIL.Image.Resampling ids (transformers' PILImageResampling is the same enum).
 RESAMPLE_FILTERS: dict[str, int] = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+# The largest intermediate image (resized, or padded to a square) preprocess builds: 2^26 px, 192 MiB as RGB.
+MAX_INTERMEDIATE_PIXELS = 1 << 26
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -275,7 +294,7 @@ def load_image(image: Any) -> Image.Image:
     a PIL image or array is taken as given.
     """
     if isinstance(image, (str, Path)):
-        return _to_rgb(_open_image_file(Path(image)))
+        return _to_rgb(open_image_file(Path(image)))
     if isinstance(image, Image.Image):
         return _to_rgb(image)
     if isinstance(image, np.ndarray):
@@ -292,19 +311,33 @@ def load_image(image: Any) -> Image.Image:
     )
 
 
-def _open_image_file(path: Path) -> Image.Image:
+def open_image_file(path: str | Path) -> Image.Image:
+    """Decode an image file (upright by its EXIF orientation) -> a PIL image, detached from the file.
+
+    The one decoder of image files for the runtime, pruner-viz and pruner-eval: every failure (missing file, a
+    directory, an unknown format, a truncated or corrupt file, a header declaring more pixels than Pillow's
+    decompression-bomb limit) raises ``ValueError("cannot read image file <path>: <reason>")``.
+    """
+    path = Path(path)
     if not path.exists():
-        raise ValueError(f"image file not found: {path}")
+        raise ValueError(f"cannot read image file {path}: it does not exist")
     if path.is_dir():
-        raise ValueError(f"expected an image file, got a directory: {path}")
+        raise ValueError(f"cannot read image file {path}: it is a directory; pass an image file")
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now, so a truncated file fails here rather than later
             return ImageOps.exif_transpose(opened)  # a new image: upright, detached from the file
-    except UnidentifiedImageError as error:
-        raise ValueError(f"not an image file: {path} (Pillow cannot identify its format)") from error
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"cannot read image file {path}: not an image Pillow can identify (PNG, JPEG, WebP, ... expected)"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"cannot read image file {path}: its header declares more pixels than Pillow decodes safely ({error}); "
+            "resize the image, or check that the file is not corrupt"
+        ) from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as error:
+        raise ValueError(f"cannot read image file {path}: {error or type(error).__name__}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -345,10 +378,51 @@ def center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.nda
     return canvas[top : top + crop_height, left : left + crop_width]
 
 
-def preprocess(image: Any, spec: ImagePreprocessing) -> np.ndarray:
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bounded_source(rgb: Image.Image, spec: ImagePreprocessing, max_pixels: int = MAX_INTERMEDIATE_PIXELS):
+    """The image, reduced in source pixels where the steps after it would build more than ``max_pixels`` pixels
+    (see the module docstring); the image itself otherwise. Raises ValueError where no reduction keeps the output."""
+    width, height = rgb.size
+    if spec.do_pad_to_square:
+        side = max(width, height)
+        if side * side <= max_pixels:
+            return rgb
+        longest = math.isqrt(max_pixels)
+        size = (longest, max(1, height * longest // width)) if width >= height else \
+            (max(1, width * longest // height), longest)
+        return rgb.resize(size, resample=spec.resample, reducing_gap=None)
+    if not spec.do_resize or spec.shortest_edge is None:
+        return rgb  # an exact height x width resize, or none: no intermediate beyond the image and the output
+    resized_h, resized_w = spec.resized_hw(height, width)
+    if resized_h * resized_w <= max_pixels:
+        return rgb
+    if not spec.do_center_crop:
+        raise ValueError(
+            f"a {width} x {height} px image resized to a shortest edge of {spec.shortest_edge} px would be "
+            f"{resized_w} x {resized_h} px, more than this runtime builds ({max_pixels} px); crop it to a "
+            "less extreme aspect ratio first"
+        )
+    assert spec.crop_height is not None and spec.crop_width is not None
+    n = spec.shortest_edge
+    if width <= height:  # tall: keep the middle rows
+        keep = min(height, ceil_div(2 * spec.crop_height * width, n))
+        top = (height - keep) // 2
+        return rgb.crop((0, top, width, top + keep))
+    keep = min(width, ceil_div(2 * spec.crop_width * height, n))
+    left = (width - keep) // 2
+    return rgb.crop((left, 0, left + keep, height))
+
+
+def preprocess(image: Any, spec: ImagePreprocessing, max_pixels: int = MAX_INTERMEDIATE_PIXELS) -> np.ndarray:
     """The vision encoder's input for one image: float32 [1, 3, H, W] (``float_nchw``) or uint8 [3, H, W]
-    (``uint8_chw``); identical to transformers' CLIP image processor (PIL backend) for the same settings."""
-    rgb = load_image(image)
+    (``uint8_chw``); identical to transformers' CLIP image processor (PIL backend) for the same settings.
+
+    ``max_pixels``: the largest intermediate image built; larger ones are reduced first (module docstring).
+    Raises ValueError for an unreadable image (naming the file and the reason)."""
+    rgb = bounded_source(load_image(image), spec, max_pixels)
     if spec.do_pad_to_square:
         rgb = pad_to_square(rgb, spec.pad_color)
     if spec.do_resize:

@@ -23,6 +23,25 @@ class PromptIds:
         return len(self.before) + len(self.after)
 
 
+def eos_ids(tokenizer: dict[str, Any]) -> frozenset[int]:
+    """The end-of-sequence ids of an export's ``export_config.json["tokenizer"]`` block (``eos_ids``, or an older
+    single ``eos_id``). Every backend stops on them; a block without any raises ValueError naming the field, since
+    generation could never stop."""
+    eos = tokenizer.get("eos_ids", tokenizer.get("eos_id")) if isinstance(tokenizer, dict) else None
+    ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    try:
+        result = frozenset(int(e) for e in ids if e is not None and not isinstance(e, bool))
+    except (TypeError, ValueError):
+        result = frozenset()
+    if not result:
+        raise ValueError(
+            f"export_config.json has no end-of-sequence ids (tokenizer.eos_ids is {eos!r}): generation could never "
+            "stop; export the model again, or add the tokenizer's EOS ids, e.g. \"eos_ids\": [2], to its "
+            "\"tokenizer\" block"
+        )
+    return result
+
+
 def split_prompt(input_ids: Sequence[int] | Any, image_token_id: int) -> PromptIds:
     """Ids holding one run of image placeholders (one ``<image>``, or a processor's N) -> the ids around it.
 
@@ -59,8 +78,7 @@ class PromptEncoder:
             raise FileNotFoundError(f"{path} is missing: the exported folder is incomplete; export the model again")
         self.tokenizer = Tokenizer.from_file(str(path))
         self.image_token_id = int(tokenizer["image_token_id"])
-        eos = tokenizer.get("eos_ids", tokenizer.get("eos_id"))
-        self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+        self.eos_ids = set(eos_ids(tokenizer))
         self.bos_id = tokenizer.get("bos_id")
         self.chat_template = tokenizer.get("chat_template")
         self.prompt_format = tokenizer.get("prompt_format")
@@ -86,6 +104,11 @@ class PromptEncoder:
         return f"USER: {self.image_token}\n{question} ASSISTANT:"
 
     def encode(self, question: str) -> PromptIds:
+        if isinstance(question, str) and self.image_token and self.image_token in question:
+            raise ValueError(
+                f"the question contains the image placeholder {self.image_token!r}; the prompt format puts the image "
+                f"in by itself, so remove {self.image_token!r} from the question text"
+            )
         ids = self.tokenizer.encode(self.render(question), add_special_tokens=True).ids
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [int(self.bos_id)] + ids

@@ -135,7 +135,7 @@ class Session:
         tokens: list[int] = []
         shown = ""
         stop = "max_new_tokens"
-        room = self._room(prompt_ids)
+        room = self._room(prompt_ids)  # tokens the cache has room for
         while True:
             token = choose_token(logits, sampling, rng)
             if token in self.encoder.eos_ids:
@@ -162,13 +162,15 @@ class Session:
         return prompt_ids.text_tokens + image
 
     def _room(self, prompt_ids: PromptIds) -> int | None:
+        """Tokens a generation can produce before the cache is full: the prompt fills P of the max_seq_len slots
+        and every generated token but the last is decoded into one more, so max_seq_len - P + 1 (None: unbounded)."""
         if self.backend.max_seq_len is None:
             return None
-        return self.backend.max_seq_len - self._prompt_length(prompt_ids)
+        return self.backend.max_seq_len - self._prompt_length(prompt_ids) + 1
 
     def _check_length(self, prompt_ids: PromptIds, max_new_tokens: int) -> None:
         room = self._room(prompt_ids)
-        if room is not None and room < 1:
+        if room is not None and room < 1:  # the prompt alone overflows the cache
             raise ValueError(
                 f"the prompt needs {self._prompt_length(prompt_ids)} positions but the model was exported with "
                 f"max_seq_len={self.backend.max_seq_len}; shorten the prompt or export with a larger --max-seq-len"

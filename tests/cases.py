@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,3 +116,17 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise ValueError(case.regime)
     return hidden, keys
+
+
+def write_bomb_png(path: Path, width: int = 40000, height: int = 40000) -> Path:
+    """A few-byte PNG whose header declares width x height pixels (Pillow's decompression-bomb check fires on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path

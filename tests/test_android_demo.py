@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import RESAMPLE_FILTERS, ImagePreprocessing, preprocess
+from runtime.preprocess import MAX_INTERMEDIATE_PIXELS, RESAMPLE_FILTERS, ImagePreprocessing, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "android_demo"
@@ -325,10 +325,35 @@ def kt_over_white(value: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.where(alpha == 255, value, np.where(alpha == 0, 255, mixed)).astype(np.uint8)
 
 
-def kt_preprocess(argb: np.ndarray, spec: dict) -> np.ndarray:
+def kt_bounded_source(rgb: np.ndarray, spec: dict, max_pixels: int) -> np.ndarray:
+    """ImagePreprocessor.boundedSource on an (H, W, 3) array."""
+    height, width = rgb.shape[:2]
+    if spec["do_pad_to_square"]:
+        side = max(width, height)
+        if side * side <= max_pixels:
+            return rgb
+        longest = math.isqrt(max_pixels)
+        size = (longest, max(1, height * longest // width)) if width >= height else \
+            (max(1, width * longest // height), longest)
+        return kt_resize(rgb, size[0], size[1], FILTER_NAMES[spec["resample"]])
+    edge = spec["shortest_edge"]
+    if not spec["do_resize"] or edge is None:
+        return rgb
+    short, long = min(width, height), max(width, height)
+    if math.floor(float(edge * long) / short) * edge <= max_pixels:
+        return rgb
+    assert spec["do_center_crop"], "refused"
+    crop = spec["crop_height"] if width <= height else spec["crop_width"]
+    keep = min(long, (2 * crop * short + edge - 1) // edge)
+    start = (long - keep) // 2
+    return rgb[start : start + keep] if width <= height else rgb[:, start : start + keep]
+
+
+def kt_preprocess(argb: np.ndarray, spec: dict, max_pixels: int = MAX_INTERMEDIATE_PIXELS) -> np.ndarray:
     """ImagePreprocessor.run on (H, W) uint32 ARGB pixels -> CHW float32 (float_nchw) or uint8 (uint8_chw)."""
     alpha = (argb >> 24) & 0xFF
     rgb = np.stack([kt_over_white((argb >> shift) & 0xFF, alpha) for shift in (16, 8, 0)], axis=-1)
+    rgb = kt_bounded_source(rgb, spec, max_pixels)
     if spec["do_pad_to_square"]:
         h, w = rgb.shape[:2]
         side = max(h, w)
@@ -380,8 +405,8 @@ def argb_of(image: np.ndarray) -> np.ndarray:
     return (alpha << 24) | (image[..., 0] << 16) | (image[..., 1] << 8) | image[..., 2]
 
 
-def runtime_output(image, spec: ImagePreprocessing) -> np.ndarray:
-    out = preprocess(image, spec)
+def runtime_output(image, spec: ImagePreprocessing, max_pixels: int = MAX_INTERMEDIATE_PIXELS) -> np.ndarray:
+    out = preprocess(image, spec, max_pixels)
     return out[0] if spec.input_layout == "float_nchw" else out
 
 
@@ -430,6 +455,9 @@ def golden_cases() -> list[dict]:
     rgba[5:10, :, 3] = 255
     wide = rng.integers(0, 256, (12, 30, 3)).astype(np.uint8)
     tiny = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    tall_thin = rng.integers(0, 256, (200, 3, 3)).astype(np.uint8)
+    wide_thin = rng.integers(0, 256, (2, 230, 3)).astype(np.uint8)
+    line = rng.integers(0, 256, (1, 60, 3)).astype(np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     cases = [
         ("bicubic_crop_float", rgb, ImagePreprocessing(shortest_edge=20, crop_height=16, crop_width=16,
@@ -445,14 +473,23 @@ def golden_cases() -> list[dict]:
                                                       do_center_crop=False, do_normalize=False)),
         ("bicubic_no_resize", tiny, ImagePreprocessing(do_resize=False, shortest_edge=None, crop_height=4,
                                                       crop_width=6)),
+        # extreme aspect ratios, with a small max_pixels so that the bounded path runs at toy size
+        ("thin_tall_bicubic_bounded", tall_thin, ImagePreprocessing(shortest_edge=8, crop_height=8, crop_width=8), 1000),
+        ("thin_wide_bilinear_bounded", wide_thin, ImagePreprocessing(shortest_edge=6, resample=2, crop_height=6,
+                                                                    crop_width=5, input_layout="uint8_chw"), 300),
+        ("thin_pad_lanczos_bounded", line, ImagePreprocessing(do_pad_to_square=True, pad_color=(9, 99, 199),
+                                                             shortest_edge=10, resample=1, crop_height=10,
+                                                             crop_width=10), 400),
     ]
     out = []
-    for name, pixels, spec in cases:
-        result = runtime_output(Image.fromarray(pixels), spec)
+    for name, pixels, spec, *limit in cases:
+        max_pixels = limit[0] if limit else MAX_INTERMEDIATE_PIXELS
+        result = runtime_output(Image.fromarray(pixels), spec, max_pixels)
         out.append({
             "name": name,
             "width": int(pixels.shape[1]),
             "height": int(pixels.shape[0]),
+            "max_pixels": max_pixels,
             "argb": [int(v) - (1 << 32) if v >= 1 << 31 else int(v) for v in argb_of(pixels).ravel()],  # Kotlin Int
             "image_preprocessing": spec.to_dict(),
             "out_width": int(result.shape[-1]),
@@ -467,6 +504,12 @@ def golden_text() -> str:
                        "cases": golden_cases()}, separators=(",", ":")) + "\n"
 
 
+def test_kotlin_intermediate_limit_is_the_runtimes():
+    text = kotlin_sources()["ImagePreprocessor.kt"]
+    shift = re.search(r"const val MAX_INTERMEDIATE_PIXELS = 1L shl (\d+)", text)
+    assert shift and 1 << int(shift.group(1)) == MAX_INTERMEDIATE_PIXELS
+
+
 def test_golden_fixture_is_runtime_output():
     assert GOLDEN.read_text() == golden_text(), "stale: python tests/test_android_demo.py --write-fixtures"
 
@@ -474,7 +517,7 @@ def test_golden_fixture_is_runtime_output():
 def test_python_port_reproduces_the_golden_cases():
     for case in json.loads(GOLDEN.read_text())["cases"]:
         argb = np.asarray(case["argb"], dtype=np.int64).astype(np.uint32).reshape(case["height"], case["width"])
-        ported = kt_preprocess(argb, case["image_preprocessing"])
+        ported = kt_preprocess(argb, case["image_preprocessing"], case["max_pixels"])
         assert ported.ravel().tolist() == case["expected"], case["name"]
 
 

@@ -9,6 +9,7 @@ import torch
 
 from cases import Case, all_cases, make_inputs
 from pruner_core import PrunerConfig, num_rounds, select_tokens, select_tokens_reference
+from pruner_core.config import Keep
 from pruner_core.primitives import (
     grid_diameter,
     grid_distance,
@@ -183,8 +184,10 @@ def test_budget_rounding():
 
 
 def test_config_json_keeps_int_and_float_keep_apart():
-    assert PrunerConfig.from_json(PrunerConfig(keep=1).to_json()).keep == 1
-    assert isinstance(PrunerConfig.from_json(PrunerConfig(keep=1.0).to_json()).keep, float)
+    assert PrunerConfig.from_json(PrunerConfig(keep=1).to_json()).keep == Keep(1)
+    assert PrunerConfig.from_json(PrunerConfig(keep=1.0).to_json()).keep == Keep(1.0)
+    assert json.loads(PrunerConfig(keep=1.0).to_json())["keep"] == 1.0
+    assert isinstance(json.loads(PrunerConfig(keep=1).to_json())["keep"], int)
     payload = json.loads(PrunerConfig().to_json())
     assert payload["version"] == 1
     with pytest.raises(ValueError, match="unknown PrunerConfig fields"):
@@ -271,3 +274,84 @@ def test_stable_argsort_matches_a_stable_sort_with_ties(seed):
     assert torch.equal(order, expected)
     ranks = stable_rank(values)
     assert torch.equal(ranks.gather(1, order), torch.arange(70).expand(3, 70))
+
+
+# ---- the budget cap inside a chunk: the authors' selection order --------------------------------------------------
+
+
+def authors_stage2(similarity: torch.Tensor, distance: torch.Tensor, pivots: list[int], budget: int,
+                   config: PrunerConfig) -> tuple[list[int], int]:
+    """An independent statement of the authors' Stage 2 (their get_retained_image_token, restated from
+    ALGORITHM.md with tensors and masks instead of the reference's sets): -> (selection order, number of capped
+    chunks whose top-k order differs from chunk order).
+
+    Each chunk is judged against the current S; when the passing members would overflow the budget, a top-k of the
+    negated redundancy takes the (R - |S|) lowest, lowest first, ties by chunk position."""
+    n = similarity.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[pivots] = True
+    order, reordered, round_index = list(pivots), 0, 0
+    while len(order) < budget:
+        tau = torch.tensor(config.tau0 + round_index * config.tau_step, dtype=torch.float32)
+
+        def redundancy() -> torch.Tensor:  # m_i(S) for all i, S = chosen
+            s = similarity[chosen].amax(0)
+            d = distance[chosen].amin(0)
+            return s * (1.0 + config.bss_lambda * d)
+
+        m = redundancy()
+        keys = [(float(m[i]), i) for i in range(n) if not chosen[i]]
+        candidates = [i for _, i in sorted(keys)]
+        for start in range(0, len(candidates), config.chunk):
+            chunk = torch.tensor(candidates[start : start + config.chunk])
+            m = redundancy()[chunk]
+            passing = chunk[m < tau]
+            room = budget - len(order)
+            if len(passing) > room:
+                # top-k with a deterministic tie rule: sort (m, chunk position) lexicographically
+                positions = torch.nonzero(m < tau).flatten()
+                ranked = sorted(zip(m[positions].tolist(), positions.tolist()))[:room]
+                accepted = [int(chunk[p]) for _, p in ranked]
+                in_chunk_order = [int(i) for i in passing if int(i) in set(accepted)]
+                reordered += accepted != in_chunk_order
+            else:
+                accepted = [int(i) for i in passing]
+            order += accepted
+            chosen[accepted] = True
+            if start == 0 and not accepted:
+                break
+            if len(order) == budget:
+                break
+        round_index += 1
+    return order, reordered
+
+
+CAPPED_CASES = [c for c in CASES if c.batch == 1 and 4 < c.budget < c.tokens][:48]
+
+
+@pytest.mark.parametrize("case", CAPPED_CASES, ids=str)
+def test_capped_chunk_records_the_authors_order(case: Case):
+    """Where the budget caps a chunk, `order` lists its accepted members lowest redundancy first, in both forms."""
+    config = PrunerConfig(keep=case.budget)
+    hidden, keys = make_inputs(case)
+    similarity = similarity_for(hidden.float(), config.feature_channels)[0]
+    positions = grid_positions(*case.grid)
+    distance = grid_distance(positions, positions, grid_diameter(*case.grid))
+    pivots = reference_pivots(keys.float(), min(config.pivots, case.budget))
+    expected, _ = authors_stage2(similarity, distance, pivots, case.budget, config)
+    assert select_tokens_reference(hidden, keys, case.grid, config).order[0].tolist() == expected
+    assert select_tokens(hidden, keys, case.grid, config).order[0].tolist() == expected
+
+
+def test_capped_cases_include_caps_whose_order_is_not_chunk_order():
+    """The cases above are only a test of the cap's order if, in some of them, it differs from chunk order."""
+    reordered = 0
+    for case in CAPPED_CASES:
+        config = PrunerConfig(keep=case.budget)
+        hidden, keys = make_inputs(case)
+        similarity = similarity_for(hidden.float(), config.feature_channels)[0]
+        positions = grid_positions(*case.grid)
+        distance = grid_distance(positions, positions, grid_diameter(*case.grid))
+        pivots = reference_pivots(keys.float(), min(config.pivots, case.budget))
+        reordered += authors_stage2(similarity, distance, pivots, case.budget, config)[1]
+    assert reordered >= 5, f"only {reordered} capped chunks reorder; widen CAPPED_CASES"

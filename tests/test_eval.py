@@ -34,6 +34,8 @@ from runtime.evaluate import (
     yes_no,
     yes_no_stats,
 )
+from cases import write_bomb_png
+from pruner_core.config import Keep
 from runtime.profile import Profile
 from runtime.session import Result
 
@@ -162,16 +164,18 @@ def test_bad_lines_are_reported_and_skipped(tmp_path) -> None:
         {"image": "img/fake.png", "question": "Is it?", "answer": "no"},    # 8 unreadable image
         {"image": "coffee", "question": " ", "answer": "no"},               # 9 empty question
         {"image": str(tmp_path / "img" / "black.png"), "question": "Dark?", "answer": ["yes", "dark"]},  # 10 ok
+        {"image": str(write_bomb_png(tmp_path / "img" / "bomb.png")), "question": "Q?", "answer": "no"},  # 11 bomb
     ])
     questions = read_questions(path)
     assert [q.line for q in questions.questions] == [1, 6, 10]
     assert questions.questions[1].image_ref == questions.questions[2].image_ref == str(tmp_path / "img" / "black.png")
     assert questions.questions[0].image_ref == "skimage:astronaut"
     reasons = {bad.line: bad.reason for bad in questions.skipped}
-    assert sorted(reasons) == [2, 3, 4, 7, 8, 9]
+    assert sorted(reasons) == [2, 3, 4, 7, 8, 9, 11]
     assert "invalid JSON" in reasons[2] and "missing field(s) answer" in reasons[3]
     assert "not found" in reasons[4] and "astronaut" in reasons[4] and "JSON object" in reasons[7]
-    assert "not an image" in reasons[8] and "question" in reasons[9]
+    assert f"cannot read image file {tmp_path / 'img' / 'fake.png'}: not an image" in reasons[8]
+    assert "question" in reasons[9] and "header declares more pixels" in reasons[11]
     assert [q.line for q in read_questions(path, limit=2).questions] == [1, 6]
 
 
@@ -288,7 +292,7 @@ def test_retained_accuracy_against_keep_one(tmp_path, model_cache) -> None:
                           methods=("vlm_pruner",), max_new_tokens=4, cache_dir=tmp_path / "cache",
                           model_cache_dir=model_cache, progress=False)
     first = evaluate(options, CountingLoader())
-    full = next(r for r in first.settings if r.keep == 1.0)
+    full = next(r for r in first.settings if r.keep == Keep(1.0))
     gold = [{**q, "answer": a.prediction or "-"} for q, a in zip(QUESTIONS, full.answers)]
     rescored = evaluate(replace(options, questions=write_jsonl(tmp_path / "gold.jsonl", gold)),
                         CountingLoader())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pruner_core.config import Keep
 from export.cli import ExportError, build_parser, check_memory, default_out, main, parse_keep, run
 
 LLAVA_7B_CONFIG = {
@@ -26,7 +27,10 @@ def run_cli(argv: list[str], tmp_path: Path) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(argv + ["--cache-dir", str(tmp_path / "cache")])
+        try:
+            code = main(argv + ["--cache-dir", str(tmp_path / "cache")])
+        except SystemExit as exit_:  # argparse's own usage errors (a --keep its type rejects)
+            code = exit_.code
     return code, err.getvalue()
 
 
@@ -36,9 +40,9 @@ def assert_nothing_left(directory: Path) -> None:
 
 
 def test_parse_keep_distinguishes_counts_and_fractions():
-    assert parse_keep("64") == 64 and isinstance(parse_keep("64"), int)
-    assert parse_keep("0.12") == 0.12
-    assert isinstance(parse_keep("1.0"), float)
+    assert parse_keep("64") == Keep(64) and not parse_keep("64").is_fraction
+    assert parse_keep("0.12") == Keep(0.12)
+    assert parse_keep("1.0").is_fraction and parse_keep("1.0") != parse_keep("1")
 
 
 def test_default_out_names_model_keep_and_target():

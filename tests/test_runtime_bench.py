@@ -8,13 +8,14 @@ import json
 import pytest
 from PIL import Image
 
+from pruner_core.config import Keep
 from runtime.bench import PeakSampler, main, parse_keeps
 
 pytestmark = pytest.mark.slow
 
 
 def test_parse_keeps():
-    assert parse_keeps("1.0,0.33,64") == [1.0, 0.33, 64]
+    assert parse_keeps("1.0,0.33,64") == [Keep(1.0), Keep(0.33), Keep(64)]
     with pytest.raises(argparse.ArgumentTypeError, match="'half'.*token count"):
         parse_keeps("1.0,half")
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from cases import write_bomb_png
 from runtime.preprocess import ImagePreprocessing, center_crop, load_image, preprocess
 
 
@@ -24,6 +25,7 @@ def _photos() -> dict[str, np.ndarray]:
         "coffee": coffee,  # 400 x 600
         "small_37x100": np.ascontiguousarray(coffee[100:137, 200:300]),  # upscaled ~9x, odd sides
         "portrait_101x57": np.ascontiguousarray(data.astronaut()[:101, 200:257]),
+        "panorama_12x500": np.ascontiguousarray(coffee[200:212, 50:550]),  # 42:1, still under the limit
     }
 
 
@@ -149,11 +151,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path) -> None:
     truncated = tmp_path / "truncated.png"
     Image.fromarray(PHOTOS["chelsea"]).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:2000])
+    bomb = write_bomb_png(tmp_path / "bomb.png")
     cases = [
-        (text, "not an image file"),
-        (tmp_path / "missing.png", "not found"),
-        (tmp_path, "directory"),
-        (truncated, "cannot read image file"),
+        (text, f"cannot read image file {text}: not an image"),
+        (tmp_path / "missing.png", "missing.png: it does not exist"),
+        (tmp_path, "it is a directory"),
+        (truncated, f"cannot read image file {truncated}: "),
+        (bomb, f"cannot read image file {bomb}: its header declares more pixels"),
         (np.zeros((8, 8), np.uint8), "got shape (8, 8)"),
         (np.zeros((8, 8, 4), np.uint8), "got shape (8, 8, 4)"),
         (np.zeros((3, 8, 8), np.uint8), "got shape (3, 8, 8)"),
@@ -234,3 +238,48 @@ def test_importing_runtime_stays_light() -> None:
     code = f"import sys, runtime; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- extreme aspect ratios ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height, width", [(20000, 1), (1, 20000), (3, 70000)])
+def test_thin_image_is_processed_in_bounded_memory(tmp_path, height, width) -> None:
+    """A few-KB file whose resized intermediate would be gigabytes (336 x 6.7 M px for 1 x 20000) is processed with
+    a bounded peak: the peak RSS the call adds is measured in a fresh process."""
+    rng = np.random.default_rng(height + width)
+    path = tmp_path / "thin.png"
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    assert path.stat().st_size < 1_000_000
+    script = (
+        "import resource, sys\n"
+        "from runtime.preprocess import ImagePreprocessing, preprocess, load_image\n"
+        "image = load_image(sys.argv[1])\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = preprocess(image, ImagePreprocessing())\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(out.shape, (after - before) * 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shape, added = done.stdout.rsplit(" ", 1)
+    assert shape == "(1, 3, 336, 336)"
+    assert int(added) < 64 * 2**20, f"preprocessing a {width} x {height} image added {int(added) / 2**20:.0f} MiB"
+
+
+def test_thin_image_keeps_the_middle_of_the_image() -> None:
+    """The bounded path is the ordinary pipeline on the middle of the image: its output equals processing that
+    middle strip, and an image just under the limit is processed whole (bit for bit as transformers)."""
+    from runtime.preprocess import bounded_source
+
+    spec = ImagePreprocessing()
+    rng = np.random.default_rng(0)
+    thin = Image.fromarray(rng.integers(0, 256, (2, 40000, 3), dtype=np.uint8))
+    kept = 2 * 336 * 2 // 336  # ceil(2 * crop * short / shortest_edge)
+    middle = thin.crop(((40000 - kept) // 2, 0, (40000 - kept) // 2 + kept, 2))
+    assert np.array_equal(preprocess(thin, spec), preprocess(middle, spec))
+    assert bounded_source(thin, spec, max_pixels=336 * 6_720_000).size == thin.size  # under the limit: untouched
+    with pytest.raises(ValueError, match="less extreme aspect ratio"):
+        preprocess(thin, ImagePreprocessing(do_center_crop=False, crop_height=None, crop_width=None))
+    padded = preprocess(thin, ImagePreprocessing(do_pad_to_square=True))
+    assert padded.shape == (1, 3, 336, 336)

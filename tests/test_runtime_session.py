@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from skimage import data
 
+from cases import write_bomb_png
 from export.common import ExportOptions
 from pruner_core import PrunerConfig
 from pruner_core.adapters import resolve_model
@@ -140,11 +141,44 @@ def test_missing_model_file(onnx_exports, tmp_path):
         load(folder)
 
 
-def test_corrupt_model_file(onnx_exports, tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_model_file(onnx_exports, tmp_path, damage):
     folder = copy_export(onnx_exports[0], tmp_path)
-    (folder / "onnx" / "embed_tokens.onnx").write_bytes(b"not a model")
-    with pytest.raises(Exception, match="(?i)protobuf|invalid|load model|parse"):
+    graph = folder / "onnx" / "embed_tokens.onnx"
+    graph.write_bytes(b"not a model" if damage == "garbage" else graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{graph}.* is corrupt or incomplete.*export the model again"):
         load(folder)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "executorch"])
+@pytest.mark.parametrize("change", ["missing", "empty"])
+def test_export_config_without_eos_ids_is_refused_by_both_backends(onnx_exports, executorch_exports, tmp_path,
+                                                                  backend, change):
+    folder = copy_export((onnx_exports if backend == "onnx" else executorch_exports)[2], tmp_path)
+    config = json.loads((folder / "export_config.json").read_text())
+    if change == "missing":
+        del config["tokenizer"]["eos_ids"]
+    else:
+        config["tokenizer"]["eos_ids"] = []
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no end-of-sequence ids.*tokenizer.eos_ids.*export the model again"):
+        load(folder)
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "max_seq_len", "graphs"])
+def test_export_config_missing_a_runtime_field_names_it(onnx_exports, tmp_path, field):
+    folder = copy_export(onnx_exports[0], tmp_path)
+    config = json.loads((folder / "export_config.json").read_text())
+    del config[field]
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"lacks {field}.*export the model again"):
+        load(folder)
+
+
+def test_question_holding_the_image_placeholder_is_refused_as_such(onnx_exports):
+    session = load(onnx_exports[0])
+    with pytest.raises(ValueError, match="question contains the image placeholder '<image>'.*remove"):
+        session.generate(data.astronaut(), "<image> What is in the picture?")
 
 
 def test_newer_export_format(onnx_exports, tmp_path):
@@ -160,8 +194,11 @@ def test_image_that_is_not_an_image(onnx_exports, tmp_path):
     fake = tmp_path / "photo.jpg"
     fake.write_text("hello")
     session = load(onnx_exports[0])
-    with pytest.raises(ValueError, match="not an image"):
+    with pytest.raises(ValueError, match=f"cannot read image file {fake}: not an image"):
         session.generate(fake, PROMPT)
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match=f"cannot read image file {bomb}: its header declares more pixels"):
+        session.generate(bomb, PROMPT)
     with pytest.raises(ValueError, match="shape"):
         session.generate(np.zeros((4, 4), dtype=np.uint8), PROMPT)
 
@@ -192,7 +229,11 @@ def test_pruner_run_cli_end_to_end(onnx_exports):
         "kept_image_tokens"]
     bad = subprocess.run([sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", "/no/such.png",
                           "--prompt", PROMPT], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "pruner-run: error" in bad.stderr and "not found" in bad.stderr
+    assert bad.returncode == 2 and "pruner-run: error" in bad.stderr and "does not exist" in bad.stderr
+    bomb = write_bomb_png(onnx_exports[2].parent / "bomb.png")
+    bad = subprocess.run([sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", str(bomb),
+                          "--prompt", PROMPT], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "header declares more pixels" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---- ExecuTorch backend -------------------------------------------------------------------------------------------
@@ -239,3 +280,38 @@ def test_executorch_missing_and_corrupt_program(executorch_exports, tmp_path):
     (folder / "model.pte").unlink()
     with pytest.raises(FileNotFoundError, match="model.pte is missing"):
         load(folder)
+
+
+# ---- the cache boundary -------------------------------------------------------------------------------------------
+
+
+def question_filling(session, positions: int) -> str:
+    """A question whose prompt makes the decoder hold exactly ``positions`` tokens after prefill."""
+    image = session.backend.kept_image_tokens if session.config["placement"] == "before_llm" else \
+        session.backend.num_image_tokens
+    for words in range(1, 4 * positions):
+        question = "cat " * words + "?"
+        held = session.encoder.encode(question).text_tokens + image
+        if held == positions:
+            return question
+        if held > positions:
+            break
+    raise AssertionError(f"no question fills exactly {positions} positions")
+
+
+@pytest.mark.parametrize("backend, layer", [("onnx", 2), ("executorch", 0), ("executorch", 2)])
+def test_generation_uses_the_whole_cache(onnx_exports, executorch_exports, zoo, backend, layer):
+    """A prompt of P positions leaves room for max_seq_len - P + 1 tokens (the last needs no cache slot): a prompt
+    that fills the cache still answers one token, the tokens up to the boundary equal eager PyTorch, and one position
+    more is refused."""
+    session = load((onnx_exports if backend == "onnx" else executorch_exports)[layer])
+    limit = session.backend.max_seq_len
+    eager = load("tiny-llava", config=PrunerConfig(keep=0.12, layer=layer), cache_dir=zoo)
+    for room in (1, 3):
+        question = question_filling(session, limit - room + 1)
+        result = session.generate(data.astronaut(), question, max_new_tokens=room + 5)
+        reference = eager.generate(data.astronaut(), question, max_new_tokens=room)
+        assert result.tokens == reference.tokens
+        assert len(result.tokens) == room and result.stop_reason == "max_seq_len" or result.stop_reason == "eos"
+    with pytest.raises(ValueError, match=f"needs {limit + 1} positions.*max_seq_len={limit}"):
+        session.generate(data.astronaut(), question_filling(session, limit + 1))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cases import write_bomb_png
 from pruner_core import PrunerConfig, method_names
 from pruner_core.adapters import embed_prompt, image_grid, llava_prompt, load_llava, prefill_with_pruning, resolve_model
 from pruner_core.coverage import Coverage, coverage, kept_groups, kept_mask, mean_gap, region_bounds, regions_hit
@@ -225,7 +226,10 @@ def test_fewer_panels_make_a_narrower_png_and_a_second_grid(cache_dir, tmp_path,
 def run_main(argv: list[str], cache_dir: Path) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(argv + ["--cache-dir", str(cache_dir)])
+        try:
+            code = main(argv + ["--cache-dir", str(cache_dir)])
+        except SystemExit as exit_:  # argparse's own usage errors (a --keep its type rejects)
+            code = exit_.code
     return code, err.getvalue()
 
 
@@ -242,7 +246,11 @@ def test_bad_images(tmp_path, cache_dir):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     code, err = run_main(["--image", str(text), "--out", str(tmp_path / "v.png")], cache_dir)
-    assert code == 2 and "not an image" in err
+    assert code == 2 and f"cannot read image file {text}: not an image" in err
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    code, err = run_main(["--image", str(bomb), "--out", str(tmp_path / "v.png")], cache_dir)
+    assert code == 2 and f"cannot read image file {bomb}: its header declares more pixels" in err
+    assert "Traceback" not in err
     with pytest.raises(VizError, match="directory"):
         load_image(str(tmp_path))
 

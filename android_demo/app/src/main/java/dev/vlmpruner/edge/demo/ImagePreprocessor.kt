@@ -15,15 +15,24 @@ package dev.vlmpruner.edge.demo
  *
  * Decoding the file is the platform's (Android's JPEG decoder may differ from libjpeg by a grey level on some
  * pixels); from the decoded pixels on, the result is the runtime's bit for bit.
+ *
+ * Extreme aspect ratios (runtime/preprocess.py bounded_source, the same rule): where the resized image, or the
+ * padded square, would hold more than [maxPixels] pixels, the image is first reduced in source pixels: centre-cropped
+ * along its long side to ceil(2 * crop * short / shortest_edge) pixels (resize + crop), or resized to a longest edge
+ * of isqrt(maxPixels) (pad to square); a shortest-edge resize without a crop is refused. A 1 x 20000 px photo then
+ * costs kilobytes, not the gigabytes of its resized intermediate.
  */
-class ImagePreprocessor(private val spec: ImagePreprocessing) {
+class ImagePreprocessor(
+    private val spec: ImagePreprocessing,
+    private val maxPixels: Long = MAX_INTERMEDIATE_PIXELS
+) {
 
     /** (height, width) of the encoder input for an image of this size. */
     fun outputSize(height: Int, width: Int): IntArray = spec.outputSize(height, width)
 
     fun run(source: ArgbSource): EncoderInput {
         require(source.width > 0 && source.height > 0) { "empty image (${source.width}x${source.height})" }
-        var image: RowSource = OpaqueRows(source)
+        var image: RowSource = boundedSource(OpaqueRows(source))
         if (spec.doPadToSquare) image = SquarePadding(image, spec.padColor)
         val resized = if (spec.doResize) {
             val size = spec.resizedSize(image.height, image.width)
@@ -35,6 +44,41 @@ class ImagePreprocessor(private val spec: ImagePreprocessing) {
         return when (spec.inputLayout) {
             InputLayout.UINT8_CHW -> EncoderInput.Pixels(cropped.width, cropped.height, planesUint8(cropped))
             InputLayout.FLOAT_NCHW -> EncoderInput.Normalized(cropped.width, cropped.height, planesFloat(cropped))
+        }
+    }
+
+    /** runtime/preprocess.py bounded_source: [image], reduced where the later steps would exceed [maxPixels]. */
+    internal fun boundedSource(image: RowSource): RowSource {
+        val width = image.width.toLong()
+        val height = image.height.toLong()
+        if (spec.doPadToSquare) {
+            val side = Math.max(width, height)
+            if (side * side <= maxPixels) return image
+            val longest = isqrt(maxPixels)
+            val size = if (width >= height) {
+                longArrayOf(longest, Math.max(1L, height * longest / width))
+            } else {
+                longArrayOf(Math.max(1L, width * longest / height), longest)
+            }
+            return RgbRows(Resampler.resize(image, size[0].toInt(), size[1].toInt(), spec.resample))
+        }
+        val edge = spec.shortestEdge
+        if (!spec.doResize || edge == null) return image
+        val short = Math.min(width, height)
+        val long = Math.max(width, height)
+        val resizedLong = (edge.toLong() * long).toDouble() / short // Python: int(n * long / short)
+        if (Math.floor(resizedLong) * edge <= maxPixels.toDouble()) return image
+        require(spec.doCenterCrop) {
+            "a ${image.width} x ${image.height} px image resized to a shortest edge of $edge px would be larger than " +
+                "$maxPixels px; crop it to a less extreme aspect ratio first"
+        }
+        val crop = (if (width <= height) spec.cropHeight!! else spec.cropWidth!!).toLong()
+        val keep = Math.min(long, Math.floorDiv(2 * crop * short + edge - 1, edge.toLong()))
+        val start = (long - keep) / 2
+        return if (width <= height) {
+            CroppedRows(image, 0, start.toInt(), image.width, keep.toInt())
+        } else {
+            CroppedRows(image, start.toInt(), 0, keep.toInt(), image.height)
         }
     }
 
@@ -70,6 +114,17 @@ class ImagePreprocessor(private val spec: ImagePreprocessing) {
         const val CHANNELS = ImagePreprocessing.CHANNELS
         internal const val BYTE_MASK = 0xFF
         private const val BYTE_VALUES = 256
+
+        /** runtime/preprocess.py MAX_INTERMEDIATE_PIXELS: the largest resized or padded image built (2^26 px). */
+        const val MAX_INTERMEDIATE_PIXELS = 1L shl 26
+
+        /** floor(sqrt(n)), exactly (Python's math.isqrt). */
+        fun isqrt(n: Long): Long {
+            var root = Math.sqrt(n.toDouble()).toLong()
+            while (root * root > n) root--
+            while ((root + 1) * (root + 1) <= n) root++
+            return root
+        }
 
         /** runtime/preprocess.py center_crop: the window at floor((H - h) / 2), zero where it leaves the image. */
         fun centerCrop(image: RgbImage, cropHeight: Int, cropWidth: Int): RgbImage {
@@ -131,6 +186,33 @@ class RgbImage(val width: Int, val height: Int, val data: ByteArray) {
             }
             return RgbImage(rows.width, rows.height, data)
         }
+    }
+}
+
+/** A window of [image]: [width] x [height] pixels from column [left], row [top] (Pillow's Image.crop inside it). */
+class CroppedRows(
+    private val image: RowSource,
+    private val left: Int,
+    private val top: Int,
+    override val width: Int,
+    override val height: Int
+) : RowSource {
+    private val row = ByteArray(image.width * ImagePreprocessor.CHANNELS)
+
+    override fun readRow(y: Int, out: ByteArray) {
+        image.readRow(y + top, row)
+        System.arraycopy(row, left * ImagePreprocessor.CHANNELS, out, 0, width * ImagePreprocessor.CHANNELS)
+    }
+}
+
+/** An RgbImage read back as rows. */
+class RgbRows(private val image: RgbImage) : RowSource {
+    override val width: Int get() = image.width
+    override val height: Int get() = image.height
+
+    override fun readRow(y: Int, out: ByteArray) {
+        val stride = image.width * ImagePreprocessor.CHANNELS
+        System.arraycopy(image.data, y * stride, out, 0, stride)
     }
 }
 
