@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.common import read_export_config, staging_directory
+from export.common import check_runtime_fields, read_export_config, staging_directory
 
 DEVICE_DIR = "/data/local/tmp/vlm_pruner"  # the app scans this folder (ModelLocator.DEVICE_DIR in the Kotlin)
 CONFIG_FILE = "export_config.json"
@@ -76,8 +76,9 @@ def prepare_android_folder(export_dir: str | Path, out_dir: str | Path, overwrit
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if export_dir.resolve() == out_dir.resolve():
         raise ValueError(f"the Android folder must differ from the export folder {export_dir}; choose another one")
-    config = read_export_config(export_dir)
-    check_runnable_on_android(config, export_dir)
+    config = read_export_config(export_dir, check_fields=False)
+    check_runnable_on_android(config, export_dir)  # first: its error says which export the app needs
+    check_runtime_fields(config, export_dir / CONFIG_FILE)
     names = android_files(config)
     missing = [name for name in names if not (export_dir / name).is_file()]
     if missing:

@@ -130,8 +130,9 @@ def build_export_config(
     return payload
 
 
-def read_export_config(directory: str | Path) -> dict[str, Any]:
-    """Load and check `export_config.json`; a clear error for a missing, corrupt or newer-format file."""
+def read_export_config(directory: str | Path, check_fields: bool = True) -> dict[str, Any]:
+    """Load and check `export_config.json`; a clear error for a missing, corrupt or newer-format file, and (unless
+    ``check_fields`` is false) for one that lacks a field a runtime reads (``check_runtime_fields``)."""
     path = Path(directory) / "export_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a folder written by pruner-export?")
@@ -147,7 +148,8 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
             f"{path} uses export format {version}, newer than this vlm-pruner-edge understands "
             f"({EXPORT_FORMAT_VERSION}); upgrade vlm-pruner-edge"
         )
-    check_runtime_fields(payload, path)
+    if check_fields:
+        check_runtime_fields(payload, path)
     return payload
 
 
