@@ -208,8 +208,8 @@ def test_export_config_matches_program(exports, layer):
     folder, payload = exports("tiny-llava", layer, 0.12)
     on_disk = json.loads((folder / "export_config.json").read_text())
     assert on_disk == payload
-    for field in PrunerConfig.__dataclass_fields__:
-        assert payload["pruner"][field] == getattr(PrunerConfig(keep=0.12, layer=layer), field)
+    assert PrunerConfig.from_dict(payload["pruner"]) == PrunerConfig(keep=0.12, layer=layer)
+    assert payload["pruner"]["keep"] == 0.12 and isinstance(payload["pruner"]["keep"], float)
     assert payload["placement"] == ("before_llm" if layer == 0 else "in_llm")
     assert payload["positions"] == ("consecutive" if layer == 0 else "original")
     assert payload["grid"] == [24, 24] and payload["num_image_tokens"] == 24 * 24
