@@ -1,6 +1,7 @@
 """Time to first token at LLaVA-1.5-7B's real widths, pruned vs unpruned, against the token-count bound.
 
     .venv/bin/python benchmarks/llava_shapes.py [--decoder-layers 4] [--targets onnx,executorch] [--repeats 3]
+        [--quantize 8da4w] [--quantize-vision int8] [--onnx-quantize int4]
 
 Builds a LLaVA with LLaVA-1.5-7B's widths (CLIP ViT-L/14-336: 1024 hidden, 24 layers, 16 heads, 4096 FFN; Llama:
 4096 hidden, 11008 FFN, 32 heads) but few decoder layers (random weights, the tiny tokenizer, so the LM head is
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="onnx,executorch")
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", default="none", choices=["none", "8da4w"], help="ExecuTorch decoder")
+    parser.add_argument("--quantize-vision", default="none", choices=["none", "int8"], help="ExecuTorch vision tower")
+    parser.add_argument("--onnx-quantize", default="none", choices=["none", "int8", "int4"], help="ONNX decoder")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated to measure decode speed")
     parser.add_argument("--work-dir", type=Path, default=Path("exported") / "llava_shapes")
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "llava_shapes.json")
     args = parser.parse_args(argv)
@@ -61,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = [("unpruned", 1.0, 2), ("layer 2", args.keep, 2), ("layer 0", args.keep, 0)]
     runs = []
     for target in args.targets.split(","):
+        quantize = args.quantize if target == "executorch" else args.onnx_quantize
+        vision = args.quantize_vision if target == "executorch" else "none"
         for label, keep, layer in settings:
-            folder = ensure_export(str(model_dir.resolve()), target, keep, layer, args.work_dir / target, None)
-            runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "session": load(folder)})
+            folder = ensure_export(str(model_dir.resolve()), target, keep, layer, args.work_dir / target, None,
+                                   quantize=quantize, quantize_vision=vision)
+            runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "session": load(folder),
+                         "quantization": f"{quantize}/vision {vision}"})
     image, prompt = data.astronaut(), "What is in the picture?"
     for run in runs:  # warm-up
         run["session"].generate(image, prompt, max_new_tokens=1)
@@ -76,22 +85,26 @@ def main(argv: list[str] | None = None) -> int:
             run.setdefault("vision", []).append(profile.vision_ms)
             run.setdefault("peak", []).append(sampler.growth)  # memory the call itself adds
             run["tokens"] = (profile.prompt_tokens_before_pruning, profile.prompt_tokens_after_pruning)
+    for run in runs:  # decode speed: tokens after the first, at a fixed count (random weights rarely stop early)
+        profile = run["session"].generate(image, prompt, max_new_tokens=args.decode_tokens).profile
+        run["decode_tps"] = profile.decode_tokens_per_s
     report = []
     print(f"{'target':<11} {'setting':<9} {'T->T_':>10} {'TTFT ms':>9} {'prefill ms':>11} {'speed-up':>9} "
-          f"{'bound':>6} {'of bound':>9} {'call +MiB':>10}")
+          f"{'bound':>6} {'of bound':>9} {'decode t/s':>11} {'call +MiB':>10}")
     for run in runs:
         base = next(r for r in runs if r["target"] == run["target"] and r["label"] == "unpruned")
         ttft, prefill = statistics.median(run["ttft"]), statistics.median(run["prefill"])
         speedup = statistics.median(base["prefill"]) / prefill
         total, kept = run["tokens"]
         limit = bound(total, kept, args.decoder_layers, run["layer"]) if run["label"] != "unpruned" else 1.0
-        row = {k: run[k] for k in ("target", "label", "keep", "layer")} | {
+        row = {k: run[k] for k in ("target", "label", "keep", "layer", "quantization", "decode_tps")} | {
             "tokens": run["tokens"], "ttft_ms": ttft, "prefill_ms": prefill, "vision_ms": statistics.median(run["vision"]),
             "decoder_prefill_speedup": speedup, "bound": limit, "share_of_bound": speedup / limit,
             "ttft_speedup": statistics.median(base["ttft"]) / ttft, "call_peak_growth_bytes": max(run["peak"])}
         report.append(row)
         print(f"{run['target']:<11} {run['label']:<9} {f'{total}->{kept}':>10} {ttft:>9.0f} {prefill:>11.0f} "
-              f"{speedup:>8.2f}x {limit:>6.2f} {speedup / limit:>8.0%} {max(run['peak']) / 2**20:>10.0f}")
+              f"{speedup:>8.2f}x {limit:>6.2f} {speedup / limit:>8.0%} {run['decode_tps'] or 0:>11.2f} "
+              f"{max(run['peak']) / 2**20:>10.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -8,18 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, TextIO
 
 from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
-from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, staging_directory
+from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
-EXPORT_OVERHEAD = 2.5  # tracing and lowering hold about this many copies of the weights at peak
 
 
 class ExportError(Exception):
@@ -70,26 +68,31 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_memory(parameters: int, dtype: str, available: int | None, stream: TextIO) -> None:
-    """Say what the export needs; refuse when the weights alone do not fit in the free memory."""
-    weights = parameters * BYTES_PER_PARAM[dtype]
-    peak = int(weights * EXPORT_OVERHEAD)
-    gib = 1024**3
-    have = f"{available / gib:.1f} GiB available" if available else "available memory unknown"
-    print(f"model: {parameters / 1e9:.2f}B parameters; {dtype} weights {weights / gib:.1f} GiB, export peak "
-          f"~{peak / gib:.1f} GiB ({have})", file=stream)
-    if available is None:
+def check_memory(counts, options: ExportOptions, stored_dtype: str, available: int | None, stream: TextIO) -> None:
+    """Say what the export needs (export/memory.py's measured model of its peak); refuse when the estimated peak
+    exceeds the free memory, saying what would fit."""
+    from .memory import BYTES_PER_PARAM, GIB, estimate_export_memory
+
+    estimate = estimate_export_memory(counts, options, stored_dtype)
+    weights = counts.total * BYTES_PER_PARAM[options.dtype]
+    have = f"{available / GIB:.1f} GiB available" if available else "available memory unknown"
+    print(f"model: {counts.total / 1e9:.2f}B parameters, {options.dtype} weights {weights / GIB:.1f} GiB; "
+          f"{options.target} export {estimate.describe()}; {have}", file=stream)
+    if available is None or estimate.peak <= available:
         return
-    if weights > available:
-        smaller = [d for d in DTYPES if BYTES_PER_PARAM[d] < BYTES_PER_PARAM[dtype]]
-        hint = f"use --dtype {smaller[0]} (halves the weights) or " if smaller else ""
-        raise ExportError(
-            f"not enough memory: {dtype} weights alone need {weights / gib:.1f} GiB but only {available / gib:.1f} GiB "
-            f"is available; {hint}export on a machine with >= {peak / gib:.0f} GiB of RAM"
-        )
-    if peak > available:
-        print(f"warning: the export may need ~{peak / gib:.1f} GiB at peak, more than the {available / gib:.1f} GiB "
-              "available; it may be killed for memory", file=stream)
+    hints = []
+    if options.dtype == "fp32" and stored_dtype != "fp32":
+        hints.append(f"--dtype auto (the checkpoint's {stored_dtype}: no fp32 copy)")
+    elif options.dtype == "fp32":
+        hints.append("--dtype fp16 (halves the weights)")
+    if options.quantize == "none":
+        hints.append("--quantize 8da4w" if options.target == "executorch" else "--quantize int4")
+    hint = f"try {' or '.join(hints)}, or " if hints else ""
+    raise ExportError(
+        f"not enough memory: the {options.target} export needs {estimate.describe()} but only "
+        f"{available / GIB:.1f} GiB is available; {hint}export on a machine with >= {estimate.peak / GIB:.0f} GiB "
+        "of RAM"
+    )
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
@@ -182,9 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"])
     target.add_argument("--backend", default="xnnpack", choices=list(EXECUTORCH_BACKENDS), help="ExecuTorch backend")
-    target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8"],
-                        help="executorch: 8da4w (torchao, decoder linears); onnx: int8 (dynamic)")
-    target.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],
+                        help="executorch: 8da4w (torchao, decoder linears); onnx: int8 (dynamic) or int4 (4-bit "
+                             "MatMulNBits weights of the decoder, transformers.js' q4)")
+    target.add_argument("--quantize-vision", default="none", choices=["none", "int8"],
+                        help="executorch: int8 vision tower and projector (dynamic int8 activations, per-channel int8 "
+                             "weights)")
+    target.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights and activations; auto (default) = the checkpoint's own dtype (fp16 for "
+                             "llava-hf 7B: never an fp32 copy of a half-precision checkpoint)")
     target.add_argument("--max-seq-len", type=int, default=768)
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
-    from pruner_core.adapters import estimate_parameters, resolve_model
+    from pruner_core.adapters import parameter_counts, resolve_model
 
     stream = stream or sys.stderr
     try:
@@ -204,6 +213,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     except ValueError as error:
         raise ExportError(str(error)) from None
     targets = ["executorch", "onnx"] if args.target == "all" else [args.target]
+    if args.target == "onnx" and args.quantize_vision != "none":
+        raise ExportError("--quantize-vision applies to --target executorch (XNNPACK's dynamically quantised linears); "
+                          "drop it for ONNX, or use --quantize int8 there")
     if args.android and (args.target == "onnx" or args.prune_layer != 0):
         raise ExportError(
             "--android needs an ExecuTorch export the stock runner can run: use --target executorch --prune-layer 0"
@@ -212,10 +224,12 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     for target in targets:
         quantize = args.quantize
         if args.target == "all" and quantize != "none":  # each target takes the quantisation it knows
-            quantize = quantize if quantize in {"executorch": ("8da4w",), "onnx": ("int8",)}[target] else "none"
-        try:
+            quantize = quantize if quantize in {"executorch": ("8da4w",), "onnx": ("int8", "int4")}[target] else "none"
+        try:  # "auto" becomes the checkpoint's dtype once the model is found
             options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend,
-                                    quantize=quantize, dtype=args.dtype, max_seq_len=args.max_seq_len)
+                                    quantize=quantize, dtype="fp32" if args.dtype == "auto" else args.dtype,
+                                    max_seq_len=args.max_seq_len,
+                                    quantize_vision=args.quantize_vision if target == "executorch" else "none")
         except ValueError as error:
             raise ExportError(str(error)) from None
         out = args.out if args.out and len(targets) == 1 else (
@@ -230,7 +244,19 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     except (ValueError, FileNotFoundError) as error:
         raise ExportError(str(error)) from None
     check_model_fits(model_dir, pruner)
-    check_memory(estimate_parameters(model_dir), args.dtype, available_memory_bytes(), stream)
+    resolved = []
+    for options, out in plans:
+        dtype, why = resolve_dtype(args.dtype, model_dir, options.target, options.quantize)
+        if args.dtype == "auto":
+            print(f"{options.target}: dtype {dtype} ({why})", file=stream)
+        try:
+            resolved.append((replace(options, dtype=dtype), out))
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+    plans = resolved
+    available = available_memory_bytes()
+    for options, _ in plans:
+        check_memory(parameter_counts(model_dir), options, checkpoint_dtype(model_dir), available, stream)
     written = []
     for options, out in plans:
         export = exporter_for(options.target)

@@ -21,7 +21,8 @@ from pruner_core import PrunerConfig, get_method
 EXPORT_FORMAT_VERSION = 1
 TARGETS = ("executorch", "onnx")
 EXECUTORCH_BACKENDS = ("xnnpack", "portable", "coreml", "qnn")
-QUANTIZE_CHOICES = {"executorch": ("none", "8da4w"), "onnx": ("none", "int8")}
+QUANTIZE_CHOICES = {"executorch": ("none", "8da4w"), "onnx": ("none", "int8", "int4")}
+VISION_QUANTIZE_CHOICES = {"executorch": ("none", "int8"), "onnx": ("none",)}
 DTYPES = ("fp32", "fp16", "bf16")
 # Signals a selection can read inside the exported graphs, per placement: the selection runs in the vision encoder
 # at layer 0 (no prompt text there) and in the prefill at layer K; no graph exposes the vision tower's [CLS] attention.
@@ -44,9 +45,11 @@ class ExportOptions:
     target: str  # executorch | onnx
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     backend: str = "xnnpack"  # executorch only
-    quantize: str = "none"  # executorch: none | 8da4w ; onnx: none | int8
+    quantize: str = "none"  # executorch: none | 8da4w ; onnx: none | int8 | int4
     dtype: str = "fp32"
     max_seq_len: int = 768
+    quantize_vision: str = "none"  # executorch: none | int8 (dynamic int8 activations, per-channel int8 weights)
+    lowering_slice_bytes: int = 1 << 29  # ExecuTorch: weights per XNNPACK lowering pass (export/lowering.py)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -58,15 +61,55 @@ class ExportOptions:
                 f"--quantize {self.quantize} is not available for {self.target}; "
                 f"choose one of {QUANTIZE_CHOICES[self.target]}"
             )
+        if self.quantize_vision not in VISION_QUANTIZE_CHOICES[self.target]:
+            raise ValueError(
+                f"--quantize-vision {self.quantize_vision} is not available for {self.target}; choose one of "
+                f"{VISION_QUANTIZE_CHOICES[self.target]}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be an int >= 8, got {self.max_seq_len!r}")
+        if not isinstance(self.lowering_slice_bytes, int) or self.lowering_slice_bytes < 1:
+            raise ValueError(f"lowering_slice_bytes must be an int >= 1, got {self.lowering_slice_bytes!r}")
 
     @property
     def placement(self) -> str:
         """'before_llm' (layer 0: stock runners run it) or 'in_llm' (layer K >= 1: the paper's placement)."""
         return "before_llm" if self.pruner.layer == 0 else "in_llm"
+
+
+CHECKPOINT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype a Hugging Face checkpoint stores its weights in (config.json ``dtype`` / ``torch_dtype``, top level
+    or the text config's) as fp32 / fp16 / bf16; fp32 when the config does not say."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "fp32"
+    candidates = [config, config.get("text_config") or {}]
+    for block in candidates:
+        for key in ("dtype", "torch_dtype"):
+            name = str(block.get(key) or "").replace("torch.", "")
+            if name in CHECKPOINT_DTYPES:
+                return CHECKPOINT_DTYPES[name]
+    return "fp32"
+
+
+def resolve_dtype(requested: str, model_dir: str | Path, target: str, quantize: str) -> tuple[str, str]:
+    """``--dtype`` -> (fp32 | fp16 | bf16, why). ``auto`` is the checkpoint's own dtype, so a half-precision
+    checkpoint is never held in fp32 (its weights stay mapped from the files); onnxruntime's CPU provider has no
+    bf16 MatMul, so ONNX takes fp16 for a bf16 checkpoint, and fp32 for ``--quantize int8`` (it quantizes fp32)."""
+    if requested != "auto":
+        return requested, "as asked"
+    stored = checkpoint_dtype(model_dir)
+    if target == "onnx" and quantize == "int8":
+        return "fp32", f"auto: the checkpoint is {stored}; --quantize int8 quantizes fp32 weights"
+    if target == "onnx" and stored == "bf16":
+        return "fp16", "auto: the checkpoint is bf16, which onnxruntime's CPU provider cannot run"
+    return stored, f"auto: the checkpoint's own dtype"
 
 
 def library_versions() -> dict[str, str]:
@@ -117,6 +160,7 @@ def build_export_config(
         "positions": "consecutive" if options.placement == "before_llm" else "original",
         "dtype": options.dtype,
         "quantization": options.quantize,
+        "vision_quantization": options.quantize_vision,
         "backend": options.backend if options.target == "executorch" else "onnxruntime",
         "max_seq_len": options.max_seq_len,
         "library_versions": library_versions(),
@@ -157,6 +201,9 @@ def read_export_config(directory: str | Path, check_fields: bool = True) -> dict
 RUNTIME_FIELDS = ("target", "placement", "num_image_tokens", "kept_image_tokens", "max_seq_len", "methods",
                   "image_preprocessing", "tokenizer", "tokenizer.image_token_id")
 TARGET_FIELDS = {"onnx": ("graphs", "decoder", "image_placeholders"), "executorch": ("executorch.program",)}
+FIELD_TYPES = {"num_image_tokens": int, "kept_image_tokens": int, "max_seq_len": int, "methods": dict,
+               "image_preprocessing": dict, "tokenizer": dict, "tokenizer.image_token_id": int, "graphs": dict,
+               "decoder": dict, "image_placeholders": int, "executorch.program": str}
 
 
 def check_runtime_fields(payload: dict[str, Any], path: Path | str) -> None:
@@ -172,12 +219,22 @@ def check_runtime_fields(payload: dict[str, Any], path: Path | str) -> None:
             node = node[key]
         return True
 
+    def value(dotted: str) -> Any:
+        node: Any = payload
+        for key in dotted.split("."):
+            node = node[key]
+        return node
+
     needed = RUNTIME_FIELDS + TARGET_FIELDS.get(payload.get("target"), ())
     missing = [name for name in needed if not has(name)]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by this pruner-export (or was "
                          "edited); export the model again")
-    eos_ids(payload["tokenizer"])
+    wrong = [f"{name} ({kind.__name__} expected, got {value(name)!r})" for name, kind in FIELD_TYPES.items()
+             if has(name) and (not isinstance(value(name), kind) or isinstance(value(name), bool))]
+    if wrong:
+        raise ValueError(f"{path} has {', '.join(wrong)}: it was edited or is damaged; export the model again")
+    eos_ids(payload["tokenizer"], str(path))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

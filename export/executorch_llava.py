@@ -52,6 +52,8 @@ from .common import (
     tensor_spec,
     write_json,
 )
+from .lowering import SharedNamedData, layer_passes, slice_partitioner
+from .memory import CheckpointPages, checkpoint_files, return_freed_memory_promptly
 
 PROGRAM_FILE = "model.pte"
 RUNNER_TOKENIZER = "tokenizer.json"  # what MultimodalRunner(model_path, tokenizer_path) is given
@@ -73,11 +75,13 @@ class BackendUnavailableError(ImportError):
 @dataclass(frozen=True)
 class BackendRecipe:
     """How one ExecuTorch backend lowers a method: ``check`` raises before any work; ``partitioners(options,
-    method)`` is called per method (partitioner objects keep state)."""
+    method, program, shared)`` is called per method with its traced program and the program's ``SharedNamedData``,
+    and returns the lowering passes, each a list of partitioners applied in order (partitioner objects keep state;
+    see ``lower``)."""
 
     name: str
     check: Callable[[ExportOptions], None]
-    partitioners: Callable[[ExportOptions, str], list]
+    partitioners: Callable[[ExportOptions, str, torch.export.ExportedProgram, SharedNamedData], list[list]]
 
 
 def _check_nothing(options: ExportOptions) -> None:
@@ -87,16 +91,19 @@ def _check_nothing(options: ExportOptions) -> None:
 DECODER_METHODS = frozenset({"text_decoder", "prefill", "decode"})  # the methods holding the decoder's linears
 
 
-def _xnnpack_partitioners(options: ExportOptions, method: str) -> list:
+def _xnnpack_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
+                          shared: SharedNamedData) -> list[list]:
+    """One pass per slice of layers (export/lowering.py: bounds the backend's working copy of the weights)."""
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    if options.quantize == "8da4w" and method in DECODER_METHODS:
+    passes = layer_passes(program, options.lowering_slice_bytes)
+    if options.quantize == "8da4w" or options.quantize_vision == "int8":
         # dynamically quantised linears first, one per partition (keeps one unpacked weight in memory at a time),
         # then everything else, as ExecuTorch's LLaVA export does
-        return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True),
-                XnnpackPartitioner()]
-    return [XnnpackPartitioner()]
+        return [[slice_partitioner(p, i == 0, shared, config_precisions=ConfigPrecisionType.DYNAMIC_QUANT,
+                                   per_op_mode=True),
+                 slice_partitioner(p, i == 0, shared)] for i, p in enumerate(passes)]
+    return [[slice_partitioner(p, i == 0, shared)] for i, p in enumerate(passes)]
 
 
 def _check_portable(options: ExportOptions) -> None:
@@ -123,10 +130,11 @@ def _check_coreml(options: ExportOptions) -> None:
         )
 
 
-def _coreml_partitioners(options: ExportOptions, method: str) -> list:
+def _coreml_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
+                          shared: SharedNamedData) -> list[list]:
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
-    return [CoreMLPartitioner()]
+    return [[CoreMLPartitioner()]]
 
 
 def _qnn_sdk_root() -> Path | None:
@@ -153,7 +161,8 @@ def _check_qnn(options: ExportOptions) -> None:
         )
 
 
-def _qnn_partitioners(options: ExportOptions, method: str) -> list:
+def _qnn_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
+                          shared: SharedNamedData) -> list[list]:
     # Untested here (needs the SDK): HTP in fp16 for a Snapdragon 8 Gen 3 (SM8650), ExecuTorch's documented default.
     from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
@@ -165,12 +174,12 @@ def _qnn_partitioners(options: ExportOptions, method: str) -> list:
     spec = generate_qnn_executorch_compiler_spec(
         soc_model=QcomChipset.SM8650, backend_options=generate_htp_compiler_spec(use_fp16=True)
     )
-    return [QnnPartitioner(spec)]
+    return [[QnnPartitioner(spec)]]
 
 
 BACKENDS: dict[str, BackendRecipe] = {
     "xnnpack": BackendRecipe("xnnpack", _check_nothing, _xnnpack_partitioners),
-    "portable": BackendRecipe("portable", _check_portable, lambda options, method: []),
+    "portable": BackendRecipe("portable", _check_portable, lambda options, method, program, shared: [[]]),
     "coreml": BackendRecipe("coreml", _check_coreml, _coreml_partitioners),
     "qnn": BackendRecipe("qnn", _check_qnn, _qnn_partitioners),
 }
@@ -613,6 +622,19 @@ def quantize_decoder_8da4w(model: nn.Module) -> None:
         quantize_(model, config, filter_fn=selected)
 
 
+def quantize_vision_int8(model: nn.Module) -> None:
+    """torchao int8 dynamic activations + per-channel int8 weights on the vision tower's and the projector's linear
+    layers (XNNPACK's dynamically quantised linears run them)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    def selected(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and fqn.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(model, config, filter_fn=selected)
+
+
 def trace(plans: list[MethodPlan]) -> dict[str, torch.export.ExportedProgram]:
     """torch.export every method (non-strict, under no_grad: the selection's scan / cond need both)."""
     programs = {}
@@ -625,18 +647,26 @@ def trace(plans: list[MethodPlan]) -> dict[str, torch.export.ExportedProgram]:
 
 
 def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
+    """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    partitioners = {name: recipe.partitioners(options, name) for name in programs}
+    shared = SharedNamedData()  # methods that share weights share the backend's copy of them
+    partitioners = {name: [p for step in recipe.partitioners(options, name, program, shared) for p in step]
+                    for name, program in programs.items()}
     with torch.no_grad():
-        return to_edge_transform_and_lower(
+        edge = to_edge_transform_and_lower(
             programs, partitioner=partitioners, constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
+    for name in edge.methods:
+        shared.adopt(edge.exported_program(name).graph_module)  # the last pass's duplicates
+    return edge
 
 
-def serialise(edge) -> bytes:
-    """Edge program -> `.pte` bytes; the caches are shared by every method (one allocation, by buffer name)."""
+def write_program(edge, path: Path) -> None:
+    """Edge program -> the `.pte` at ``path``; the caches are shared by every method (one allocation, by buffer
+    name). Written piece by piece (``write_to_file``): the program is never assembled as one bytes object, which
+    would be a second copy of every weight."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -646,7 +676,8 @@ def serialise(edge) -> bytes:
             emit_mutable_buffer_names=True,
         )
     )
-    return program.buffer
+    with open(path, "wb") as handle:
+        program.write_to_file(handle)
 
 
 # ================================================================================================================
@@ -724,28 +755,36 @@ def export_executorch(
         )
     recipe = backend_recipe(options)
     check_method_exportable(options)
-    model, processor = _load(model_dir, options)
-    geometry = read_geometry(model, processor, options)
-    dtype = TORCH_DTYPES[options.dtype]
-    if options.quantize == "8da4w":
-        quantize_decoder_8da4w(model)
-    files = copy_tokenizer_files(model_dir, processor, out_dir)
-    tokenizer = {**tokenizer_info(model, processor, files), "runner_file": RUNNER_TOKENIZER}
-    constants = constant_methods(geometry, tokenizer["bos_id"], tokenizer["eos_ids"])
-    plans = plan_methods(model, geometry, options.pruner, dtype)
+    return_freed_memory_promptly()
+    with CheckpointPages(checkpoint_files(model_dir)):  # mapped weights are not kept resident once read
+        model, processor = _load(model_dir, options)
+        geometry = read_geometry(model, processor, options)
+        dtype = TORCH_DTYPES[options.dtype]
+        if options.quantize == "8da4w":
+            quantize_decoder_8da4w(model)
+        if options.quantize_vision == "int8":
+            quantize_vision_int8(model)
+        files = copy_tokenizer_files(model_dir, processor, out_dir)
+        tokenizer = {**tokenizer_info(model, processor, files), "runner_file": RUNNER_TOKENIZER}
+        constants = constant_methods(geometry, tokenizer["bos_id"], tokenizer["eos_ids"])
+        plans = plan_methods(model, geometry, options.pruner, dtype)
+        contracts = {plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans}
 
-    progress("trace")
-    programs = trace(plans)
-    progress("lower")
-    edge = lower(programs, recipe, options, constants)
-    progress("serialise")
-    (out_dir / PROGRAM_FILE).write_bytes(serialise(edge))
+        progress("trace")
+        programs = trace(plans)
+        del plans, model  # from here on only the traced programs reference the weights
+        progress("lower")
+        edge = lower(programs, recipe, options, constants)
+        del programs
+        progress("serialise")
+        write_program(edge, out_dir / PROGRAM_FILE)
+        del edge
     payload = build_export_config(
         options,
         model_id=model_id,
         num_image_tokens=geometry.num_image_tokens,
         grid=geometry.grid,
-        methods={plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans},
+        methods=contracts,
         image_preprocessing=image_preprocessing(processor, IMAGE_INPUT_LAYOUT),
         tokenizer=tokenizer,
         files=[PROGRAM_FILE, "export_config.json", *files],

@@ -8,7 +8,8 @@ What ``export_onnx`` writes into its output folder (graph contracts: export/READ
     onnx/decoder_model_merged{sfx}.onnx  prefill (layer 0) and decoding steps over past_key_values
     tokenizer / processor / model config files copied from the checkpoint, export_config.json
 
-``{sfx}`` is onnx-community's: "" (fp32), "_fp16", "_quantized" (onnxruntime dynamic int8 weights).
+``{sfx}`` is onnx-community's: "" (fp32), "_fp16", "_quantized" (onnxruntime dynamic int8 weights), "_q4" (4-bit
+weight-only MatMulNBits in the decoder graphs, the format of transformers.js' q4 files).
 
 Layer 0 ("before_llm") is the layout stock runtimes run: the vision encoder returns the R kept tokens, so a prompt
 with exactly R image placeholders and the stock merged decoder reproduce the pruned model. Layer K >= 1 ("in_llm",
@@ -66,7 +67,9 @@ PRUNED_PAST = "pruned_past_sequence_length"  # cached entries of layers >= K (la
 
 GRAPH_DIR = "onnx"
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
-QUANTIZED_SUFFIX = "_quantized"
+QUANTIZED_SUFFIX = {"int8": "_quantized", "int4": "_q4"}
+DECODER_GRAPHS = frozenset({"prefill_pruned", "decoder_model_merged"})  # the graphs holding the decoder's linears
+Q4_BLOCK_SIZE = 32  # weights per 4-bit block (one fp scale each), as transformers.js' q4 files
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPEC_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in "<graph>.onnx_data" (protobuf: 2 GiB)
@@ -571,6 +574,33 @@ def quantize_graph(
     external = sum(t.ByteSize() for t in model.graph.initializer) > external_bytes
     del model.graph.value_info[:]
     quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
+    return _finish_quantized(plan, target, external)
+
+
+def quantize_graph_int4(
+    plan: GraphPlan, source: Path, target: Path, external_bytes: int = EXTERNAL_DATA_BYTES
+) -> list[Path]:
+    """onnxruntime MatMulNBits: 4-bit symmetric weights in blocks of ``Q4_BLOCK_SIZE`` for every MatMul with a
+    constant weight of a decoder graph (the decoder's linear layers and the LM head) -> the files written; other
+    graphs are copied as they are. Activations stay float; the selection's similarity products (no constant weight)
+    are untouched."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(source))
+    external = sum(t.ByteSize() for t in model.graph.initializer) > external_bytes
+    if plan.name in DECODER_GRAPHS:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
+        quantizer.process()
+        model = quantizer.model.model
+    onnx.save(model, str(target), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=target.name + EXTERNAL_DATA_SUFFIX)
+    return _finish_quantized(plan, target, external)
+
+
+def _finish_quantized(plan: GraphPlan, target: Path, external: bool) -> list[Path]:
+    import onnx
+
     quantized = onnx.load(str(target), load_external_data=False)
     check_contract(quantized, plan)
     files = [target]
@@ -618,7 +648,7 @@ def check_dtype_runs(dtype: str, quantize: str) -> None:
 
 
 def graph_file(name: str, options: ExportOptions) -> str:
-    suffix = QUANTIZED_SUFFIX if options.quantize == "int8" else DTYPE_SUFFIX[options.dtype]
+    suffix = QUANTIZED_SUFFIX.get(options.quantize) or DTYPE_SUFFIX[options.dtype]
     return f"{GRAPH_DIR}/{name}{suffix}.onnx"
 
 
@@ -702,17 +732,18 @@ def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str]) -> dict[str, Any]:
 
 
 def _serialise(plans: list[GraphPlan], lowered: list, out_dir: Path, options: ExportOptions):
-    """Save every graph (quantizing at --quantize int8) -> ({graph name: relative file}, files written)."""
+    """Save every graph (quantizing at --quantize int8 / int4) -> ({graph name: relative file}, files written)."""
     graph_dir = out_dir / GRAPH_DIR
     graph_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".fp32"  # unquantized graphs, removed once quantized
     graphs, written = {}, []
     for plan, onnx_program in zip(plans, lowered):
         relative = graph_file(plan.name, options)
-        if options.quantize == "int8":
+        if options.quantize in QUANTIZED_SUFFIX:
             scratch.mkdir(exist_ok=True)
             save_graph(plan, onnx_program, scratch / f"{plan.name}.onnx")
-            written += quantize_graph(plan, scratch / f"{plan.name}.onnx", out_dir / relative)
+            quantize = quantize_graph if options.quantize == "int8" else quantize_graph_int4
+            written += quantize(plan, scratch / f"{plan.name}.onnx", out_dir / relative)
         else:
             written += save_graph(plan, onnx_program, out_dir / relative)
         graphs[plan.name] = relative

@@ -188,12 +188,12 @@ def parse_keep(text: str) -> Keep:
             number = float(text)
         except ValueError:
             raise KeepError(
-                f"--keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)"
+                f"keep {text!r}: give a token count (64) or a fraction (0.12; 1.0 keeps every token)"
             ) from None
     try:
         return Keep(number)
     except ValueError as error:
-        raise KeepError(f"--keep {text}: {error}") from None
+        raise KeepError(str(error)) from None
 
 
 def parse_keeps(text: str) -> list[Keep]:
@@ -202,7 +202,7 @@ def parse_keeps(text: str) -> list[Keep]:
     ``type``."""
     keeps = [parse_keep(part) for part in str(text).split(",") if part.strip()]
     if not keeps:
-        raise KeepError(f"--keep {text!r}: give one or more comma-separated counts or fractions, e.g. 1.0,0.33,64")
+        raise KeepError(f"keep {text!r}: give one or more comma-separated counts or fractions, e.g. 1.0,0.33,64")
     return list(dict.fromkeys(keeps))
 
 

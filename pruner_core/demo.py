@@ -7,6 +7,7 @@ so the similarity structure is the image's own.  Later stages of the demo run th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -42,7 +43,8 @@ def selection_map(order: list[int], rows: int, cols: int, pivots: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prune a scikit-image photograph's patch tokens and show the result")
-    parser.add_argument("--image", default="astronaut", help="scikit-image sample: astronaut, chelsea, coffee")
+    parser.add_argument("--image", default="astronaut", choices=["astronaut", "chelsea", "coffee"],
+                        help="a scikit-image sample photograph")
     parser.add_argument("--keep", type=parse_keep, default=Keep(64),
                         help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     parser.add_argument("--grid", type=int, nargs=2, default=[24, 24], metavar=("ROWS", "COLS"))
@@ -51,8 +53,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from skimage import data
 
-    config = PrunerConfig(keep=args.keep, method=args.method)
     rows, cols = args.grid
+    config = PrunerConfig(keep=args.keep, method=args.method)
+    try:
+        if rows < 1 or cols < 1:
+            raise ValueError(f"--grid {rows} {cols}: rows and columns must be >= 1")
+        config.budget(rows * cols)
+    except ValueError as error:
+        print(f"pruner-demo: error: {error}", file=sys.stderr)
+        return 2
     hidden, keys = patch_tokens(getattr(data, args.image)(), rows, cols, width=256)
     signals = {}
     needs = get_method(args.method).needs

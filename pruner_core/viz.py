@@ -238,6 +238,10 @@ def collect_selections(model: Any, processor: Any, image: Any, options: VizOptio
     except ValueError as error:
         raise VizError(str(error)) from None
 
+    placeholder = processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    if placeholder in options.prompt:
+        raise VizError(f"the prompt contains the image placeholder {placeholder!r}; the prompt format puts the image "
+                       f"in by itself, so remove {placeholder!r} from --prompt")
     pixel_values = _pixel_values(processor, image)  # [1, 3, H, W] float32
     # the prompt's ids depend on the input size alone, not on the pixels: an empty image of that size gives them
     blank = Image.new("RGB", (pixel_values.shape[-1], pixel_values.shape[-2]))

@@ -80,24 +80,31 @@ def parse_keeps(text: str) -> list:
     return parse(text)
 
 
-def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None) -> Path:
-    """Export once; reuse a folder whose export_config.json records the same pruner settings."""
+def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None,
+                  quantize: str = "none", quantize_vision: str = "none") -> Path:
+    """Export once; reuse a folder whose export_config.json records the same pruner and quantization settings."""
     from export.cli import default_out, main as export_main
 
-    folder = work_dir / f"{default_out(model, keep, target).name}-layer{layer}"
+    suffix = ("" if quantize == "none" else f"-{quantize}") + (
+        "" if quantize_vision == "none" else f"-vision{quantize_vision}")
+    folder = work_dir / f"{default_out(model, keep, target).name}-layer{layer}{suffix}"
     config_file = folder / "export_config.json"
     if config_file.is_file():
         from pruner_core.config import Keep
 
-        pruner = json.loads(config_file.read_text()).get("pruner", {})
+        config = json.loads(config_file.read_text())
+        pruner = config.get("pruner", {})
         try:
-            same = Keep.of(pruner.get("keep")) == keep and pruner.get("layer") == layer
+            same = Keep.of(pruner.get("keep")) == Keep.of(keep) and pruner.get("layer") == layer and \
+                config.get("quantization") == quantize and config.get("vision_quantization", "none") == quantize_vision
         except ValueError:  # no or an unreadable keep: export again
             same = False
         if same:
             return folder
     argv = ["--model", model, "--keep", str(keep), "--prune-layer", str(layer), "--target", target,
-            "--out", str(folder), "--overwrite"]
+            "--out", str(folder), "--overwrite", "--quantize", quantize]
+    if quantize_vision != "none":
+        argv += ["--quantize-vision", quantize_vision]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     if export_main(argv) != 0:

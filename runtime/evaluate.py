@@ -64,7 +64,7 @@ import re
 import statistics
 import string
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -76,6 +76,8 @@ DEFAULT_CACHE = Path(".pruner-eval-cache")
 CACHE_FILE = "answers.jsonl"
 DEFAULT_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's eval prompts
 DEFAULT_KEEPS = "1.0,0.33,0.11"
+# Image placeholders of the model families this tool runs; a question holding one would add a second image.
+IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
 DEFAULT_METHODS = "vlm_pruner"
 REQUIRED_FIELDS = ("image", "question", "answer")
 REFERENCE_RULE = ("same model and layer: the first keep-1.0 setting with the same method, else the first keep-1.0 "
@@ -218,6 +220,10 @@ def parse_line(text: str, number: int, folder: Path) -> Question:
     question, answer, image = record["question"], record["answer"], record["image"]
     if not isinstance(question, str) or not question.strip():
         raise _BadLine("question must be a non-empty string")
+    placeholder = next((p for p in IMAGE_PLACEHOLDERS if p in question), None)
+    if placeholder is not None:
+        raise _BadLine(f"the question contains the image placeholder {placeholder!r}; the prompt format puts the "
+                       "image in by itself: remove it from the question text")
     answers = (answer,) if isinstance(answer, str) else answer
     if not isinstance(answers, (list, tuple)) or not answers or \
             not all(isinstance(a, str) and a.strip() for a in answers):
@@ -231,7 +237,7 @@ def resolve_image(image: str, folder: Path) -> str:
     """A path (relative to folder, or absolute) -> its absolute path; a sample name -> "skimage:<name>"."""
     path = Path(image).expanduser()
     path = path if path.is_absolute() else folder / path
-    if path.is_file():
+    if path.exists() and image not in SAMPLE_IMAGES:  # a file, or a directory: the runtime's decoder says which
         _check_readable(str(path.resolve()))
         return str(path.resolve())
     if image in SAMPLE_IMAGES:
@@ -371,7 +377,7 @@ def exported_settings(folders: Iterable[str | Path]) -> list[Setting]:
     settings = [exported_setting(folder) for folder in folders]
     labels = [s.label for s in settings]
     if len(set(labels)) < len(labels):  # two folders with the same name: label by the path given
-        settings = [Setting(**{**asdict(s), "label": s.source}) for s in settings]
+        settings = [replace(s, label=s.source) for s in settings]
     return settings
 
 
@@ -771,7 +777,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
                         f"drop --{', --'.join(eager_flags)}")
     return EvalOptions(
         questions=args.questions or shipped_questions(), model=args.model or "tiny-llava",
-        keeps=tuple(parse_keeps(args.keep or DEFAULT_KEEPS)),
+        keeps=tuple(parse_keeps(DEFAULT_KEEPS if args.keep is None else args.keep)),
         methods=tuple(parse_list(args.methods or DEFAULT_METHODS)), layer=2 if args.layer is None else args.layer,
         exported=tuple(args.exported or ()), max_new_tokens=args.max_new_tokens, cache_dir=args.cache,
         model_cache_dir=args.model_cache_dir, device=args.device, prompt_suffix=args.prompt_suffix,

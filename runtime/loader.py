@@ -75,7 +75,7 @@ def _executorch_backend(folder: Path, export_config: dict, device: str, profile_
     from .devices import pte_backend_ids
     from .executorch_session import ExecuTorchBackend
 
-    pte = folder / "model.pte"
+    pte = folder / export_config["executorch"]["program"]
     if not pte.is_file():
         raise FileNotFoundError(f"{pte} is missing: the exported folder is incomplete; export the model again")
     try:

@@ -60,21 +60,46 @@ class Prefill:
     kept_image_indices: np.ndarray | None  # [R] within the N image tokens
 
 
+# onnxruntime's messages when a graph file or its external data cannot be read as written
+_DAMAGED = ("protobuf", "Protobuf", "parse", "file_length", "external data", "External data", "external_data",
+            "offset", "truncat", "No such file", "does not exist")
+
+
 def open_session(path: Path, options: Any, kwargs: dict[str, Any]):
-    """An onnxruntime session for one graph file; a corrupt or truncated file (or its ``.onnx_data``) raises
-    ValueError naming the file and saying to export again, instead of onnxruntime's protobuf traceback."""
+    """An onnxruntime session for one graph file. Its external data file (``<graph>.onnx_data``, when the graph has
+    one) must exist (FileNotFoundError naming it); a damaged graph or data file raises ValueError naming them and
+    saying to export again; any other failure (an operator or opset this onnxruntime lacks) ValueError naming
+    the file, onnxruntime's reason and its version -- not onnxruntime's traceback."""
     import onnxruntime
 
+    data = path.with_name(path.name + "_data")
+    if _expects_external_data(path) and not data.is_file():
+        raise FileNotFoundError(f"{data} is missing (the weights of {path.name}): the exported folder is "
+                                "incomplete; export the model again")
     try:
         return onnxruntime.InferenceSession(str(path), options, **kwargs)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidProtobuf / RuntimeError
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split())[:400] or type(error).__name__
         if "provider" in reason.lower() and "available" in reason.lower():
             raise  # a device problem, not a file problem
-        raise ValueError(
-            f"{path} is corrupt or incomplete: onnxruntime cannot load it ({type(error).__name__}: {reason}); "
-            "export the model again"
-        ) from None
+        files = f"{path} (or its weights {data.name})" if data.is_file() else str(path)
+        if type(error).__name__ in ("InvalidProtobuf", "NoSuchFile") or any(s in reason for s in _DAMAGED):
+            raise ValueError(f"{files} is corrupt or incomplete: onnxruntime cannot load it ({reason}); export the "
+                             "model again") from None
+        raise ValueError(f"onnxruntime {onnxruntime.__version__} cannot load {path}: {reason}; use the onnxruntime "
+                         "version the export was made for (export_config.json library_versions), or export "
+                         "again") from None
+
+
+def _expects_external_data(path: Path) -> bool:
+    """Whether the graph file refers to external data (read without loading any weights)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged file: onnxruntime reports it
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 class OnnxModel:
@@ -108,7 +133,11 @@ class OnnxModel:
         self.image_token_id = int(tokenizer["image_token_id"])
         self.eos_ids = set(eos_ids(tokenizer))  # before any session: a config that cannot stop fails at once
         self.sessions = {}
-        for name, file in self.config["graphs"].items():
+        graphs = self.config["graphs"]
+        if not graphs or not all(isinstance(f, str) for f in graphs.values()):
+            raise ValueError(f"{self.folder}/export_config.json: graphs must map graph names to files, got {graphs!r}; "
+                             "export the model again")
+        for name, file in graphs.items():
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # the layer-0 encoder's overridable image_start initializer is intended
             if profile_dir is not None:  # onnxruntime's operator profiler, one JSON trace per graph

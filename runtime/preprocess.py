@@ -25,20 +25,25 @@ image (or the padded square) would hold more than ``max_pixels`` pixels, ``prepr
 source pixels, so the work stays bounded, and then runs the steps above:
 
 * resize to ``shortest_edge`` + centre crop: the image is centre-cropped along its long side to
-  ``ceil(2 * crop * short / shortest_edge)`` source pixels (``crop`` = the crop size along that side), twice what
-  the centre crop keeps, window at floor((long - kept) / 2);
+  ``ceil(2 * crop * short / shortest_edge)`` source pixels (``crop`` = the crop size along that side: twice what the
+  centre crop keeps) plus the resampling filter's reach on both sides, ``ceil(support * max(short, shortest_edge)
+  / shortest_edge) + 1`` pixels each, one more if needed so that the strip is exactly centred; window at
+  (long - kept) / 2;
 * pad to square: the image is first resized (``resample``) to a longest edge of ``isqrt(max_pixels)``, the short
   edge ``max(1, short * that // long)``;
 * resize to ``shortest_edge`` without a crop: refused (the output itself would be that large).
 
-Images under the limit (every ordinary photo: 16:1 panoramas included) are processed exactly as transformers does;
-the reduced ones differ from what transformers would compute (if it had the memory) by the resampling phase.
+Images under the limit are processed exactly as transformers does: every ordinary photo, and 100:1 strips with
+a shortest-edge resize; with pad-to-square, images whose longest edge is at most 8192 px. A reduced image differs
+from what transformers would compute (if it had the memory) by the resampling phase: the resized long side is
+rounded from a shorter strip (a grey level or a few on natural images).
 ``android_demo``'s ImagePreprocessor.kt applies the same rule.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +60,8 @@ RESAMPLE_FILTERS: dict[str, int] = {"nearest": 0, "lanczos": 1, "bilinear": 2, "
 
 # The largest intermediate image (resized, or padded to a square) preprocess builds: 2^26 px, 192 MiB as RGB.
 MAX_INTERMEDIATE_PIXELS = 1 << 26
+# Each PIL filter's support (reach) in half input pixels at scale 1 (Pillow's Resample.c), by filter id.
+FILTER_SUPPORT_HALVES = {0: 0, 1: 6, 2: 2, 3: 4, 4: 1, 5: 2}
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -324,20 +331,23 @@ def open_image_file(path: str | Path) -> Image.Image:
     if path.is_dir():
         raise ValueError(f"cannot read image file {path}: it is a directory; pass an image file")
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now, so a truncated file fails here rather than later
-            return ImageOps.exif_transpose(opened)  # a new image: upright, detached from the file
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it (89-179 MP): refuse there too, before decoding
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()  # decode now, so a truncated file fails here rather than later
+                return ImageOps.exif_transpose(opened)  # a new image: upright, detached from the file
     except UnidentifiedImageError:
         raise ValueError(
             f"cannot read image file {path}: not an image Pillow can identify (PNG, JPEG, WebP, ... expected)"
         ) from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(
             f"cannot read image file {path}: its header declares more pixels than Pillow decodes safely ({error}); "
             "resize the image, or check that the file is not corrupt"
         ) from None
     except (OSError, SyntaxError, ValueError, MemoryError) as error:
-        raise ValueError(f"cannot read image file {path}: {error or type(error).__name__}") from None
+        raise ValueError(f"cannot read image file {path}: {str(error) or type(error).__name__}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -407,13 +417,13 @@ def bounded_source(rgb: Image.Image, spec: ImagePreprocessing, max_pixels: int =
         )
     assert spec.crop_height is not None and spec.crop_width is not None
     n = spec.shortest_edge
-    if width <= height:  # tall: keep the middle rows
-        keep = min(height, ceil_div(2 * spec.crop_height * width, n))
-        top = (height - keep) // 2
-        return rgb.crop((0, top, width, top + keep))
-    keep = min(width, ceil_div(2 * spec.crop_width * height, n))
-    left = (width - keep) // 2
-    return rgb.crop((left, 0, left + keep, height))
+    short, long = min(width, height), max(width, height)
+    crop = spec.crop_height if width <= height else spec.crop_width
+    reach = ceil_div(FILTER_SUPPORT_HALVES[spec.resample] * max(short, n), 2 * n) + 1  # source px per side
+    keep = min(long, ceil_div(2 * crop * short, n) + 2 * reach)
+    keep += (long - keep) % 2  # centred exactly: the strip's middle is the image's middle
+    start = (long - keep) // 2
+    return rgb.crop((0, start, width, start + keep) if width <= height else (start, 0, start + keep, height))
 
 
 def preprocess(image: Any, spec: ImagePreprocessing, max_pixels: int = MAX_INTERMEDIATE_PIXELS) -> np.ndarray:

@@ -23,11 +23,12 @@ class PromptIds:
         return len(self.before) + len(self.after)
 
 
-def eos_ids(tokenizer: dict[str, Any]) -> frozenset[int]:
+def eos_ids(tokenizer: dict[str, Any], where: str = "export_config.json") -> frozenset[int]:
     """The end-of-sequence ids of an export's ``export_config.json["tokenizer"]`` block (``eos_ids``, or an older
-    single ``eos_id``). Every backend stops on them; a block without any raises ValueError naming the field, since
-    generation could never stop."""
-    eos = tokenizer.get("eos_ids", tokenizer.get("eos_id")) if isinstance(tokenizer, dict) else None
+    single ``eos_id``). Every backend stops on them; a block without any raises ValueError naming ``where`` and the
+    field, since generation could never stop."""
+    block = tokenizer if isinstance(tokenizer, dict) else {}
+    eos = block.get("eos_ids") if block.get("eos_ids") is not None else block.get("eos_id")
     ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
     try:
         result = frozenset(int(e) for e in ids if e is not None and not isinstance(e, bool))
@@ -35,7 +36,7 @@ def eos_ids(tokenizer: dict[str, Any]) -> frozenset[int]:
         result = frozenset()
     if not result:
         raise ValueError(
-            f"export_config.json has no end-of-sequence ids (tokenizer.eos_ids is {eos!r}): generation could never "
+            f"{where} has no end-of-sequence ids (tokenizer.eos_ids is {eos!r}): generation could never "
             "stop; export the model again, or add the tokenizer's EOS ids, e.g. \"eos_ids\": [2], to its "
             "\"tokenizer\" block"
         )

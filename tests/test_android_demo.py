@@ -344,7 +344,11 @@ def kt_bounded_source(rgb: np.ndarray, spec: dict, max_pixels: int) -> np.ndarra
         return rgb
     assert spec["do_center_crop"], "refused"
     crop = spec["crop_height"] if width <= height else spec["crop_width"]
-    keep = min(long, (2 * crop * short + edge - 1) // edge)
+    halves = {"nearest": 0, "lanczos": 6, "bilinear": 2, "bicubic": 4, "box": 1, "hamming": 2}[
+        FILTER_NAMES[spec["resample"]]]
+    reach = (halves * max(short, edge) + 2 * edge - 1) // (2 * edge) + 1
+    keep = min(long, (2 * crop * short + edge - 1) // edge + 2 * reach)
+    keep += (long - keep) % 2
     start = (long - keep) // 2
     return rgb[start : start + keep] if width <= height else rgb[:, start : start + keep]
 

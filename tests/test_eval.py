@@ -375,7 +375,7 @@ def test_bad_settings_and_truncated_cache(tmp_path, capsys) -> None:
     assert main(["--questions", str(questions), "--keep", "1.5", "--cache", str(tmp_path / "c"), *FAST]) == 2
     assert "keep=1.5" in capsys.readouterr().err
     assert main(["--questions", str(questions), "--keep", "lots", "--cache", str(tmp_path / "c"), *FAST]) == 2
-    assert "--keep 'lots'" in capsys.readouterr().err
+    assert "keep 'lots'" in capsys.readouterr().err
 
     cache = AnswerCache(tmp_path / "c2")
     cache.put("k1", CachedAnswer("yes", 1.0, "eos", 1), {})

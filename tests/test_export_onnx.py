@@ -76,8 +76,9 @@ class Case:
 
 BASE = [Case(model, layer, keep) for model in MODELS for layer in LAYERS for keep in KEEPS]
 INT8 = Case("tiny-llava-gqa", 2, 0.12, quantize="int8")
+INT4 = Case("tiny-llava", 2, 0.12, quantize="int4")
 FP16 = Case("tiny-llava-gqa", 0, 0.12, dtype="fp16")
-ALL = BASE + [INT8, FP16]
+ALL = BASE + [INT8, INT4, FP16]
 
 
 def _export_case(model_dir: Path, out: Path, options: ExportOptions, model_id: str) -> tuple[dict, list[str]]:
@@ -215,6 +216,62 @@ def test_int8_exports_and_generates(exports, eager):
     got = model.generate_greedy(before, pixels, after, TOKENS)
     assert 1 <= len(got) <= TOKENS and all(0 <= t < model.decoder["vocab_size"] for t in got)
     assert got[0] == tokens[0]  # int8 weights barely move the first token of this tiny model
+
+
+def dequantize_matmul_nbits(graph: onnx.ModelProto) -> list[np.ndarray]:
+    """The float weights [K, N] every MatMulNBits node of a graph multiplies by (4-bit, symmetric: zero point 8,
+    low nibble first, one scale per block of block_size along K)."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    weights = []
+    for node in graph.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        packed = inits[node.input[1]].reshape(n, -1)  # [N, blocks * block / 2] uint8
+        low, high = packed & 0x0F, packed >> 4
+        q = np.stack([low, high], axis=-1).reshape(n, -1).astype(np.float32) - 8.0  # [N, blocks * block]
+        scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)  # [N, blocks]
+        values = (q.reshape(n, scales.shape[1], block) * scales[..., None]).reshape(n, -1)[:, :k]
+        weights.append(values.T)  # [K, N]
+    return weights
+
+
+def test_int4_equals_eager_with_its_4bit_weights(exports, eager, zoo, astronaut):
+    """The q4 decoder is the eager model with every decoder linear's weight replaced by its 4-bit value (read back
+    from the graph's MatMulNBits): same tokens, logits within float tolerance."""
+    folder, payload, _ = exports.get(INT4)
+    assert all(file.endswith("_q4.onnx") for file in payload["graphs"].values()) and payload["quantization"] == "int4"
+    decoder = onnx.load(str(folder / payload["graphs"]["decoder_model_merged"]))
+    prefill = onnx.load(str(folder / payload["graphs"]["prefill_pruned"]))
+    assert "MatMulNBits" in {node.op_type for node in decoder.graph.node}
+    vision = onnx.load(str(folder / payload["graphs"]["vision_encoder"]))
+    assert "MatMulNBits" not in {node.op_type for node in vision.graph.node}  # the vision tower stays float
+    model, processor = load(zoo, INT4)
+    linears = [m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and (name.startswith("model.language_model.") or name == "lm_head")]
+    for graph in (decoder, prefill):
+        quantized = dequantize_matmul_nbits(graph)
+        assert len(quantized) == len(linears)
+    with torch.no_grad():  # each linear's 4-bit weight: the dequantized matrix closest to its float weight
+        for linear in linears:
+            target = linear.weight.T.numpy()
+            best = min((w for w in quantized if w.shape == target.shape), key=lambda w: np.abs(w - target).sum())
+            assert np.abs(best - target).max() <= np.abs(target).max() / 7  # within a 4-bit step of the original
+            linear.weight.copy_(torch.from_numpy(best.T.copy()))
+    inputs = prompt_inputs(processor, astronaut)
+    config = PrunerConfig(keep=INT4.keep, layer=INT4.layer)
+    apply_pruner(model, config)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    onnx_model = OnnxModel(folder)
+    parts = split_prompt(inputs["input_ids"][0].numpy(), onnx_model.image_token_id)
+    got_tokens, got_logits, _ = onnx_greedy(onnx_model, parts.before, inputs["pixel_values"].numpy(), parts.after,
+                                            TOKENS)
+    assert got_tokens == tokens
+    assert max(np.abs(a - b[0].float().numpy()).max() for a, b in zip(got_logits, out.logits)) <= 1e-3
 
 
 # ---------------------------------------------------------------- files and export_config.json

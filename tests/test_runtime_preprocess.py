@@ -268,18 +268,23 @@ def test_thin_image_is_processed_in_bounded_memory(tmp_path, height, width) -> N
 
 
 def test_thin_image_keeps_the_middle_of_the_image() -> None:
-    """The bounded path is the ordinary pipeline on the middle of the image: its output equals processing that
-    middle strip, and an image just under the limit is processed whole (bit for bit as transformers)."""
+    """The bounded path is the ordinary pipeline on the middle strip of the image (wide enough for the crop and the
+    filter's reach, exactly centred), and close to the unbounded result on a real photograph's strip."""
     from runtime.preprocess import bounded_source
 
     spec = ImagePreprocessing()
     rng = np.random.default_rng(0)
     thin = Image.fromarray(rng.integers(0, 256, (2, 40000, 3), dtype=np.uint8))
-    kept = 2 * 336 * 2 // 336  # ceil(2 * crop * short / shortest_edge)
-    middle = thin.crop(((40000 - kept) // 2, 0, (40000 - kept) // 2 + kept, 2))
+    kept = 4 + 2 * 3  # ceil(2 * 336 * 2 / 336) + 2 * (ceil(bicubic 2 px * 336 / 336) + 1)
+    assert bounded_source(thin, spec).size == (kept, 2)
+    middle = thin.crop(((40000 - kept) // 2, 0, (40000 + kept) // 2, 2))
     assert np.array_equal(preprocess(thin, spec), preprocess(middle, spec))
     assert bounded_source(thin, spec, max_pixels=336 * 6_720_000).size == thin.size  # under the limit: untouched
     with pytest.raises(ValueError, match="less extreme aspect ratio"):
         preprocess(thin, ImagePreprocessing(do_center_crop=False, crop_height=None, crop_width=None))
-    padded = preprocess(thin, ImagePreprocessing(do_pad_to_square=True))
-    assert padded.shape == (1, 3, 336, 336)
+    assert preprocess(thin, ImagePreprocessing(do_pad_to_square=True)).shape == (1, 3, 336, 336)
+
+    strip = Image.fromarray(np.ascontiguousarray(data.coffee()[200:204]))  # 4 x 600 px of a photograph
+    as_is = preprocess(strip, ImagePreprocessing(input_layout="uint8_chw"))  # 336 x 50400 intermediate
+    bounded = preprocess(strip, ImagePreprocessing(input_layout="uint8_chw"), max_pixels=1_000_000)
+    assert int(np.abs(as_is.astype(int) - bounded).max()) <= 4

@@ -94,6 +94,8 @@ class TinyLlavaSpec:
     max_positions: int = 4096
     vision_ffn: int = 0  # 0 = 4 x vision_hidden (CLIP's ratio)
     text_ffn: int = 0  # 0 = 4 x text_hidden; LLaVA-1.5-7B: 11008
+    dtype: str = "float32"  # weights as built and saved: "float16" / "bfloat16" build directly in half precision
+    text_vocab: int = 0  # rows of the embedding and LM head; 0 = the tokenizer's size (llava-1.5-7b-hf: 32064)
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
@@ -114,6 +116,8 @@ class TinyLlavaSpec:
             raise ValueError("hidden widths must be multiples of their head counts")
         if self.gqa and self.text_heads % 2:
             raise ValueError("gqa=True halves the key/value heads, so text_heads must be even")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"TinyLlavaSpec.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -207,7 +211,7 @@ def _tiny_config(spec: TinyLlavaSpec, tokenizer):
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), spec.text_vocab),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_ffn or 4 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
@@ -258,7 +262,10 @@ def build_tiny_llava(
     config.vision_config._attn_implementation = "eager"  # lets callers ask the tower for its attention maps
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
+        if spec.dtype == "float32":
+            model = LlavaForConditionalGeneration(config).eval()
+        else:  # initialised in half precision: a 7B never exists in fp32 (26 GiB)
+            model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, spec.dtype)).eval()
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -280,7 +287,7 @@ def build_tiny_llava(
         chat_template=CHAT_TEMPLATE,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="2GB")  # shards: a 7B is never serialised as one buffer
     processor.save_pretrained(directory)
     return directory
 
@@ -377,12 +384,38 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
     raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")
 
 
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of a checkpoint by part, from its config alone: what the export memory model needs."""
+
+    vision: int  # vision tower + projector
+    decoder_layer: int  # one decoder layer
+    decoder_layers: int  # how many
+    embedding: int  # token embedding table
+    lm_head: int  # 0 when tied to the embedding
+    other: int = 0  # final norm and the like
+
+    @property
+    def decoder(self) -> int:
+        """The parameters the decoder's linear layers hold (the layers and the LM head): what 8da4w quantizes."""
+        return self.decoder_layer * self.decoder_layers + self.lm_head
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.decoder + self.embedding + self.other
+
+
 def estimate_parameters(path: str | Path) -> int:
     """Parameter count of a llava-hf checkpoint from its config.json alone (no weights needed).
 
     CLIP tower + 2-layer projector + Llama decoder (GQA-aware) + LM head; used to estimate export memory before
     loading anything. llava-1.5-7b: ~7.06e9.
     """
+    return parameter_counts(path).total
+
+
+def parameter_counts(path: str | Path) -> ParameterCounts:
+    """``estimate_parameters`` by part (vision, one decoder layer and their number, embedding, LM head)."""
     config = json.loads((_check_llava_directory(Path(path)) / "config.json").read_text())
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     width = text.get("hidden_size", 4096)
@@ -392,8 +425,8 @@ def estimate_parameters(path: str | Path) -> int:
     ffn = text.get("intermediate_size", 11008)
     vocab = text.get("vocab_size", config.get("vocab_size", 32064))
     layer = 2 * width * heads * head_dim + 2 * width * kv_width + 3 * width * ffn + 2 * width
-    embeddings = vocab * width * (1 if text.get("tie_word_embeddings", False) else 2)
-    decoder = text.get("num_hidden_layers", 32) * layer + embeddings + width
+    embedding = vocab * width
+    lm_head = 0 if text.get("tie_word_embeddings", False) else vocab * width
     v_width = vision.get("hidden_size", 1024)
     v_ffn = vision.get("intermediate_size", 4096)
     patch, image = vision.get("patch_size", 14), vision.get("image_size", 336)
@@ -401,7 +434,9 @@ def estimate_parameters(path: str | Path) -> int:
     tower = vision.get("num_hidden_layers", 24) * v_layer + 3 * patch * patch * v_width
     tower += ((image // patch) ** 2 + 1) * v_width
     projector = v_width * width + width * width + 2 * width
-    return decoder + tower + projector
+    return ParameterCounts(vision=tower + projector, decoder_layer=layer,
+                           decoder_layers=text.get("num_hidden_layers", 32), embedding=embedding, lm_head=lm_head,
+                           other=width)
 
 
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None):

@@ -18,9 +18,10 @@ package dev.vlmpruner.edge.demo
  *
  * Extreme aspect ratios (runtime/preprocess.py bounded_source, the same rule): where the resized image, or the
  * padded square, would hold more than [maxPixels] pixels, the image is first reduced in source pixels: centre-cropped
- * along its long side to ceil(2 * crop * short / shortest_edge) pixels (resize + crop), or resized to a longest edge
- * of isqrt(maxPixels) (pad to square); a shortest-edge resize without a crop is refused. A 1 x 20000 px photo then
- * costs kilobytes, not the gigabytes of its resized intermediate.
+ * along its long side to ceil(2 * crop * short / shortest_edge) pixels plus the filter's reach on both sides, exactly
+ * centred (resize + crop), or resized to a longest edge of isqrt(maxPixels) (pad to square); a shortest-edge resize
+ * without a crop is refused. A 1 x 20000 px photo then costs kilobytes, not the gigabytes of its resized
+ * intermediate.
  */
 class ImagePreprocessor(
     private val spec: ImagePreprocessing,
@@ -73,7 +74,11 @@ class ImagePreprocessor(
                 "$maxPixels px; crop it to a less extreme aspect ratio first"
         }
         val crop = (if (width <= height) spec.cropHeight!! else spec.cropWidth!!).toLong()
-        val keep = Math.min(long, Math.floorDiv(2 * crop * short + edge - 1, edge.toLong()))
+        val n = edge.toLong()
+        val halves = Resampler.supportHalfPixels(spec.resample).toLong()
+        val reach = Math.floorDiv(halves * Math.max(short, n) + 2 * n - 1, 2 * n) + 1 // source px per side
+        var keep = Math.min(long, Math.floorDiv(2 * crop * short + n - 1, n) + 2 * reach)
+        keep += (long - keep) % 2 // centred exactly
         val start = (long - keep) / 2
         return if (width <= height) {
             CroppedRows(image, 0, start.toInt(), image.width, keep.toInt())
@@ -294,6 +299,9 @@ object Resampler {
     private const val HALF = 1 shl (PRECISION_BITS - 1)
     private const val CHANNELS = ImagePreprocessor.CHANNELS
 
+    /** The filter's support (reach) in half input pixels at scale 1 (runtime/preprocess.py FILTER_SUPPORT_HALVES). */
+    fun supportHalfPixels(filter: ResampleFilter): Int = (Coefficients.support(filter) * 2).toInt()
+
     fun resize(image: RowSource, outWidth: Int, outHeight: Int, filter: ResampleFilter): RgbImage {
         require(outWidth > 0 && outHeight > 0) { "resize to ${outWidth}x$outHeight" }
         if (outWidth == image.width && outHeight == image.height) return RgbImage.copyOf(image)
@@ -440,7 +448,7 @@ object Resampler {
                 return Coefficients(outSize, size, bounds, weights)
             }
 
-            private fun support(filter: ResampleFilter): Double = when (filter) {
+            internal fun support(filter: ResampleFilter): Double = when (filter) {
                 ResampleFilter.BOX -> 0.5
                 ResampleFilter.BILINEAR, ResampleFilter.HAMMING -> 1.0
                 ResampleFilter.BICUBIC -> 2.0

@@ -1,0 +1,174 @@
+"""Export memory: keep the exporter's resident set near one copy of the output's weights.
+
+A 7B checkpoint in fp16 is 13.5 GiB; a naive export holds it three times (the loaded weights, the backend's
+serialised copy, the program built in memory before it is written). What keeps it near one copy:
+
+* the checkpoint is loaded in its own dtype, so transformers maps the safetensors files instead of copying them
+  (file-backed pages, not anonymous memory);
+* ``CheckpointPages`` hands those pages back to the kernel while the export runs (``madvise(MADV_PAGEOUT)`` on the
+  mappings of the checkpoint's files, every fraction of a second): a weight the backend has copied is not kept
+  resident twice. Pages are re-read from the file if touched again; nothing is lost (clean file pages only: a page
+  written to is anonymous and PAGEOUT leaves it alone without swap);
+* ``return_freed_memory_promptly`` makes glibc give large freed blocks back at once (a fixed mmap threshold), so the
+  backend's transient per-weight copies do not stay in the heap;
+* the program is lowered one method at a time and written to the file piece by piece (export/executorch_llava.py).
+
+Linux-only mechanisms; elsewhere they do nothing and the export just needs more memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages of the range (clean file pages are dropped)
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20  # blocks from 1 MiB up are mmap'd, so freeing them returns them at once
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
+
+
+def return_freed_memory_promptly() -> bool:
+    """glibc: serve blocks >= 1 MiB with mmap at a fixed threshold (no dynamic raise), so a freed weight-sized
+    buffer goes back to the kernel instead of staying in the heap. Returns whether it took effect (glibc only)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def mapped_ranges(files: Iterable[Path], maps: str | None = None) -> list[tuple[int, int]]:
+    """(start, end) address ranges of this process's mappings of ``files`` (absolute, resolved paths), from
+    /proc/self/maps."""
+    wanted = {str(f) for f in files}
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return []
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in wanted:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+class CheckpointPages:
+    """While active, the resident pages of ``files``' mappings are handed back to the kernel every ``interval``
+    seconds (and once on exit). Use around loading, quantizing, tracing and lowering a mapped checkpoint."""
+
+    def __init__(self, files: Iterable[str | Path], interval: float = 0.25) -> None:
+        self.files = [Path(f).resolve() for f in files]
+        self.interval = interval
+        self._libc = _libc()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.released_calls = 0
+
+    def release(self) -> None:
+        """One pass: MADV_PAGEOUT over every current mapping of the files."""
+        if self._libc is None:
+            return
+        for start, end in mapped_ranges(self.files):
+            self._libc.madvise(start, end - start, MADV_PAGEOUT)
+        self.released_calls += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.release()
+
+    def __enter__(self) -> "CheckpointPages":
+        if self._libc is not None and self.files:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-pages", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.release()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files transformers maps when it loads ``model_dir`` (safetensors shards)."""
+    return sorted(Path(model_dir).glob("*.safetensors"))
+
+
+# ================================================================================================================
+# The memory model pruner-export prints and refuses on
+# ================================================================================================================
+
+GIB = 1 << 30
+# Fitted to measured peaks (benchmarks/export_memory.py; README "Export memory"): the exporter's own footprint
+# (Python, torch, transformers, executorch / the ONNX exporter), and what each decoder layer's graph adds to it.
+BASE_BYTES = {"executorch": int(0.55 * GIB), "onnx": int(0.5 * GIB)}
+GRAPH_BYTES_PER_LAYER = {"executorch": int(0.03 * GIB), "onnx": int(0.01 * GIB)}
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
+INT4_BYTES_PER_PARAM = 0.5 + 2 / 32  # 4-bit weights + one 16-bit scale per group (8da4w groups <= 128, q4: 32)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What an export holds at its peak, in bytes, by part."""
+
+    base: int  # the exporter itself and its graphs
+    output: int  # the weights as written: the backend's serialised copy (ExecuTorch), the graphs' (ONNX)
+    held: int  # weights held in anonymous memory besides: a dtype conversion, quantized tensors
+    working: int  # transient copies: one lowering slice, the largest tensor's copies
+
+    @property
+    def peak(self) -> int:
+        return self.base + self.output + self.held + self.working
+
+    def describe(self) -> str:
+        return (f"~{self.peak / GIB:.1f} GiB at peak ({self.output / GIB:.1f} GiB output weights, "
+                f"{self.held / GIB:.1f} GiB held, {self.working / GIB:.1f} GiB working, "
+                f"{self.base / GIB:.1f} GiB exporter)")
+
+
+def estimate_export_memory(counts: Any, options: Any, stored_dtype: str) -> MemoryEstimate:
+    """The peak resident memory of one export, from the checkpoint's parameter counts (``ParameterCounts``: vision,
+    decoder layers, embedding, LM head), the options (target, dtype, quantization, placement, lowering slice) and
+    the dtype the checkpoint is stored in. A measured model: see the constants above."""
+    width = BYTES_PER_PARAM[options.dtype]
+    decoder_width = INT4_BYTES_PER_PARAM if options.quantize in ("8da4w", "int4") else width
+    vision_width = 1 + 4 / 1024 if options.quantize_vision == "int8" else width
+    output = int(counts.vision * vision_width + counts.embedding * width + counts.decoder * decoder_width)
+    held = 0
+    if options.dtype != stored_dtype:  # a converted copy of every weight, in anonymous memory
+        held += counts.total * width
+    if options.quantize in ("8da4w", "int4") or options.quantize_vision == "int8":
+        held += output - counts.embedding * width  # the quantized tensors themselves, alive until lowered
+    largest = max(counts.embedding, counts.lm_head, counts.decoder_layer // 3) * width
+    layers = counts.decoder_layers
+    if options.target == "executorch":
+        slice_bytes = min(options.lowering_slice_bytes, counts.decoder_layer * width * layers)
+        shared = 2 if options.pruner.layer > 0 else 1  # prefill and decode: a slice's duplicate until merged
+        working = slice_bytes * shared + 3 * largest
+    else:
+        graphs_with_decoder = 2 if options.pruner.layer > 0 else 1  # prefill_pruned and the merged decoder
+        output = output + (graphs_with_decoder - 1) * int(counts.decoder * decoder_width)
+        working = 2 * largest
+    base = BASE_BYTES[options.target] + GRAPH_BYTES_PER_LAYER[options.target] * layers
+    return MemoryEstimate(base=base, output=output, held=held, working=working)

@@ -1,0 +1,116 @@
+"""Memory-lean export: lowering passes by slices of layers, one copy of shared weights, mapped checkpoint pages
+handed back, the dtype a checkpoint is stored in."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from export.common import checkpoint_dtype, resolve_dtype
+from export.lowering import LayerPass, SharedNamedData, layer_key, layer_passes
+from export.memory import CheckpointPages, mapped_ranges
+
+
+class Stack(nn.Module):
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dims[0], bias=False)
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:]))
+        self.head = nn.Linear(dims[-1], 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+@pytest.fixture(scope="module")
+def traced() -> torch.export.ExportedProgram:
+    return torch.export.export(Stack([16, 16, 16, 32, 16]).eval(), (torch.randn(2, 8),), strict=False)
+
+
+def test_layer_key_reads_the_module_path(traced):
+    keys = {layer_key(node) for node in traced.graph_module.graph.nodes if node.op == "call_function"}
+    assert {("layers", i) for i in range(4)} <= keys and None in keys  # embed / head / relu glue: outside layers
+
+
+def test_layer_passes_split_by_weight_budget(traced):
+    layer_bytes = [16 * 16 * 4, 16 * 16 * 4, 16 * 32 * 4, 32 * 16 * 4]  # fp32 Linear weights, no bias
+    rest_bytes = (8 * 16 + 16 * 4) * 4  # embed and head
+    whole = layer_passes(traced, budget_bytes=sum(layer_bytes) + rest_bytes)
+    assert whole == [LayerPass(frozenset(("layers", i) for i in range(4)), rest=True)]  # fits: one pass
+    one_each = layer_passes(traced, budget_bytes=1)
+    assert [sorted(p.layers) for p in one_each] == [[("layers", i)] for i in range(4)] + [[]]
+    assert [p.rest for p in one_each] == [False] * 4 + [True]
+    two = layer_passes(traced, budget_bytes=layer_bytes[2] + rest_bytes)
+    assert [sorted(i for _, i in p.layers) for p in two] == [[0, 1], [2], [3]]
+    assert [p.rest for p in two] == [False, False, True]  # the glue fits with the last layer
+    owned = [node for node in traced.graph_module.graph.nodes if any(p.owns(node) for p in one_each)]
+    calls = [node for node in traced.graph_module.graph.nodes if node.op == "call_function"]
+    assert owned == calls and all(sum(p.owns(node) for p in one_each) == 1 for node in calls)  # a partition
+
+
+def test_shared_named_data_keeps_one_copy_per_key():
+    def delegate(*entries: tuple[str, bytes]) -> nn.Module:
+        module = nn.Module()
+        module.named_data_store_output = SimpleNamespace(
+            buffers=[data for _, data in entries],
+            pte_data={key: SimpleNamespace(buffer_index=i) for i, (key, _) in enumerate(entries)},
+        )
+        return module
+
+    weight = bytes(range(256)) * 64
+    first, second = delegate(("w", weight), ("s", b"scale")), delegate(("w", bytes(bytearray(weight))), ("x", b"other"))
+    assert second.named_data_store_output.buffers[0] is not weight  # an equal copy, as a second method makes
+    root = nn.Module()
+    root.a, root.b = first, second
+    shared = SharedNamedData()
+    shared.adopt(root)
+    assert second.named_data_store_output.buffers[0] is first.named_data_store_output.buffers[0]
+    assert shared.merged_bytes == len(weight)
+    shared.adopt(root)  # adopting again changes nothing
+    assert shared.merged_bytes == len(weight)
+
+
+def _rss_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
+def test_checkpoint_pages_hands_mapped_weights_back(tmp_path):
+    path = tmp_path / "weights.bin"
+    size = 64 << 20
+    np.arange(size // 4, dtype=np.float32).tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r")
+    before = _rss_file_bytes()
+    total = float(mapped.sum())  # touches every page: they are resident now
+    assert _rss_file_bytes() - before > size // 2
+    assert mapped_ranges([path.resolve()])
+    with CheckpointPages([path], interval=0.05):
+        pass  # released once more on exit
+    assert _rss_file_bytes() - before < size // 4, "the mapped pages stayed resident"
+    assert float(mapped.sum()) == total  # nothing is lost: the pages come back from the file
+
+
+def test_dtype_auto_is_the_checkpoints_own(tmp_path):
+    for stored, expected in (("float16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32"), (None, "fp32")):
+        folder = tmp_path / str(stored)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"text_config": {"dtype": stored}}))
+        assert checkpoint_dtype(folder) == expected
+    half = tmp_path / "float16"
+    assert resolve_dtype("auto", half, "executorch", "none")[0] == "fp16"  # never an fp32 copy of fp16 weights
+    assert resolve_dtype("auto", tmp_path / "bfloat16", "onnx", "none")[0] == "fp16"  # onnxruntime CPU: no bf16
+    assert resolve_dtype("auto", half, "onnx", "int8")[0] == "fp32"  # int8 quantizes fp32 weights
+    assert resolve_dtype("auto", half, "onnx", "int4")[0] == "fp16"
+    assert resolve_dtype("fp32", half, "executorch", "none")[0] == "fp32"  # asked for: as asked
