@@ -5,8 +5,10 @@ prints `adb_push_commands(out_dir)`. The app (android_demo/app) lists the folder
 
 Only a layer-0 export (`placement == "before_llm"`) runs in the stock ExecuTorch runner that the app uses
 (`LlmModule`, `MODEL_TYPE_TEXT_VISION`): its `vision_encoder` returns the R kept tokens and the runner gives them
-consecutive positions. A layer K >= 1 export has `prefill` / `decode` methods that only this project's runtime
-drives, so it is refused here, before anything is copied or pushed.
+consecutive positions. A layer K >= 1 export has the same three methods, but its `vision_encoder` and
+`text_decoder` share state in mutable buffers (export/executorch_layer_k.py), and executorch-android 1.5.1 loads a
+program without sharing them between methods (its `Module` is built without `share_memory_arenas`; see
+export/README.md), so it is refused here, before anything is copied or pushed.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def check_runnable_on_android(config: dict[str, Any], export_dir: str | Path = "
     if placement != "before_llm":
         layer = config.get("pruner", {}).get("layer")
         raise ValueError(
-            f"this export{where} prunes inside the LLM (--prune-layer {layer}, placement {placement!r}); the stock "
-            "ExecuTorch runner the app uses cannot run it (it has prefill/decode methods, not text_decoder). "
-            "Export with `pruner-export ... --target executorch --prune-layer 0 --android`"
+            f"this export{where} prunes inside the LLM (--prune-layer {layer}, placement {placement!r}): its "
+            "vision_encoder and text_decoder share state in mutable buffers, which executorch-android 1.5.1's "
+            "LlmModule does not share between methods. Export with `pruner-export ... --target executorch "
+            "--prune-layer 0 --android`"
         )
 
 

@@ -24,11 +24,14 @@ EXECUTORCH_BACKENDS = ("xnnpack", "portable", "coreml", "qnn")
 QUANTIZE_CHOICES = {"executorch": ("none", "8da4w"), "onnx": ("none", "int8", "int4")}
 VISION_QUANTIZE_CHOICES = {"executorch": ("none", "int8"), "onnx": ("none",)}
 DTYPES = ("fp32", "fp16", "bf16")
-# Signals a selection can read inside the exported graphs, per placement: the selection runs in the vision encoder
-# at layer 0 (no prompt text there) and in the prefill at layer K; no graph exposes the vision tower's [CLS] attention.
+# Signals a selection can read inside the exported graphs, per (target, placement): the selection runs in the vision
+# encoder at layer 0 (both targets) and at layer K in ExecuTorch (the stock runner calls it before the prompt's last
+# token exists), in ONNX's prefill at layer K; no graph exposes the vision tower's [CLS] attention.
 GRAPH_SIGNALS = {
-    "before_llm": frozenset({"hidden", "keys"}),
-    "in_llm": frozenset({"hidden", "keys", "text_attention"}),
+    ("executorch", "before_llm"): frozenset({"hidden", "keys"}),
+    ("executorch", "in_llm"): frozenset({"hidden", "keys"}),
+    ("onnx", "before_llm"): frozenset({"hidden", "keys"}),
+    ("onnx", "in_llm"): frozenset({"hidden", "keys", "text_attention"}),
 }
 # Files copied beside the graphs: the tokenizer first, then what a runtime or app reads of the processor.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -268,12 +271,14 @@ def staging_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[
 
 def check_method_exportable(options: "ExportOptions") -> None:
     """Refuse, before any work, a selection method whose signals the placement's graphs cannot compute."""
-    allowed = GRAPH_SIGNALS[options.placement]
+    allowed = GRAPH_SIGNALS[options.target, options.placement]
     missing = sorted(get_method(options.pruner.method).needs - allowed)
     if missing:
+        prompt_signal = missing == ["text_attention"]
         hint = (
-            "prune inside the LLM instead (--prune-layer >= 1)"
-            if options.placement == "before_llm" and missing == ["text_attention"]
+            "prune inside the LLM instead (--prune-layer >= 1)" if prompt_signal and options.target == "onnx"
+            else "export it with --target onnx --prune-layer >= 1 (its prefill sees the whole prompt), or choose a "
+                 f"--method that reads only {sorted(allowed)}" if prompt_signal
             else f"choose a --method that reads only {sorted(allowed)}"
         )
         raise ValueError(

@@ -1,18 +1,19 @@
 """ExecuTorch target: one pruned LLaVA-1.5 as one multi-method `model.pte`, its tokenizer and `export_config.json`.
 
-Two placements (``PrunerConfig.layer``), two method contracts (export/README.md has the full table):
+Both placements (``PrunerConfig.layer``) in the stock ExecuTorch LLM runner's method contract (``vision_encoder``,
+``token_embedding``, ``text_decoder(embeddings, input_pos [1] = start position)``; export/README.md has the tables):
 
 * layer 0 (``before_llm``): ``vision_encoder`` prunes inside (projector outputs + layer-0 keys) and returns R tokens;
-  ``token_embedding`` and ``text_decoder`` (static KV cache, ``input_pos`` [1] = start position) are what the stock
-  ExecuTorch LLM runner calls, so the file runs as is in ``executorch.extension.llm.runner.MultimodalRunner``.
-* layer K >= 1 (``in_llm``, the paper's placement): ``vision_encoder`` returns all N tokens; ``prefill`` runs the
-  whole prompt, prunes the image span between decoder layers K-1 and K and fills two static caches (full-length for
-  layers < K, pruned for layers >= K); ``decode`` continues one token at a time. ``runtime/executorch_backend.py``
-  drives it.
+  ``text_decoder`` (static KV cache) gives them consecutive positions, so the file runs as is in
+  ``executorch.extension.llm.runner.MultimodalRunner`` and Android's ``LlmModule``.
+* layer K >= 1 (``in_llm``, the paper's placement): ``vision_encoder`` runs layers < K on the image and prunes;
+  ``text_decoder`` runs layers >= K on the kept tokens at their original positions (export/executorch_layer_k.py).
+  The two share state in mutable buffers: ExecuTorch's Python runtime runs it; the 1.5.1 stock runner does not share
+  them (export/README.md says why and what one-argument change would).
 
 The decoder layers, the rotary embedding, the projector and the vision tower are the model's own modules
-(transformers); the pruned prefill is the adapter's ``prune_and_prefill`` with a cache that writes into ExecuTorch
-mutable buffers. Sizes (layers, widths, grid, N, R, the image's place in the prompt) are read from the checkpoint.
+(transformers), over static caches in ExecuTorch mutable buffers (export/static_cache.py). Sizes (layers, widths,
+grid, N, R, the image's place in the prompt) are read from the checkpoint.
 
 Shapes: T prompt (or chunk) length, N image tokens, R kept, D text width, V vocabulary, Hkv key/value heads,
 d head width, L cache slots, K the pruning layer.
@@ -37,8 +38,6 @@ from pruner_core.adapters.llava import (
     load_llava,
     prompt_image_start,
     select_before_llm,
-    prune_and_prefill,
-    rotary,
     tokenizer_info,
 )
 
@@ -52,6 +51,8 @@ from .common import (
     tensor_spec,
     write_json,
 )
+from .executorch_layer_k import PruningVisionEncoder, RunnerState, SplitCacheTextDecoder
+from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_layers, slot_mask
 from .lowering import SharedNamedData, layer_passes, slice_partitioner
 from .memory import CheckpointPages, checkpoint_files, return_freed_memory_promptly
 
@@ -88,7 +89,6 @@ def _check_nothing(options: ExportOptions) -> None:
     return None
 
 
-DECODER_METHODS = frozenset({"text_decoder", "prefill", "decode"})  # the methods holding the decoder's linears
 
 
 def _xnnpack_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
@@ -226,16 +226,20 @@ class LlavaGeometry:
         return self.num_image_tokens - self.kept_tokens
 
     @property
-    def cache_lengths(self) -> list[int]:
-        """Slots per layer: layer 0 placement: max_seq_len everywhere (the decoder only sees the pruned sequence);
-        layer K: max_seq_len for layers < K, max_seq_len - (N - R) for layers >= K."""
-        pruned = self.max_seq_len - (self.removed if self.split_layer > 0 else 0)
-        return [self.max_seq_len if i < self.split_layer else pruned for i in range(self.num_layers)]
+    def runner_max_seq_len(self) -> int:
+        """Positions the runner counts (get_max_seq_len): layer 0: max_seq_len; layer K: the image counts R, not N,
+        in the runner's positions, so max_seq_len - (N - R)."""
+        return self.max_seq_len - (self.removed if self.split_layer > 0 else 0)
 
     @property
-    def min_prompt(self) -> int:
-        """Shortest sequence the first decoder method takes: 1 token (layer 0), N + 1 (BOS + image) for layer K."""
-        return 1 if self.split_layer == 0 else self.num_image_tokens + 1
+    def cache_lengths(self) -> list[int]:
+        """Slots per layer: layer 0 placement: max_seq_len everywhere (the decoder only sees the pruned sequence);
+        layer K: max_seq_len + R for layers < K (full positions, plus R spare slots the image rows of a text_decoder
+        call write to), max_seq_len - (N - R) for layers >= K (the compact caches)."""
+        if self.split_layer == 0:
+            return [self.max_seq_len] * self.num_layers
+        full = self.max_seq_len + self.kept_tokens
+        return [full if i < self.split_layer else self.runner_max_seq_len for i in range(self.num_layers)]
 
 
 def read_geometry(model: nn.Module, processor: Any, options: ExportOptions) -> LlavaGeometry:
@@ -283,120 +287,23 @@ def _check_lengths(geometry: LlavaGeometry, text_config: Any) -> None:
 
 
 # ================================================================================================================
-# Static KV cache (ExecuTorch mutable buffers) and the cache views the stock decoder layers write through
-# ================================================================================================================
-
-
-class StaticKVCache(nn.Module):
-    """Per-layer keys and values [1, Hkv, L_i, d], written in place; L_i = ``lengths[i]``.
-
-    Registered as non-persistent buffers: ``torch.export`` lifts them as mutated buffers and ExecuTorch keeps them
-    between calls (with ``share_mutable_buffers``, one copy shared by every method of the program).
-    """
-
-    def __init__(self, lengths: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.lengths = list(lengths)
-        for index, length in enumerate(lengths):
-            self.register_buffer(f"k{index}", torch.zeros(1, kv_heads, length, head_dim, dtype=dtype), persistent=False)
-            self.register_buffer(f"v{index}", torch.zeros(1, kv_heads, length, head_dim, dtype=dtype), persistent=False)
-
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"k{index}"), getattr(self, f"v{index}")
-
-    def write(self, index: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-        """keys/values [1, Hkv, S, d] into slots [S] of layer ``index`` -> the layer's whole buffers."""
-        cache_keys, cache_values = self.layer(index)
-        cache_keys[:, :, slots] = keys
-        cache_values[:, :, slots] = values
-        return cache_keys, cache_values
-
-
-class SlotWriter:
-    """A cache for the stock attention layers: new K/V go to ``slots`` [S]; attention reads the whole buffers (the
-    caller's mask hides slots after each query)."""
-
-    def __init__(self, cache: StaticKVCache, slots: torch.Tensor) -> None:
-        self.cache, self.slots = cache, slots
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.cache.write(layer_idx, self.slots, keys, values)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-class PrefillWriter:
-    """A cache for ``prune_and_prefill`` from an empty cache: each layer's S new K/V go to slots 0..S-1 and attention
-    reads just them (S = T for layers < K, T' for layers >= K), as with an empty dynamic cache."""
-
-    def __init__(self, cache: StaticKVCache) -> None:
-        self.cache = cache
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        slots = torch.arange(keys.shape[2], device=keys.device)  # [S]
-        self.cache.write(layer_idx, slots, keys, values)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-def slot_mask(query_slots: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """query_slots [S] -> additive mask [1, 1, S, L]: query s sees cache slots <= its own (causal over the cache)."""
-    allowed = torch.arange(length, device=query_slots.device)[None, :] <= query_slots[:, None]  # [S, L]
-    zero = torch.zeros((), dtype=dtype, device=query_slots.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
-
-
-def run_cached_layers(
-    language_model: nn.Module,
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    writer: SlotWriter,
-    mask: torch.Tensor,
-    layers: range,
-) -> torch.Tensor:
-    """The stock decoder layers ``layers`` on hidden [1, S, D] at RoPE positions [S] over a static cache
-    -> [1, S, D]."""
-    position_ids = positions[None]  # [1, S]
-    position_embeddings = rotary(language_model, hidden, position_ids)  # (cos, sin) [1, S, d]
-    for index in layers:
-        hidden = language_model.layers[index](
-            hidden, attention_mask=mask, position_ids=position_ids, past_key_values=writer, use_cache=True,
-            position_embeddings=position_embeddings,
-        )
-    return hidden
-
-
-def last_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden [1, S, D] -> float32 logits of the last position [1, V]."""
-    return model.lm_head(hidden[:, -1]).float()
-
-
-# ================================================================================================================
 # The exported methods
 # ================================================================================================================
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values float32 [1, 3, H, W] (normalised) -> image embeddings [1, N or R, D].
+    """Layer 0 placement: pixel_values float32 [1, 3, H, W] (normalised) -> image embeddings [1, R, D].
 
-    With ``config`` (layer 0 placement) the selection runs inside: hidden = projector outputs, keys = decoder layer
-    0's post-RoPE keys for them at their prompt positions image_start .. image_start + N - 1; returns the R kept
-    tokens (fused states) in image order. Without it, all N projector outputs.
+    The selection runs inside: hidden = projector outputs, keys = decoder layer 0's post-RoPE keys for them at their
+    prompt positions image_start .. image_start + N - 1; returns the R kept tokens (fused states) in image order.
     """
 
-    def __init__(
-        self, model: nn.Module, geometry: LlavaGeometry, config: PrunerConfig | None, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, model: nn.Module, geometry: LlavaGeometry, config: PrunerConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.geometry, self.config, self.dtype = model, geometry, config, dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = encode_image(self.model, pixel_values.to(self.dtype))  # [1, N, D]
-        if self.config is None:
-            return features
         selection = select_before_llm(self.model, features, self.geometry.image_start, self.geometry.grid, self.config)
         return selection.states  # [1, R, D]
 
@@ -422,56 +329,6 @@ class TextDecoder(nn.Module):
         return last_logits(self.model, language_model.norm(hidden))
 
 
-class PrunedPrefill(nn.Module):
-    """Layer K placement: the whole prompt's embeddings [1, T, D] with the N image embeddings at image_start [1]
-    -> logits [1, V] after the prompt.
-
-    Layers < K run on all T tokens (cache slots 0..T-1), the image span is pruned to R tokens with layer K-1's output
-    and post-RoPE keys, layers >= K run on the T' = T - N + R kept tokens at their ORIGINAL positions (slots
-    0..T'-1 of their caches). The adapter's ``prune_and_prefill``, unchanged.
-    """
-
-    def __init__(self, model: nn.Module, cache: StaticKVCache, geometry: LlavaGeometry, config: PrunerConfig) -> None:
-        super().__init__()
-        self.model, self.cache, self.geometry, self.config = model, cache, geometry, config
-
-    def forward(self, embeddings: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
-        geometry = self.geometry
-        result = prune_and_prefill(
-            self.model.model.language_model, embeddings, image_start, geometry.num_image_tokens, geometry.grid,
-            self.config, cache=PrefillWriter(self.cache),
-        )
-        return last_logits(self.model, result.hidden)
-
-
-class PrunedDecode(nn.Module):
-    """Layer K placement: one token's embedding [1, 1, D] at position input_pos [1] (= T + step) -> logits [1, V].
-
-    Layers < K write/read their full cache at slot input_pos; layers >= K at slot input_pos - (N - R), since their
-    cache holds the pruned prompt. RoPE position input_pos in both.
-    """
-
-    def __init__(self, model: nn.Module, cache: StaticKVCache, geometry: LlavaGeometry) -> None:
-        super().__init__()
-        self.model, self.cache, self.geometry = model, cache, geometry
-
-    def forward(self, embedding: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        language_model = self.model.model.language_model
-        split, lengths = self.geometry.split_layer, self.cache.lengths
-        pruned_slot = input_pos - self.geometry.removed  # [1]
-        full = SlotWriter(self.cache, input_pos)
-        pruned = SlotWriter(self.cache, pruned_slot)
-        hidden = run_cached_layers(
-            language_model, embedding, input_pos, full, slot_mask(input_pos, lengths[0], embedding.dtype),
-            range(split),
-        )
-        hidden = run_cached_layers(
-            language_model, hidden, input_pos, pruned, slot_mask(pruned_slot, lengths[-1], embedding.dtype),
-            range(split, len(language_model.layers)),
-        )
-        return last_logits(self.model, language_model.norm(hidden))
-
-
 # ================================================================================================================
 # Method table: modules, example inputs, dynamic shapes, and the contract written to export_config.json
 # ================================================================================================================
@@ -490,7 +347,7 @@ class MethodPlan:
 
 
 def _token_dim(geometry: LlavaGeometry, minimum: int) -> torch.export.Dim:
-    return torch.export.Dim("T", min=minimum, max=geometry.max_seq_len)
+    return torch.export.Dim("T", min=minimum, max=geometry.runner_max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -500,20 +357,15 @@ class _Examples:
     pixel_values: torch.Tensor  # [1, 3, H, W] float32
     tokens: torch.Tensor  # [1, 4] int64
     chunk: torch.Tensor  # [1, 5, D]: a text_decoder chunk
-    prompt: torch.Tensor  # [1, image_start + N + 8, D]: a whole prompt for prefill
-    token: torch.Tensor  # [1, 1, D]: one decode step
 
 
 def _examples(geometry: LlavaGeometry, dtype: torch.dtype) -> _Examples:
     generator = torch.Generator().manual_seed(0)
     height, width = geometry.image_size
-    length = geometry.image_start + geometry.num_image_tokens + 8
     return _Examples(
         pixel_values=torch.randn(1, 3, height, width, generator=generator),
         tokens=torch.ones(1, 4, dtype=torch.long),
         chunk=torch.randn(1, 5, geometry.width, generator=generator).to(dtype),
-        prompt=torch.randn(1, length, geometry.width, generator=generator).to(dtype),
-        token=torch.randn(1, 1, geometry.width, generator=generator).to(dtype),
     )
 
 
@@ -529,63 +381,43 @@ def plan_methods(
     examples = _examples(geometry, dtype)
     name, d = DTYPE_NAMES[dtype], geometry.width
     height, width = geometry.image_size
-    image_tokens = geometry.kept_tokens if geometry.split_layer == 0 else geometry.num_image_tokens
+    if geometry.split_layer == 0:
+        encoder, decoder = VisionEncoder(model, geometry, config, dtype), TextDecoder(model, cache)
+    else:  # the paper's placement, in the same three methods (export/executorch_layer_k.py)
+        state = RunnerState(geometry.kept_tokens)
+        encoder = PruningVisionEncoder(model, cache, state, geometry.grid, config, dtype)
+        decoder = SplitCacheTextDecoder(model, cache, state, geometry.split_layer, geometry.max_seq_len)
     vision = MethodPlan(
-        "vision_encoder", VisionEncoder(model, geometry, config if geometry.split_layer == 0 else None, dtype),
-        (examples.pixel_values,), None, [tensor_spec("pixel_values", [1, 3, height, width], "float32")],
-        [tensor_spec("image_embeddings", [1, image_tokens, d], name)],
+        "vision_encoder", encoder, (examples.pixel_values,), None,
+        [tensor_spec("pixel_values", [1, 3, height, width], "float32")],
+        [tensor_spec("image_embeddings", [1, geometry.kept_tokens, d], name)],
     )
     embed = MethodPlan(
         "token_embedding", TokenEmbedding(model), (examples.tokens,), ({1: _token_dim(geometry, 1)},),
         [tensor_spec("tokens", [1, "T"], "int64")], [tensor_spec("embeddings", [1, "T", d], name)],
     )
-    if geometry.split_layer == 0:
-        return [vision, embed, _text_decoder_plan(model, cache, geometry, examples, name)]
-    return [vision, embed, *_pruned_decoder_plans(model, cache, geometry, config, examples, name)]
+    text = MethodPlan(
+        "text_decoder", decoder, (examples.chunk, _position(0)), ({1: _token_dim(geometry, 1)}, None),
+        [tensor_spec("embeddings", [1, "T", d], name), tensor_spec("input_pos", [1], "int64")],
+        [_logits_spec(geometry)],
+    )
+    return [vision, embed, text]
 
 
 def _logits_spec(geometry: LlavaGeometry) -> dict[str, Any]:
     return tensor_spec("logits", [1, geometry.vocab_size], "float32")
 
 
-def _text_decoder_plan(model, cache, geometry: LlavaGeometry, examples: _Examples, name: str) -> MethodPlan:
-    d = geometry.width
-    return MethodPlan(
-        "text_decoder", TextDecoder(model, cache), (examples.chunk, _position(0)), ({1: _token_dim(geometry, 1)}, None),
-        [tensor_spec("embeddings", [1, "T", d], name), tensor_spec("input_pos", [1], "int64")],
-        [_logits_spec(geometry)],
-    )
-
-
-def _pruned_decoder_plans(
-    model, cache, geometry: LlavaGeometry, config: PrunerConfig, examples: _Examples, name: str
-) -> list[MethodPlan]:
-    d = geometry.width
-    prefill = MethodPlan(
-        "prefill", PrunedPrefill(model, cache, geometry, config), (examples.prompt, _position(geometry.image_start)),
-        ({1: _token_dim(geometry, geometry.min_prompt)}, None),
-        [tensor_spec("embeddings", [1, "T", d], name), tensor_spec("image_start", [1], "int64")],
-        [_logits_spec(geometry)],
-    )
-    decode = MethodPlan(
-        "decode", PrunedDecode(model, cache, geometry), (examples.token, _position(examples.prompt.shape[1])), None,
-        [tensor_spec("embedding", [1, 1, d], name), tensor_spec("input_pos", [1], "int64")],
-        [_logits_spec(geometry)],
-    )
-    return [prefill, decode]
-
-
 def constant_methods(geometry: LlavaGeometry, bos_id: int, eos_ids: list[int]) -> dict[str, Any]:
     """Metadata methods the ExecuTorch LLM runner reads, plus this project's."""
-    image_tokens = geometry.kept_tokens if geometry.split_layer == 0 else geometry.num_image_tokens
     return {
-        "get_max_seq_len": geometry.max_seq_len,
-        "get_max_context_len": geometry.max_seq_len,
+        "get_max_seq_len": geometry.runner_max_seq_len,  # in the runner's positions (the image counts R)
+        "get_max_context_len": geometry.runner_max_seq_len,
         "get_bos_id": bos_id,
         "get_eos_ids": eos_ids,
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
-        "get_num_image_tokens": image_tokens,  # what vision_encoder returns (R at layer 0, N at layer K)
+        "get_num_image_tokens": geometry.kept_tokens,  # what vision_encoder returns: R, at both placements
         "get_kept_image_tokens": geometry.kept_tokens,
         "get_prune_layer": geometry.split_layer,
         "get_image_start": geometry.image_start,
@@ -697,25 +529,22 @@ def copy_tokenizer_files(model_dir: Path, processor: Any, out_dir: Path) -> list
 
 
 def executorch_extra(geometry: LlavaGeometry, constants: dict[str, Any]) -> dict[str, Any]:
-    pruned = geometry.split_layer > 0
     return {
         "program": PROGRAM_FILE,
         "image_input_layout": IMAGE_INPUT_LAYOUT,
         "text_width": geometry.width,
         "vocab_size": geometry.vocab_size,
         "num_layers": geometry.num_layers,
-        "dynamic_dims": {"T": [1, geometry.max_seq_len]},  # tokens per call; `prefill` takes >= N + 1
-        "min_prefill_tokens": geometry.min_prompt,
+        "dynamic_dims": {"T": [1, geometry.runner_max_seq_len]},  # tokens per text_decoder call
+        "runner_max_seq_len": geometry.runner_max_seq_len,  # positions the runner counts (the image counts R)
         "constant_methods": constants,
         "kv_cache": {
             "layout": "[1, kv_heads, slots, head_dim] per layer, keys post-RoPE",
             "kv_heads": geometry.kv_heads,
             "head_dim": geometry.head_dim,
             "slots": geometry.cache_lengths,
-            "decode_slot_offset": {"layers_before_K": 0, "layers_from_K": geometry.removed if pruned else 0},
         },
-        "runner": "executorch.extension.llm.runner.MultimodalRunner" if not pruned
-        else "runtime.executorch_backend.ExecuTorchModel",
+        "runner": "executorch.extension.llm.runner.MultimodalRunner",
     }
 
 

@@ -38,9 +38,16 @@ class ExecuTorchBackend:
             self.model._methods = {}
         self.reset()
 
+    @property
+    def needs_context_before_image(self) -> bool:
+        return self.model.needs_context_before_image
+
     def reset(self) -> None:
         self._position = 0
-        self._decode_method = "text_decoder" if self.model.placement == "before_llm" else "decode"
+
+    def prefill_context(self, before) -> None:
+        """Layer K: the text before the image, into the caches that ``vision_encoder`` reads."""
+        self.model.prefill_context(before)
 
     def image_features(self, pixel_values: np.ndarray, image_start: int) -> torch.Tensor:
         return self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixel_values)))
@@ -53,7 +60,7 @@ class ExecuTorchBackend:
         return logits[0].float().numpy()
 
     def decode(self, token: int) -> np.ndarray:
-        logits = self.model._step(self._decode_method, self.model.embed([token]), self._position)
+        logits = self.model._step("text_decoder", self.model.embed([token]), self._position)
         self._position += 1
         return logits[0].float().numpy()
 

@@ -30,7 +30,8 @@ class Backend(Protocol):
     files: list[Path]
 
     def image_features(self, pixel_values: np.ndarray, image_start: int) -> Any: ...  # [1, N or R, D]
-    # (R: pruned inside for layer 0, whose selection reads the image tokens' positions from image_start)
+    # (R: pruned inside for layer 0, whose selection reads the image tokens' positions from image_start, and by
+    # ExecuTorch's layer-K vision_encoder, which needs_context_before_image: prefill_context(before) runs first)
 
     def embed(self, ids: list[int]) -> Any: ...  # [1, T, D]
 
@@ -116,10 +117,13 @@ class Session:
         self.backend.reset()
         with timed(profile, "preprocess"):
             pixels = preprocess(load_image(image), self.image_spec)
-        with timed(profile, "vision"):
-            features = self.backend.image_features(pixels, len(prompt_ids.before))
         with timed(profile, "embed"):
             before, after = self.backend.embed(prompt_ids.before), self.backend.embed(prompt_ids.after)
+        if getattr(self.backend, "needs_context_before_image", False):
+            with timed(profile, "prefill"):  # the text before the image first: the vision encoder attends to it
+                self.backend.prefill_context(before)
+        with timed(profile, "vision"):
+            features = self.backend.image_features(pixels, len(prompt_ids.before))
         with timed(profile, "prefill"):
             logits = self.backend.prefill(before, features, after)
         profile.time_to_first_token_ms = (time.perf_counter() - start) * 1000.0

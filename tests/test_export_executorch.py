@@ -192,6 +192,88 @@ def test_layer0_pte_runs_in_stock_multimodal_runner(exports, eager, prompts, et_
     assert pieces == [tokenizer.decode([token]) for token in eager_tokens]
 
 
+class RunnerSequence:
+    """The call sequence of ExecuTorch's MultimodalRunner (extension/llm/runner: multimodal_prefiller.cpp,
+    multimodal_runner.cpp), on ExecuTorch's Python runtime, whose methods share mutable buffers: each text input ->
+    token_embedding -> text_decoder at the runner's position; an image -> vision_encoder -> text_decoder on what it
+    returned; the position advances by the rows of each call; then one token at a time. Positions continue across
+    generations, as the runner's do, unless ``reset`` (a new runner state)."""
+
+    def __init__(self, folder: Path) -> None:
+        from executorch.runtime import Runtime
+
+        self.program = Runtime.get().load_program(folder / "model.pte")
+        self.methods = {name: self.program.load_method(name)
+                        for name in ("vision_encoder", "token_embedding", "text_decoder")}
+        self.position = 0
+
+    def _call(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.methods[name].execute([x.contiguous() for x in inputs])[0]
+
+    def _decode(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = self._call("text_decoder", rows, torch.tensor([self.position]))
+        self.position += rows.shape[1]
+        return logits
+
+    def generate(self, pieces: list, new_tokens: int, eos: set[int]) -> list[int]:
+        """pieces: token id lists (text) or pixel_values [1, 3, H, W] (an image) -> greedy tokens."""
+        for piece in pieces:
+            if isinstance(piece, torch.Tensor):
+                logits = self._decode(self._call("vision_encoder", piece))
+            else:
+                logits = self._decode(self._call("token_embedding", torch.tensor([piece])))
+        tokens = []
+        while True:
+            tokens.append(int(logits[0].argmax()))
+            if len(tokens) == new_tokens or tokens[-1] in eos:
+                return tokens
+            logits = self._decode(self._call("token_embedding", torch.tensor([[tokens[-1]]])))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layer_k_pte_runs_through_the_runner_call_sequence(exports, eager, prompts, et_zoo, name):
+    """The paper's placement in the runner's three methods: text, image, text, then decoding past the prompt gives
+    eager pruned PyTorch's tokens (tiny-llava-gqa: grouped-query attention, a 16x16 grid); a second, image-free
+    generation on the same program (a new conversation at position 0) is the stock unpruned model's."""
+    folder, payload = exports(name, 2, 0.12)
+    inputs = prompts[name]
+    parts = split_prompt(inputs["input_ids"], payload["tokenizer"]["image_token_id"])
+    runner = RunnerSequence(folder)
+    eos = set(payload["tokenizer"]["eos_ids"])
+    tokens = runner.generate([parts.before, inputs["pixel_values"], parts.after], NEW_TOKENS, eos)
+    assert tokens == eager(name, 2, 0.12)[0]
+    assert runner.position == len(parts.before) + payload["kept_image_tokens"] + len(parts.after) + len(tokens) - 1
+
+    model, processor = load_llava(et_zoo[name])  # stock: no pruner
+    text = processor.tokenizer("USER: What is the capital of France? ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        stock = model.generate(**text, max_new_tokens=8, do_sample=False)[0, text["input_ids"].shape[1]:].tolist()
+    runner.position = 0  # a new conversation, without an image: nothing is pruned
+    again = runner.generate([text["input_ids"][0].tolist()], 8, eos)
+    assert again and again == stock[: len(again)]
+
+
+def test_layer_k_vision_encoder_selects_what_select_tokens_selects(exports, prompts, et_zoo):
+    """The selection inside the layer-K vision_encoder equals the adapter's (pruner_core.select_tokens on layer K-1's
+    states and post-RoPE keys of the image span, with the text before it as context): the same fused rows."""
+    from pruner_core.adapters import embed_prompt, image_grid, prefill_with_pruning
+
+    name = "tiny-llava-gqa"
+    folder, payload = exports(name, 2, 0.12)
+    inputs = prompts[name]
+    parts = split_prompt(inputs["input_ids"], payload["tokenizer"]["image_token_id"])
+    runner = RunnerSequence(folder)
+    runner._decode(runner._call("token_embedding", torch.tensor([parts.before])))
+    rows = runner._call("vision_encoder", inputs["pixel_values"])  # [1, R, D]
+    model, _ = load_llava(et_zoo[name])
+    with torch.no_grad():
+        embeds, starts, n_image = embed_prompt(model, inputs["input_ids"], inputs["pixel_values"])
+        reference = prefill_with_pruning(model, embeds, int(starts[0]), n_image, image_grid(model.config),
+                                         PrunerConfig(keep=0.12, layer=2)).selection
+    assert rows.shape == reference.states.shape
+    torch.testing.assert_close(rows, reference.states, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- export_config.json against the program
 
 
@@ -222,8 +304,7 @@ def test_export_config_matches_program(exports, layer):
     assert all((folder / name).is_file() for name in payload["files"])
 
     program = Runtime.get().load_program(folder / "model.pte")
-    expected_methods = {"vision_encoder", "token_embedding"} | (
-        {"text_decoder"} if layer == 0 else {"prefill", "decode"})
+    expected_methods = {"vision_encoder", "token_embedding", "text_decoder"}  # the runner's, at both placements
     assert set(payload["methods"]) == expected_methods
     assert expected_methods | set(payload["executorch"]["constant_methods"]) <= program.method_names
     for name, contract in payload["methods"].items():
@@ -241,8 +322,9 @@ def test_export_config_matches_program(exports, layer):
     for name, value in constants.items():
         result = program.load_method(name).execute([])
         assert (list(result) if isinstance(value, list) else result[0]) == value, name
-    image_tokens = payload["kept_image_tokens"] if layer == 0 else payload["num_image_tokens"]
-    assert constants["get_num_image_tokens"] == image_tokens
+    assert constants["get_num_image_tokens"] == payload["kept_image_tokens"]  # what vision_encoder returns
+    removed = payload["num_image_tokens"] - payload["kept_image_tokens"] if layer else 0
+    assert constants["get_max_seq_len"] == payload["executorch"]["runner_max_seq_len"] == MAX_SEQ_LEN - removed
 
 
 # ---------------------------------------------------------------- options

@@ -271,9 +271,10 @@ class ExportConfig(
                 "`pruner-export --model <model> --keep <k> --target executorch --prune-layer 0 --android`."
         }
         if (placement != RunnerContract.PLACEMENT_BEFORE_LLM) {
-            return "This model prunes inside the LLM (--prune-layer $pruneLayer, placement '$placement'): the stock " +
-                "ExecuTorch runner behind LlmModule cannot run it (it needs this project's prefill/decode driver). " +
-                "Export it again with `pruner-export ... --target executorch --prune-layer 0 --android`."
+            return "This model prunes inside the LLM (--prune-layer $pruneLayer, placement '$placement'): its " +
+                "vision_encoder and text_decoder share state in mutable buffers, and LlmModule (executorch-android " +
+                "1.5.1) loads programs without sharing them between methods. Export it again with " +
+                "`pruner-export ... --target executorch --prune-layer 0 --android`."
         }
         val missing = RunnerContract.METHODS.filter { it !in methods }
         if (missing.isNotEmpty()) {
