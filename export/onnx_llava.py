@@ -590,7 +590,12 @@ def quantize_graph_int4(
     model = onnx.load(str(source))
     external = sum(t.ByteSize() for t in model.graph.initializer) > external_bytes
     if plan.name in DECODER_GRAPHS:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
+        # the selection's sums over a dim are matmuls with a [..., C, 1] tensor of ones: not weights, left float
+        unit = {t.name: t for t in model.graph.initializer if 1 in t.dims}
+        reductions = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in unit
+                      and np.all(onnx.numpy_helper.to_array(unit[n.input[1]]) == 1)]
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True,
+                                         nodes_to_exclude=reductions)
         quantizer.process()
         model = quantizer.model.model
     onnx.save(model, str(target), save_as_external_data=external, all_tensors_to_one_file=True,

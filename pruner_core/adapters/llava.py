@@ -998,7 +998,7 @@ def prefill_with_pruning(
         language_model, embeds, image_start, n_image, grid, config,
         cache=recorder, attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
     )
-    logits = model.lm_head(result.hidden[:, -1])  # [B, V]
+    logits = model.lm_head(result.hidden[:, -1:])[:, 0]  # [B, V] (a 3-D matmul: ONNX keeps it a MatMul, not a Gemm)
     return PrefillOutput(
         logits=logits,
         keys=tuple(recorder.keys),
