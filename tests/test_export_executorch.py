@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,11 @@ import torch
 from PIL import Image
 from skimage import data
 
-from export.common import ExportOptions
+from export.common import ExportOptions, checkpoint_dtype
 from export.executorch_llava import BackendUnavailableError, export_executorch
+from export.memory import estimate_export_memory
 from pruner_core import PrunerConfig
-from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, resolve_model
+from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, parameter_counts, resolve_model
 from runtime.executorch_backend import ExecuTorchModel
 from runtime.prompt import split_prompt
 
@@ -66,10 +69,37 @@ def prompts(et_zoo, astronaut):
     return out
 
 
+@dataclass
+class BackgroundExport:
+    """A `python -m export.cli` child; calling it waits for it -> its folder, and records its peak RSS (bytes)."""
+
+    process: subprocess.Popen
+    out: Path
+    log_path: Path
+    peak_rss: int | None = None
+
+    def __call__(self) -> Path:
+        deadline = time.monotonic() + 1800
+        while True:  # os.wait4, not Popen.wait: the child's own ru_maxrss
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG) if self.process.returncode is None else (
+                0, 0, None)
+            if pid:
+                self.process.returncode = os.waitstatus_to_exitcode(status)
+                self.peak_rss = usage.ru_maxrss * 1024
+            if self.process.returncode is not None:
+                break
+            assert time.monotonic() < deadline, "pruner-export ran for more than 30 minutes"
+            time.sleep(0.2)
+        log = self.log_path.read_text()
+        assert self.process.returncode == 0, f"pruner-export failed ({self.process.returncode}):\n{log[-4000:]}"
+        assert (self.out / "model.pte").is_file() and (self.out / "export_config.json").is_file(), log[-4000:]
+        return self.out
+
+
 @pytest.fixture(scope="session")
 def quantised_cli_export(et_zoo, tmp_path_factory):
-    """The 8da4w XNNPACK export through `python -m export.cli`, running in the background -> a wait() giving its
-    folder. Killed at teardown if still running."""
+    """The 8da4w XNNPACK export through `python -m export.cli`, running in the background -> a BackgroundExport.
+    Killed at teardown if still running."""
     name, layer, keep = QUANTISED
     out = tmp_path_factory.mktemp("cli") / "quantised"
     command = [
@@ -81,16 +111,9 @@ def quantised_cli_export(et_zoo, tmp_path_factory):
     log_path = out.parent / "pruner-export.log"  # a file, not a pipe: a full pipe would stall the export
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait() -> Path:
-        process.wait(timeout=1800)
-        log = log_path.read_text()
-        assert process.returncode == 0, f"pruner-export failed ({process.returncode}):\n{log[-4000:]}"
-        assert (out / "model.pte").is_file() and (out / "export_config.json").is_file(), log[-4000:]
-        return out
-
-    yield wait
-    if process.poll() is None:
+    export = BackgroundExport(process, out, log_path)
+    yield export
+    if process.returncode is None and process.poll() is None:
         process.kill()
         process.wait()
 
@@ -372,6 +395,20 @@ def test_8da4w_export_through_the_cli_generates(quantised_cli_export, prompts):
     assert (payload["quantization"], payload["backend"], payload["dtype"]) == ("8da4w", "xnnpack", "fp32")
     assert payload["vision_quantization"] == "int8"
     assert_generates(folder, prompts[QUANTISED[0]])
+
+
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(quantised_cli_export, et_zoo):
+    """What pruner-export prints (and refuses on) against the export child's measured peak RSS."""
+    folder = quantised_cli_export()
+    name, layer, keep = QUANTISED
+    options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=keep, layer=layer),
+                            quantize="8da4w", quantize_vision="int8", dtype=checkpoint_dtype(et_zoo[name]),
+                            max_seq_len=MAX_SEQ_LEN)
+    estimate = estimate_export_memory(parameter_counts(et_zoo[name]), options, checkpoint_dtype(et_zoo[name]))
+    assert estimate.describe() in quantised_cli_export.log_path.read_text()  # the CLI printed this estimate
+    measured = quantised_cli_export.peak_rss
+    assert folder.is_dir() and measured
+    assert abs(estimate.peak - measured) <= 0.25 * measured, (estimate.describe(), measured / 2**30)
 
 
 def test_fp16_export_generates(exports, prompts):
