@@ -54,7 +54,7 @@ def child_peak(command: list[str], log: Path) -> tuple[int, float, int]:
 def build_checkpoint(folder: Path) -> Path:
     from dataclasses import replace
 
-    from pruner_core.adapters.llava import build_tiny_llava
+    from pruner_core.adapters import build_tiny_llava
 
     if not (folder / "config.json").is_file():
         spec = replace(llava_7b_widths(32), dtype="float16", text_vocab=32064)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pruner_core.adapters.llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from pruner_core.adapters import TinyLlavaSpec, build_tiny_llava  # noqa: E402
 from runtime.bench import PeakSampler, ensure_export  # noqa: E402
 
 

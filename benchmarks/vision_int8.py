@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.llava_shapes import llava_7b_widths  # noqa: E402
 from pruner_core import PrunerConfig  # noqa: E402
-from pruner_core.adapters.llava import (  # noqa: E402
+from pruner_core.adapters import (  # noqa: E402
     build_tiny_llava,
     encode_image,
     image_grid,

@@ -113,13 +113,13 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig) -> None:
     """keep and --prune-layer against the model's config (cheap: no weights loaded)."""
     from transformers import AutoConfig
 
-    from pruner_core.adapters.llava import check_split_layer, image_grid
+    from pruner_core.adapters import adapter_for, check_split_layer
 
     config = AutoConfig.from_pretrained(model_dir)
-    rows, cols = image_grid(config)
+    geometry = adapter_for(config).geometry(config)
     try:
-        pruner.budget(rows * cols)
-        check_split_layer(pruner, config.text_config.num_hidden_layers)
+        pruner.budget(geometry.num_image_tokens)
+        check_split_layer(pruner, geometry.num_layers)
     except ValueError as error:
         raise ExportError(str(error)) from None
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
-    from pruner_core.adapters import parameter_counts, resolve_model
+    from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
     try:
@@ -256,7 +256,8 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     plans = resolved
     available = available_memory_bytes()
     for options, _ in plans:
-        check_memory(parameter_counts(model_dir), options, checkpoint_dtype(model_dir), available, stream)
+        check_memory(adapter_for(model_dir).parameter_counts(model_dir), options, checkpoint_dtype(model_dir),
+                     available, stream)
     written = []
     for options, out in plans:
         export = exporter_for(options.target)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig, select_tokens
-from pruner_core.adapters.llava import encode_image
+from pruner_core.adapters import encode_image
 from pruner_core.methods import get_method
 
 from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_layers, slot_mask

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig
-from pruner_core.adapters.llava import (
+from pruner_core.adapters import (
     check_split_layer,
     encode_image,
     image_grid,

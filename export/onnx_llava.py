@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig
-from pruner_core.adapters.llava import (
+from pruner_core.adapters import (
     KVRecorder,
     check_split_layer,
     decode_step,

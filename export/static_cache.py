@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruner_core.adapters.llava import rotary
+from pruner_core.adapters.decoder import rotary
 
 
 class StaticKVCache(nn.Module):

@@ -144,14 +144,15 @@ def check_model_fits(model_dir: Path, options: VizOptions) -> None:
     """keep and --layer against the model's config (cheap: no weights loaded)."""
     from transformers import AutoConfig
 
-    from .adapters.llava import check_split_layer, image_grid
+    from .adapters import adapter_for, check_split_layer
 
     config = AutoConfig.from_pretrained(model_dir)
-    rows, cols = image_grid(config)
+    geometry = adapter_for(config).geometry(config)
+    rows, cols = geometry.grid
     pruner = options.pruner_config(options.methods[0])
     try:
         pruner.budget(rows * cols)
-        check_split_layer(pruner, config.text_config.num_hidden_layers)
+        check_split_layer(pruner, geometry.num_layers)
     except ValueError as error:
         raise VizError(f"{error} (model {options.model}: {rows}x{cols} = {rows * cols} image tokens)") from None
 
@@ -218,20 +219,16 @@ def _pixel_values(processor: Any, image: Any) -> torch.Tensor:
 
 def _cls_attention(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """VisionZip's signal: the tower's [CLS] attention over the patches -> [1, N]."""
-    from .adapters.llava import clip_cls_attention
+    from .adapters import adapter_for
 
-    inner = model.model
-    tower = inner.vision_tower
-    out = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
-    return clip_cls_attention(tower, out.hidden_states, model.config.vision_feature_layer)
+    return adapter_for(model).cls_attention(model, pixel_values)
 
 
 def collect_selections(model: Any, processor: Any, image: Any, options: VizOptions) -> tuple[ModelView, list]:
     """Run the prompt through the model once per method -> (what the model sees, one PanelSelection per method)."""
     from PIL import Image
 
-    from .adapters import embed_prompt, image_grid, llava_prompt, prefill_with_pruning
-    from .adapters.llava import check_split_layer
+    from .adapters import check_split_layer, embed_prompt, image_grid, llava_prompt, prefill_with_pruning
 
     try:
         check_split_layer(options.pruner_config(options.methods[0]), model.config.text_config.num_hidden_layers)
@@ -483,7 +480,7 @@ def sidecar_path(out: Path) -> Path:
 
 def visualize(options: VizOptions, loaded: tuple[Any, Any] | None = None) -> VizResult:
     """Resolve and load the model (or use `loaded` = (model, processor)), select, draw, write PNG + sidecar."""
-    from .adapters import load_llava, resolve_model
+    from .adapters import adapter_for, resolve_model
 
     out = Path(options.out)
     check_writable(out)
@@ -494,7 +491,7 @@ def visualize(options: VizOptions, loaded: tuple[Any, Any] | None = None) -> Viz
         except (ValueError, FileNotFoundError) as error:
             raise VizError(str(error)) from None
         check_model_fits(model_dir, options)
-        loaded = load_llava(model_dir, DTYPES[options.dtype])
+        loaded = adapter_for(model_dir).load(model_dir, DTYPES[options.dtype])
     view, panels = collect_selections(*loaded, image, options)
     caption = (f"{options.model} | image: {options.image} | prompt: {options.prompt!r} | pruning layer "
                f"K={options.layer}. Bright + green outline: kept (number = pick rank); magenta P: pivot; "

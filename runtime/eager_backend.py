@@ -1,6 +1,7 @@
 """Eager PyTorch backend: the reference every exported backend is compared with.
 
-Runs the stock transformers modules of a LLaVA checkpoint through the adapter's pruned prefill and decode steps.
+Runs the stock transformers modules of a checkpoint (LLaVA-1.5 today) through its adapter's pruned prefill and the
+shared decode steps.
 """
 
 from __future__ import annotations
@@ -11,20 +12,12 @@ import numpy as np
 import torch
 
 from pruner_core import PrunerConfig
-from pruner_core.adapters.llava import (
-    KVRecorder,
-    _llava_inner,
-    clip_cls_attention,
-    decode_step,
-    image_grid,
-    load_llava,
-    prefill_with_pruning,
-)
+from pruner_core.adapters import KVRecorder, adapter_for, decode_step
 from pruner_core.methods import get_method
 
 
 class EagerBackend:
-    """Backend protocol (runtime.session.Backend) over a loaded LlavaForConditionalGeneration."""
+    """Backend protocol (runtime.session.Backend) over a model its adapter loaded (LlavaForConditionalGeneration)."""
 
     kind = "pytorch"
 
@@ -32,10 +25,11 @@ class EagerBackend:
         if device not in ("cpu", "auto"):
             raise ValueError(f"the eager PyTorch backend runs on the CPU here; got device={device!r}")
         self.device = "cpu"
-        self.model, self.processor = load_llava(model_dir)
-        self.inner = _llava_inner(self.model)
+        self.adapter = adapter_for(model_dir)
+        self.model, self.processor = self.adapter.load(model_dir)
+        self.language_model = self.adapter.language_model(self.model)
         self.config = config
-        self.grid = image_grid(self.model.config)
+        self.grid = self.adapter.geometry(self.model.config).grid
         self.num_image_tokens = self.grid[0] * self.grid[1]
         self.kept_image_tokens = config.budget(self.num_image_tokens)
         self.max_seq_len = None
@@ -54,20 +48,18 @@ class EagerBackend:
         """[1, 3, H, W] -> projector outputs [1, N, D] (pruning happens in prefill for both placements)."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.model.dtype)
         if self._needs_cls:
-            tower = self.inner.vision_tower
-            states = tower(pixels, output_hidden_states=True).hidden_states
-            self._cls_attention = clip_cls_attention(tower, states, self.model.config.vision_feature_layer)
-        return self.inner.get_image_features(pixel_values=pixels, return_dict=True).pooler_output[0].unsqueeze(0)
+            self._cls_attention = self.adapter.cls_attention(self.model, pixels)
+        return self.adapter.encode_image(self.model, pixels)
 
     @torch.no_grad()
     def embed(self, ids: list[int]) -> torch.Tensor:
-        return self.inner.get_input_embeddings()(torch.tensor([ids], dtype=torch.long))
+        return self.model.get_input_embeddings()(torch.tensor([ids], dtype=torch.long))
 
     @torch.no_grad()
     def prefill(self, before: torch.Tensor, image: torch.Tensor, after: torch.Tensor) -> np.ndarray:
         embeds = torch.cat([before, image.to(before.dtype), after], dim=1)  # [1, T, D]
-        out = prefill_with_pruning(self.model, embeds, before.shape[1], self.num_image_tokens, self.grid, self.config,
-                                   cls_attention=self._cls_attention)
+        out = self.adapter.prefill_with_pruning(self.model, embeds, before.shape[1], self.num_image_tokens, self.grid,
+                                                self.config, cls_attention=self._cls_attention)
         cache = KVRecorder(len(out.keys))
         cache.keys, cache.values = list(out.keys), list(out.values)
         self._cache, self._split = cache, out.split_layer
@@ -78,9 +70,9 @@ class EagerBackend:
     def decode(self, token: int) -> np.ndarray:
         embeds = self.embed([token])
         positions = torch.tensor([[self._next_position]], dtype=torch.long)
-        hidden = decode_step(self.inner.language_model, embeds, positions, self._cache, self._split)
+        hidden = decode_step(self.language_model, embeds, positions, self._cache, self._split)
         self._next_position += 1
-        return self.model.lm_head(hidden[:, -1])[0].float().numpy()
+        return self.adapter.lm_head(self.model)(hidden[:, -1])[0].float().numpy()
 
     def kv_cache_bytes(self) -> int:
         if self._cache is None:

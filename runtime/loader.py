@@ -16,7 +16,6 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     """Eager PyTorch reference: a model name or llava-hf directory plus a PrunerConfig."""
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
-    from pruner_core.adapters.llava import tokenizer_info
 
     from .eager_backend import EagerBackend
 
@@ -24,7 +23,8 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     model_dir = resolve_model(str(model), cache_dir)
     config = config or PrunerConfig()
     backend = EagerBackend(model_dir, config, device)
-    encoder = PromptEncoder(model_dir, tokenizer_info(backend.model, backend.processor, ["tokenizer.json"]))
+    encoder = PromptEncoder(model_dir, backend.adapter.tokenizer_info(backend.model, backend.processor,
+                                                                      ["tokenizer.json"]))
     spec = ImagePreprocessing.from_hf_processor(backend.processor.image_processor)
     placement = "before_llm" if config.layer == 0 else "in_llm"
     return Session(backend=backend, encoder=encoder, image_spec=spec,

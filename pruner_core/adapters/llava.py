@@ -1,13 +1,13 @@
-"""LLaVA-1.5 (llava-hf format): the model zoo and eager image-token pruning. The only file that knows this family.
+"""LLaVA-1.5 (llava-hf format): the adapter for config model_type "llava". The only file that knows this family.
 
-Two halves:
-
-* Model zoo: ``build_tiny_llava`` (LLaVA-1.5's architecture at toy width, random weights from a seed, a tokenizer and
-  processor built in code, all saved with ``save_pretrained``), ``resolve_model`` (names, aliases, hub ids looked up
-  offline, local directories) and ``load_llava``.
-* Pruning: ``prefill_with_pruning`` / ``prune_and_prefill`` run the stock decoder layers of a loaded model over a prompt
-  and drop image tokens between layers K-1 and K (``PrunerConfig.layer``); ``decode_step`` continues from their cache;
-  ``apply_pruner`` / ``remove_pruner`` route ``model.generate`` through them for one model instance.
+* Checkpoints: ``load_llava``, ``parameter_counts``, the hub aliases; the tiny builds are in ``llava_tiny.py`` and
+  name resolution (``resolve_model``) in ``hub.py``.
+* Reading the model: ``image_grid`` (from the vision config), ``encode_image`` (CLIP tower + projector),
+  ``embed_prompt`` (the ``<image>`` placeholders filled), ``clip_cls_attention`` (VisionZip's signal), the prompt
+  format and chat template.
+* Pruning: ``prefill_with_pruning`` runs the shared pruned prefill (``decoder.py``) on this model's decoder and LM
+  head; ``apply_pruner`` / ``remove_pruner`` route ``model.generate`` through it for one model instance.
+* ``LlavaAdapter`` (registered as ``LLAVA``) answers ``base.ModelAdapter`` with the above.
 
 Shapes: B batch, T prompt length, N image tokens, R kept tokens, T' = T - N + R, D text width, H query heads,
 Hkv key/value heads, d head width, L decoder layers, K the pruning layer.
@@ -19,13 +19,9 @@ output and the prompt's placeholder tokens.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import weakref
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,11 +29,19 @@ from torch import nn
 from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
-from ..primitives import take_rows
 from ..selection import Selection
+from .base import ModelGeometry, ParameterCounts, register_adapter, tokenizer_block
+from .decoder import (  # noqa: F401  (also the decoder names callers imported from this module before the split)
+    SUPPORTED_ATTENTION, KVCache, KVRecorder, PrefillOutput, PrunedPrefill, _heads, attention_bias, check_split_layer,
+    decode_step, image_span_starts, kept_sequence_index, last_token_attention, layer_keys, prefill_recorded,
+    prune_and_prefill, rotary, run_layers,
+)
+from .hub import resolve_model  # noqa: F401
+from .llava_tiny import CHAT_TEMPLATE, SPEC_FILE, TINY_MODELS, TinyLlavaSpec, build_tiny_llava  # noqa: F401
+from .patching import PrunerSession, install_pruner, installed_config, open_session, session_decode, uninstall_pruner
 
 # ================================================================================================================
-# Model zoo
+# Checkpoints and prompt format
 # ================================================================================================================
 
 HUB_ALIASES: dict[str, str] = {
@@ -46,88 +50,6 @@ HUB_ALIASES: dict[str, str] = {
 }
 
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-
-# LLaVA-1.5's conversation format as a Jinja chat template: "USER: <image>\n{text} ASSISTANT:".
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}USER: {% else -%}ASSISTANT: {% endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{ ' ' }}{%- else -%}{{ eos_token }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
-)
-
-# What the tiny tokenizer's byte-level BPE is trained on; any text still encodes (byte fallback alphabet).
-_TOKENIZER_CORPUS = (
-    "USER: What is shown in this image? ASSISTANT: The image shows a cat sitting on a wooden table.",
-    "USER: Describe the photo in detail. ASSISTANT: An astronaut in a white suit stands in front of a flag.",
-    "What color is the sky? The sky is blue and there are a few white clouds.",
-    "How many people are in the picture? There are two people walking along the street.",
-    "Is there a dog in the image? No, there is a small brown cat looking at the camera.",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "A red car is parked next to a green tree on a sunny day in the city.",
-    "Read the text on the sign. The sign says stop, and it is red with white letters.",
-)
-
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-
-
-@dataclass(frozen=True)
-class TinyLlavaSpec:
-    """Sizes of a tiny LLaVA-1.5: CLIP ViT tower -> 2-layer GELU projector -> Llama decoder, toy widths."""
-
-    image_size: int = 336
-    patch_size: int = 14
-    gqa: bool = False
-    seed: int = 0
-    vision_hidden: int = 32
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 4
-    text_heads: int = 4
-    vocab_size: int = 512  # BPE training target; the model's vocab is the tokenizer's actual size
-    max_positions: int = 4096
-    vision_ffn: int = 0  # 0 = 4 x vision_hidden (CLIP's ratio)
-    text_ffn: int = 0  # 0 = 4 x text_hidden; LLaVA-1.5-7B: 11008
-    dtype: str = "float32"  # weights as built and saved: "float16" / "bfloat16" build directly in half precision
-    text_vocab: int = 0  # rows of the embedding and LM head; 0 = the tokenizer's size (llava-1.5-7b-hf: 32064)
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
-                     "text_layers", "text_heads", "vocab_size", "max_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TinyLlavaSpec.{name} must be a positive int, got {value!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
-                f"use e.g. image_size={self.image_size // self.patch_size * self.patch_size}"
-            )
-        if self.vision_layers < 2:
-            raise ValueError(
-                "vision_layers must be >= 2: LLaVA-1.5 reads the penultimate layer (vision_feature_layer=-2)"
-            )
-        if self.text_hidden % self.text_heads or self.vision_hidden % self.vision_heads:
-            raise ValueError("hidden widths must be multiples of their head counts")
-        if self.gqa and self.text_heads % 2:
-            raise ValueError("gqa=True halves the key/value heads, so text_heads must be even")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"TinyLlavaSpec.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.text_heads // 2 if self.gqa else self.text_heads
-
-
-TINY_MODELS: dict[str, TinyLlavaSpec] = {
-    "tiny-llava": TinyLlavaSpec(image_size=336, gqa=False),  # 24 x 24 grid, like LLaVA-1.5
-    "tiny-llava-gqa": TinyLlavaSpec(image_size=224, gqa=True),  # 16 x 16 grid, grouped-query attention
-}
 
 
 def llava_prompt(question: str) -> str:
@@ -149,147 +71,7 @@ def prompt_image_start(tokenizer: Any, image_token_id: int) -> int:
 def tokenizer_info(model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
     """The `export_config.json["tokenizer"]` block every target writes (and the eager runtime uses): special ids
     and tokens, the chat template and the LLaVA prompt format with a literal image token and a {prompt} field."""
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted({int(e) for e in ([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])}
-                     | ({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()))
-    image_token_id = int(model.config.image_token_id)
-    return {
-        "files": files,
-        "bos_id": tokenizer.bos_token_id,
-        "eos_ids": eos_ids,
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "image_token_id": image_token_id,
-        "image_token": tokenizer.convert_ids_to_tokens(image_token_id),
-        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
-        "prompt_format": llava_prompt("{prompt}"),
-    }
-
-
-def _build_tokenizer(spec: TinyLlavaSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer)
-    bos_id = tokenizer.token_to_id("<s>")
-    # LLaVA-1.5 (Llama tokenizer) prepends <s> to every prompt.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",  # batched generation pads on the left, as llava-hf does
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def _tiny_config(spec: TinyLlavaSpec, tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_ffn or 4 * spec.vision_hidden,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=max(len(tokenizer), spec.text_vocab),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_ffn or 4 * spec.text_hidden,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    num_patches = (spec.image_size // spec.patch_size) ** 2
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=num_patches,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-
-
-def build_tiny_llava(
-    directory: str | Path,
-    *,
-    image_size: int = 336,
-    patch_size: int = 14,
-    gqa: bool = False,
-    seed: int = 0,
-    spec: TinyLlavaSpec | None = None,
-) -> Path:
-    """Write a tiny random LLaVA-1.5 (model, tokenizer, processor) to ``directory`` with ``save_pretrained``.
-
-    The architecture is LLaVA-1.5's (CLIP vision tower read at ``vision_feature_layer=-2`` with its [CLS] dropped,
-    2-layer GELU projector, Llama decoder); only the widths are toy. Weights come from ``seed`` alone, so two builds
-    are identical. The processor expands ``<image>`` to (image_size / patch_size)^2 placeholders.
-    """
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    if spec is None:  # `spec` sets every size at once (benchmarks build LLaVA-1.5-7B widths with few layers)
-        spec = TinyLlavaSpec(image_size=image_size, patch_size=patch_size, gqa=gqa, seed=seed)
-    image_size, patch_size, seed = spec.image_size, spec.patch_size, spec.seed
-    directory = Path(directory)
-    tokenizer = _build_tokenizer(spec)
-    config = _tiny_config(spec, tokenizer)
-    config.vision_config._attn_implementation = "eager"  # lets callers ask the tower for its attention maps
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if spec.dtype == "float32":
-            model = LlavaForConditionalGeneration(config).eval()
-        else:  # initialised in half precision: a 7B never exists in fp32 (26 GiB)
-            model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, spec.dtype)).eval()
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        resample=PILImageResampling.BICUBIC,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the tower's [CLS], which the "default" strategy drops again
-        chat_template=CHAT_TEMPLATE,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, max_shard_size="2GB")  # shards: a 7B is never serialised as one buffer
-    processor.save_pretrained(directory)
-    return directory
+    return tokenizer_block(model, processor, files, llava_prompt("{prompt}"))
 
 
 def _check_llava_directory(path: Path) -> Path:
@@ -307,102 +89,6 @@ def _check_llava_directory(path: Path) -> Path:
             "local llava-hf directory"
         )
     return path
-
-
-def _supported_names() -> str:
-    return (
-        f"{', '.join(sorted(TINY_MODELS))} (built locally), {', '.join(sorted(HUB_ALIASES))} (aliases of "
-        f"{', '.join(HUB_ALIASES[k] for k in sorted(HUB_ALIASES))}), a hub id 'owner/name' already in the local "
-        "Hugging Face cache, or a local llava-hf directory"
-    )
-
-
-def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, cache_dir=hf_cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as error:
-        raise FileNotFoundError(
-            f"{repo_id} is not in the local Hugging Face cache and models are never downloaded here; fetch it once "
-            f"with `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), or pass "
-            f"the path of a local copy ({type(error).__name__}: {error})"
-        ) from None
-
-
-SPEC_FILE = "tiny_llava_spec.json"  # written next to a tiny build; a build from another spec is rebuilt
-
-
-def _is_built(target: Path, spec: TinyLlavaSpec) -> bool:
-    stamp = target / SPEC_FILE
-    return (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec)
-
-
-def _build_once(name: str, target: Path) -> Path:
-    spec = TINY_MODELS[name]
-    if _is_built(target, spec):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build_tiny_llava(staging, image_size=spec.image_size, patch_size=spec.patch_size, gqa=spec.gqa, seed=spec.seed)
-        (staging / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))
-        if target.exists() and not _is_built(target, spec):
-            shutil.rmtree(target)  # a stale build from another spec
-        try:
-            os.replace(staging, target)  # atomic: a half-written build is never visible under `target`
-        except OSError:
-            if not _is_built(target, spec):  # only a concurrent build that finished first is acceptable
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path | None = None) -> Path:
-    """A model name -> a local llava-hf directory, never downloading.
-
-    ``tiny-llava`` / ``tiny-llava-gqa`` are built into ``cache_dir/<name>`` on first use and reused after;
-    ``llava-1.5-7b`` / ``llava-1.5-13b`` and any ``owner/name`` hub id are looked up in the local Hugging Face cache
-    (``hf_cache_dir``, default: the standard one); a path to a directory is used as is. Anything that is not a LLaVA
-    checkpoint (config ``model_type != "llava"``) raises ``ValueError``; a hub id that is not cached raises
-    ``FileNotFoundError`` saying how to fetch it.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string; supported: {_supported_names()}")
-    if name in TINY_MODELS:
-        return _build_once(name, Path(cache_dir) / name)
-    if name in HUB_ALIASES:
-        return _check_llava_directory(_from_hub_cache(HUB_ALIASES[name], hf_cache_dir))
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return _check_llava_directory(local)
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
-        return _check_llava_directory(_from_hub_cache(name, hf_cache_dir))
-    raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")
-
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """Parameters of a checkpoint by part, from its config alone: what the export memory model needs."""
-
-    vision: int  # vision tower + projector
-    decoder_layer: int  # one decoder layer
-    decoder_layers: int  # how many
-    embedding: int  # token embedding table
-    lm_head: int  # 0 when tied to the embedding
-    other: int = 0  # final norm and the like
-
-    @property
-    def decoder(self) -> int:
-        """The parameters the decoder's linear layers hold (the layers and the LM head): what 8da4w quantizes."""
-        return self.decoder_layer * self.decoder_layers + self.lm_head
-
-    @property
-    def total(self) -> int:
-        return self.vision + self.decoder + self.embedding + self.other
 
 
 def estimate_parameters(path: str | Path) -> int:
@@ -532,109 +218,6 @@ def select_before_llm(
     return select_tokens(features, keys, grid, config)
 
 
-def image_span_starts(input_ids: torch.Tensor, image_token_id: int, n_image: int) -> torch.Tensor:
-    """input_ids [B, T] -> image_start [B]: where each row's single run of ``n_image`` placeholders begins.
-
-    Raises when a row has no image, several images, or a span of another length (the processor and the model
-    disagree on the image size).
-    """
-    is_image = input_ids == image_token_id  # [B, T]
-    counts = is_image.sum(1)
-    starts = is_image.int().argmax(1)
-    for row in range(input_ids.shape[0]):
-        count, start = int(counts[row]), int(starts[row])
-        if count != n_image or not bool(is_image[row, start : start + n_image].all()):
-            raise ValueError(
-                f"prompt {row} holds {count} image placeholder tokens but the pruner needs exactly one image of "
-                f"{n_image} tokens in one run; use one '<image>' per prompt and the model's own processor"
-            )
-    return starts
-
-
-# ================================================================================================================
-# Decoder pieces: keys, attention probes, masks, the layer loop
-# ================================================================================================================
-
-
-class KVCache(Protocol):
-    """What the stock attention layers need from a cache: ``update`` appends and returns the layer's K/V."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs): ...
-
-    def get_seq_length(self, layer_idx: int = 0) -> int: ...
-
-
-class KVRecorder:
-    """The smallest cache the stock layers accept: per layer, keys and values [B, Hkv, L_i, d] grown by ``update``.
-
-    Plain lists of tensors, no transformers types, so an exporter can read them as graph outputs.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.keys[layer_idx] is not None:
-            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
-            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        keys = self.keys[layer_idx]
-        return 0 if keys is None else keys.shape[-2]
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, S, n*d] -> [B, n, S, d]"""
-    batch, length, _ = x.shape
-    return x.view(batch, length, -1, head_dim).transpose(1, 2)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, S, d], cos/sin [B, S, d] -> x rotated (the Llama rotary embedding, half-split convention)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
-def layer_keys(layer: nn.Module, hidden_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The post-RoPE keys one decoder layer computes for its input, all heads concatenated after the GQA repeat.
-
-    hidden_in [B, S, D] (the layer's input, before its input_layernorm), cos/sin [B, S, d] -> keys [B, S, H*d].
-    """
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden_in)
-    keys = _rope(_heads(attn.k_proj(normed), attn.head_dim), cos, sin)  # [B, Hkv, S, d]
-    keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)  # [B, H, S, d]
-    batch, heads, length, head_dim = keys.shape
-    return keys.transpose(1, 2).reshape(batch, length, heads * head_dim)
-
-
-def last_token_attention(
-    layer: nn.Module,
-    hidden_in: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of the last token over the whole sequence in one decoder layer, averaged over heads (FastV's signal).
-
-    hidden_in [B, T, D] (the layer's input), cos/sin [B, T, d], key_valid [B, T] bool or None -> [B, T].
-    """
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden_in)
-    query = _rope(_heads(attn.q_proj(normed[:, -1:]), attn.head_dim), cos[:, -1:], sin[:, -1:])  # [B, H, 1, d]
-    keys = _rope(_heads(attn.k_proj(normed), attn.head_dim), cos, sin)  # [B, Hkv, T, d]
-    keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)  # [B, H, T, d]
-    scores = (query @ keys.transpose(-1, -2)).float() * attn.scaling  # [B, H, 1, T]
-    if key_valid is not None:
-        scores = scores.masked_fill(~key_valid[:, None, None, :], torch.finfo(scores.dtype).min)
-    return scores.softmax(-1).mean(1)[:, 0].to(hidden_in.dtype)  # [B, T]
-
-
 def clip_cls_attention(
     vision_tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int
 ) -> torch.Tensor:
@@ -664,314 +247,6 @@ def clip_cls_attention(
     return weights.mean(1)[:, 0, 1:].to(normed.dtype)  # [B, N]
 
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def attention_bias(
-    key_valid: torch.Tensor | None,
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    implementation: str,
-) -> torch.Tensor | None:
-    """Causal + padding mask for the stock attention layers -> additive [B, 1, q_len, kv_len], or None.
-
-    The queries are the last ``q_len`` of the ``kv_len`` cached entries (order = causality, whatever the RoPE
-    positions are). key_valid [B, kv_len] bool marks real (non-padding) entries; None = no padding. With ``sdpa``
-    and no padding, a square (prefill) or single-query (decode) block needs no mask: None lets sdpa use its causal
-    kernel, as stock transformers does.
-    """
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {implementation!r} is not supported by the pruned decoder; load the model "
-            f"with attn_implementation in {SUPPORTED_ATTENTION}"
-        )
-    if key_valid is None and implementation == "sdpa" and (q_len == 1 or q_len == kv_len):
-        return None
-    query_index = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q, 1]
-    allowed = torch.arange(kv_len, device=device)[None, :] <= query_index  # [q, kv]
-    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :].bool()
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)  # finfo.min, not -inf: all-padding rows stay finite
-
-
-def rotary(language_model: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock rotary embedding's (cos, sin) [B, S, d] for positions [B, S].
-
-    Calls the module's forward beneath its ``torch.no_grad`` decorator (same values): a grad-mode switch inside a
-    graph that also holds the selection's ``scan`` / ``cond`` breaks ``torch.export`` (torch 2.13).
-    """
-    module = language_model.rotary_emb
-    undecorated = getattr(type(module).forward, "__wrapped__", None)
-    return undecorated(module, x, positions) if undecorated is not None else module(x, positions)
-
-
-def run_layers(
-    language_model: nn.Module,
-    hidden: torch.Tensor,
-    positions: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    cache: KVCache,
-    layers: range,
-) -> torch.Tensor:
-    """Run the stock decoder layers ``layers`` on hidden [B, S, D] at RoPE positions [B, S] -> [B, S, D].
-
-    Every layer in ``layers`` must hold the same number of cached entries (it appends S more); key_valid
-    [B, cached + S] marks the non-padding entries (None = none padded).
-    """
-    if len(layers) == 0:
-        return hidden
-    batch, length, _ = hidden.shape
-    kv_len = cache.get_seq_length(layers[0]) + length
-    mask = attention_bias(
-        key_valid, batch, length, kv_len, hidden.dtype, hidden.device, language_model.config._attn_implementation
-    )
-    position_embeddings = rotary(language_model, hidden, positions)  # (cos, sin) [B, S, d]
-    for index in layers:
-        hidden = language_model.layers[index](
-            hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=position_embeddings,
-        )
-    return hidden
-
-
-def _as_starts(image_start: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    if isinstance(image_start, torch.Tensor):
-        return image_start.to(device=device, dtype=torch.long).reshape(-1).expand(batch)
-    return torch.full((batch,), int(image_start), dtype=torch.long, device=device)
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T] or [B, T, D] gathered along T with index [B, S] -> [B, S] or [B, S, D]"""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    return take_rows(x, index)
-
-
-def kept_sequence_index(image_start: torch.Tensor, kept: torch.Tensor, length: int, n_image: int) -> torch.Tensor:
-    """Where each slot of the pruned sequence comes from in the full one.
-
-    image_start [B], kept [B, R] ascending indices within the N image tokens, length T -> [B, T - N + R]:
-    [text before] + [start + kept] + [text after]. Static shapes, no data-dependent control flow.
-    """
-    budget = kept.shape[1]
-    slot = torch.arange(length - n_image + budget, device=kept.device)[None, :]  # [1, T']
-    start = image_start[:, None]  # [B, 1]
-    in_image = (slot >= start) & (slot < start + budget)
-    rel = (slot - start).clamp(0, budget - 1)  # [B, T']
-    image_source = start + kept.gather(1, rel)
-    return torch.where(in_image, image_source, torch.where(slot >= start + budget, slot + (n_image - budget), slot))
-
-
-def _consecutive_positions(
-    valid: torch.Tensor | None, batch: int, length: int, device: torch.device
-) -> torch.Tensor:
-    """Positions 0, 1, ... over the real tokens (padding gets 0), as generate makes them -> [B, length]."""
-    if valid is None:
-        return torch.arange(length, device=device)[None].expand(batch, length)
-    positions = valid.long().cumsum(-1) - 1
-    return positions.masked_fill(~valid, 0)
-
-
-@dataclass(frozen=True)
-class PrunedPrefill:
-    """What ``prune_and_prefill`` leaves besides the cache it filled.
-
-    hidden:        [B, T', D]  final-norm hidden states of the pruned sequence (feed the LM head with hidden[:, -1])
-    positions:     [B, T']     RoPE positions layers >= K used (K >= 1: the kept tokens' original ones; K = 0: 0..T'-1)
-    kept_index:    [B, T']     index in the full prompt of each slot of the pruned sequence
-    kept_valid:    [B, T']     non-padding mask of the pruned sequence
-    next_position: [B]         RoPE position of the first generated token (K >= 1: full length; K = 0: T')
-    selection:     the Selection (indices [B, R] within the image span, fused states [B, R, D], order)
-    split_layer:   K; layers < K cached T entries, layers >= K cached T'
-    """
-
-    hidden: torch.Tensor
-    positions: torch.Tensor
-    kept_index: torch.Tensor
-    kept_valid: torch.Tensor
-    next_position: torch.Tensor
-    selection: Selection
-    split_layer: int
-
-
-def check_split_layer(config: PrunerConfig, num_layers: int) -> int:
-    if config.layer >= num_layers:
-        raise ValueError(
-            f"PrunerConfig.layer={config.layer} but the language model has {num_layers} decoder layers; "
-            f"prune at a layer in 0..{num_layers - 1} (0 = before the LLM, 2 = the paper's default)"
-        )
-    return config.layer
-
-
-def prune_and_prefill(
-    language_model: nn.Module,
-    embeds: torch.Tensor,
-    image_start: int | torch.Tensor,
-    n_image: int,
-    grid: tuple[int, int],
-    config: PrunerConfig,
-    *,
-    cache: KVCache,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    cls_attention: torch.Tensor | None = None,
-) -> PrunedPrefill:
-    """Prefill the stock decoder layers on a prompt, keeping R of its N image tokens from layer K on.
-
-    embeds [B, T, D]: the prompt's input embeddings with the projector outputs already in the image span
-    [image_start, image_start + N) (``image_start`` an int, or [B] for left-padded batches). ``cache`` receives
-    every layer's post-RoPE K/V: layers < K the full T entries, layers >= K the T' = T - N + R kept ones.
-    attention_mask [B, T] (1 = real token) and position_ids [B, T] default to no padding and 0..T-1.
-
-    K = config.layer >= 1 (the paper): layers < K run on the full prompt; the selection sees layer K-1's output at
-    the image positions (no final norm) and layer K-1's post-RoPE keys there; layers >= K run on [text before] +
-    [R kept tokens in original order, fused states] + [text after] at the kept tokens' ORIGINAL positions.
-    K = 0: the selection sees the projector outputs and layer 0's keys for them; the kept sequence is an ordinary
-    shorter prompt at consecutive positions (what stock runners do with an encoder that returns R tokens).
-    Signals for FastV (last token's head-mean attention at layer K-1; layer 0 for K = 0) are computed when the
-    method needs them; VisionZip's ``cls_attention`` [B, N] must be passed in (see ``clip_cls_attention``).
-
-    All shapes are fixed by (B, T, N, R), the loops run over layers only: callable under ``torch.export`` with
-    int ``image_start`` / ``n_image``.
-    """
-    batch, length, _ = embeds.shape
-    num_layers = len(language_model.layers)
-    split = check_split_layer(config, num_layers)
-    device = embeds.device
-    starts = _as_starts(image_start, batch, device)  # [B]
-    valid = None if attention_mask is None else attention_mask.to(device).bool()  # [B, T]
-    positions = (
-        _consecutive_positions(None, batch, length, device)
-        if position_ids is None
-        else position_ids.to(device).long().expand(batch, length)
-    )  # [B, T]
-    image_index = starts[:, None] + torch.arange(n_image, device=device)[None]  # [B, N]
-
-    # layers < K-1, then layer K-1 (whose input the signals probe) on the full prompt
-    probe_in = run_layers(language_model, embeds, positions, valid, cache, range(max(split - 1, 0)))
-    hidden = run_layers(language_model, probe_in, positions, valid, cache, range(max(split - 1, 0), split))
-
-    text_attention, keys = _decoder_signals(
-        language_model, get_method(config.method).needs, max(split - 1, 0), probe_in, positions, valid, image_index
-    )
-    selection = select_tokens(
-        _gather_tokens(hidden, image_index), keys, grid, config,
-        text_attention=text_attention, cls_attention=cls_attention,
-    )
-    pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)  # [B, T', D], [B, T']
-    kept_valid = torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
-    if split == 0:  # an ordinary shorter prompt
-        kept_positions = _consecutive_positions(None if valid is None else kept_valid, *kept_index.shape, device)
-    else:  # the kept tokens keep their original RoPE positions
-        kept_positions = positions.gather(1, kept_index)
-
-    pruned = run_layers(
-        language_model, pruned, kept_positions, None if valid is None else kept_valid, cache, range(split, num_layers)
-    )
-    return PrunedPrefill(
-        hidden=language_model.norm(pruned),
-        positions=kept_positions,
-        kept_index=kept_index,
-        kept_valid=kept_valid,
-        next_position=(kept_positions if split == 0 else positions)[:, -1] + 1,
-        selection=selection,
-        split_layer=split,
-    )
-
-
-def _decoder_signals(
-    language_model: nn.Module,
-    needs: frozenset[str],
-    probe_index: int,
-    probe_in: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor | None,
-    image_index: torch.Tensor,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The decoder-side signals a method needs, from layer ``probe_index`` and its input probe_in [B, T, D].
-
-    -> (text_attention [B, N] or None, keys [B, N, H*d] or None), both at the image positions image_index [B, N].
-    """
-    probe = language_model.layers[probe_index]
-    keys = text_attention = None
-    if "keys" in needs:
-        image_in = _gather_tokens(probe_in, image_index)  # [B, N, D]
-        cos_sin = rotary(language_model, image_in, _gather_tokens(positions, image_index))
-        keys = layer_keys(probe, image_in, *cos_sin)
-    if "text_attention" in needs:
-        cos_sin = rotary(language_model, probe_in, positions)
-        text_attention = _gather_tokens(last_token_attention(probe, probe_in, *cos_sin, valid), image_index)
-    return text_attention, keys
-
-
-def _pruned_sequence(
-    hidden: torch.Tensor, starts: torch.Tensor, selection: Selection, n_image: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [B, T, D] -> (pruned [B, T', D], kept_index [B, T']).
-
-    pruned = [text before] + [the kept tokens, their fused states] + [text after].
-    """
-    budget = selection.indices.shape[1]
-    kept_index = kept_sequence_index(starts, selection.indices, hidden.shape[1], n_image)  # [B, T']
-    slot = torch.arange(kept_index.shape[1], device=hidden.device)[None] - starts[:, None]  # [B, T'] rel. to span
-    in_image = (slot >= 0) & (slot < budget)
-    fused = _gather_tokens(selection.states.to(hidden.dtype), slot.clamp(0, budget - 1))  # [B, T', D]
-    return torch.where(in_image[..., None], fused, _gather_tokens(hidden, kept_index)), kept_index
-
-
-def decode_step(
-    language_model: nn.Module,
-    embeds: torch.Tensor,
-    positions: torch.Tensor,
-    cache: KVCache,
-    split_layer: int,
-    key_valid_full: torch.Tensor | None = None,
-    key_valid_pruned: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Continue from a ``prune_and_prefill`` cache: embeds [B, S, D] at RoPE positions [B, S] -> final-norm [B, S, D].
-
-    Layers < split_layer attend over their full-prompt cache, layers >= split_layer over the pruned one; both
-    append the S new entries. key_valid_full [B, cached_full + S] / key_valid_pruned [B, cached_pruned + S] mark
-    non-padding entries (None = no padding). Positions continue from ``PrunedPrefill.next_position``.
-    """
-    num_layers = len(language_model.layers)
-    hidden = run_layers(language_model, embeds, positions, key_valid_full, cache, range(split_layer))
-    hidden = run_layers(language_model, hidden, positions, key_valid_pruned, cache, range(split_layer, num_layers))
-    return language_model.norm(hidden)
-
-
-@dataclass(frozen=True)
-class PrefillOutput:
-    """The result of ``prefill_with_pruning``: everything a decoder needs to continue, as plain tensors.
-
-    logits:        [B, V]  next-token logits after the prompt
-    keys / values: L tensors [B, Hkv, L_i, d], post-RoPE; L_i = T for layers < K, T' = T - N + R for layers >= K
-    positions:     [B, T'] RoPE positions of the pruned sequence in layers >= K
-    next_position: [B]     RoPE position of the first generated token (T for K >= 1 without padding; T' for K = 0)
-    kept_index:    [B, T'] index in the full prompt of each pruned-sequence slot
-    selection:     the Selection (indices [B, R], fused states [B, R, D], order [B, R])
-    split_layer:   K
-    """
-
-    logits: torch.Tensor
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    positions: torch.Tensor
-    next_position: torch.Tensor
-    kept_index: torch.Tensor
-    selection: Selection
-    split_layer: int
-
-
 def prefill_with_pruning(
     model: nn.Module,
     embeds: torch.Tensor,
@@ -991,23 +266,9 @@ def prefill_with_pruning(
     rows * cols == n_image (see ``image_grid``). With Python ints for image_start / n_image every output shape is
     static. Placement, positions and caches as in ``prune_and_prefill``.
     """
-    inner = _llava_inner(model)
-    language_model = inner.language_model
-    recorder = KVRecorder(len(language_model.layers))
-    result = prune_and_prefill(
-        language_model, embeds, image_start, n_image, grid, config,
-        cache=recorder, attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
-    )
-    logits = model.lm_head(result.hidden[:, -1:])[:, 0]  # [B, V] (a 3-D matmul: ONNX keeps it a MatMul, not a Gemm)
-    return PrefillOutput(
-        logits=logits,
-        keys=tuple(recorder.keys),
-        values=tuple(recorder.values),
-        positions=result.positions,
-        next_position=result.next_position,
-        kept_index=result.kept_index,
-        selection=result.selection,
-        split_layer=result.split_layer,
+    return prefill_recorded(
+        _llava_inner(model).language_model, model.lm_head, embeds, image_start, n_image, grid, config,
+        attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
     )
 
 
@@ -1037,16 +298,6 @@ def _merge_features(inner: nn.Module, input_ids: torch.Tensor, embeds: torch.Ten
 # ================================================================================================================
 
 
-@dataclass(frozen=True)
-class _Session:
-    """Per-cache state between the pruned prefill and the decode steps that follow it."""
-
-    prompt_length: int  # T: entries the full-prompt layers cached at prefill
-    kept_valid: torch.Tensor  # [B, T'] non-padding mask of the pruned prompt
-    position_shift: int  # generate counts positions over the full prompt; K = 0 continues at T', i.e. N - R fewer
-    split_layer: int
-
-
 class _PrunedLlavaForward:
     """Mixin placed in front of a LlavaModel instance's own class by ``apply_pruner`` (undone by ``remove_pruner``).
 
@@ -1059,7 +310,7 @@ class _PrunedLlavaForward:
 
     _pruner_config: PrunerConfig
     _pruner_original_class: type
-    _pruner_sessions: "weakref.WeakKeyDictionary[Any, _Session]"
+    _pruner_sessions: "weakref.WeakKeyDictionary[Any, PrunerSession]"
 
     def forward(
         self,
@@ -1139,15 +390,9 @@ class _PrunedLlavaForward:
             self.language_model, embeds, starts, n_image, grid, config,
             cache=cache, attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
         )
-        budget = result.selection.indices.shape[1]
         keep_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if keep_cache:
-            self._pruner_sessions[cache] = _Session(
-                prompt_length=input_ids.shape[1],
-                kept_valid=result.kept_valid,
-                position_shift=(n_image - budget) if result.split_layer == 0 else 0,
-                split_layer=result.split_layer,
-            )
+            open_session(self._pruner_sessions, cache, result, input_ids.shape[1], n_image)
         return LlavaModelOutputWithPast(
             last_hidden_state=result.hidden,
             past_key_values=cache if keep_cache else None,
@@ -1159,27 +404,7 @@ class _PrunedLlavaForward:
 
         _check_2d_mask(attention_mask)
         embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)  # [B, S, D]
-        batch, length, _ = embeds.shape
-        if position_ids is None:  # layer 0's cache length: full prompt for K >= 1, pruned (= consecutive) for K = 0
-            positions = cache.get_seq_length(0) + torch.arange(length, device=embeds.device)[None].expand(batch, -1)
-        else:
-            positions = position_ids.long().expand(batch, length) - session.position_shift
-        key_valid_full = key_valid_pruned = None
-        if attention_mask is not None:
-            valid = attention_mask.bool()  # [B, T + generated so far], as generate keeps it
-            last_layer = len(self.language_model.layers) - 1  # always a pruned layer: T' + generated entries
-            generated = cache.get_seq_length(last_layer) - session.kept_valid.shape[1]
-            expected = session.prompt_length + generated + length
-            if valid.shape[1] != expected:
-                raise ValueError(
-                    f"attention_mask has {valid.shape[1]} entries, expected {expected} (the full prompt, everything "
-                    "generated so far and the new tokens); pass the mask generate keeps"
-                )
-            key_valid_full = valid
-            key_valid_pruned = torch.cat([session.kept_valid, valid[:, session.prompt_length :]], dim=1)
-        hidden = decode_step(
-            self.language_model, embeds, positions, cache, session.split_layer, key_valid_full, key_valid_pruned
-        )
+        hidden = session_decode(self.language_model, session, embeds, attention_mask, position_ids, cache)
         return LlavaModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
 
@@ -1189,17 +414,6 @@ def _check_2d_mask(attention_mask: torch.Tensor | None) -> None:
             f"the pruned LLaVA forward takes a 2-D padding mask [B, T], got shape {tuple(attention_mask.shape)}; "
             "pass the processor's attention_mask"
         )
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(original: type) -> type:
-    patched = _PATCHED_CLASSES.get(original)
-    if patched is None:
-        patched = type(f"Pruned{original.__name__}", (_PrunedLlavaForward, original), {})
-        _PATCHED_CLASSES[original] = patched
-    return patched
 
 
 def apply_pruner(model: nn.Module, config: PrunerConfig | None = None) -> nn.Module:
@@ -1223,26 +437,87 @@ def apply_pruner(model: nn.Module, config: PrunerConfig | None = None) -> nn.Mod
             f"the language model uses attn_implementation={implementation!r}; the pruned decoder supports "
             f"{SUPPORTED_ATTENTION}: load with load_llava(path, attn_implementation='sdpa')"
         )
-    if not isinstance(inner, _PrunedLlavaForward):
-        original = type(inner)
-        inner.__class__ = _patched_class(original)
-        inner._pruner_original_class = original
-    inner._pruner_config = config
-    inner._pruner_sessions = weakref.WeakKeyDictionary()
+    install_pruner(inner, _PrunedLlavaForward, config)
     return model
 
 
 def remove_pruner(model: nn.Module) -> nn.Module:
     """Undo ``apply_pruner`` on this instance (a no-op if it is not applied). Returns ``model``."""
-    inner = _llava_inner(model)
-    if isinstance(inner, _PrunedLlavaForward):
-        inner.__class__ = inner._pruner_original_class
-        for name in ("_pruner_config", "_pruner_original_class", "_pruner_sessions"):
-            inner.__dict__.pop(name, None)
+    uninstall_pruner(_llava_inner(model), _PrunedLlavaForward)
     return model
 
 
 def pruner_config(model: nn.Module) -> PrunerConfig | None:
     """The PrunerConfig applied to this instance, or None."""
-    inner = _llava_inner(model)
-    return inner._pruner_config if isinstance(inner, _PrunedLlavaForward) else None
+    return installed_config(_llava_inner(model), _PrunedLlavaForward)
+
+
+# ================================================================================================================
+# The adapter: this module's functions behind base.ModelAdapter, registered for config model_type "llava"
+# ================================================================================================================
+
+
+class LlavaAdapter:
+    """``base.ModelAdapter`` for LLaVA-1.5 in llava-hf format (``LlavaForConditionalGeneration``)."""
+
+    family = "LLaVA-1.5"
+    model_types = ("llava",)
+    tiny_models = TINY_MODELS
+    hub_aliases = HUB_ALIASES
+    tiny_spec_file = SPEC_FILE
+
+    load = staticmethod(load_llava)
+    parameter_counts = staticmethod(parameter_counts)
+    encode_image = staticmethod(encode_image)
+    prompt = staticmethod(llava_prompt)
+    prompt_image_start = staticmethod(prompt_image_start)
+    tokenizer_info = staticmethod(tokenizer_info)
+    embed_prompt = staticmethod(embed_prompt)
+    select_before_llm = staticmethod(select_before_llm)
+    prefill_with_pruning = staticmethod(prefill_with_pruning)
+    apply_pruner = staticmethod(apply_pruner)
+    remove_pruner = staticmethod(remove_pruner)
+    pruner_config = staticmethod(pruner_config)
+
+    def build_tiny(self, directory: str | Path, spec: TinyLlavaSpec) -> Path:
+        return build_tiny_llava(directory, spec=spec)
+
+    def check_directory(self, path: str | Path) -> Path:
+        return _check_llava_directory(Path(path))
+
+    def geometry(self, config: Any) -> ModelGeometry:
+        """From a LlavaConfig (or a model's): the grid at the vision config's image size, the Llama decoder layout."""
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        return ModelGeometry(
+            image_size=(vision.image_size, vision.image_size),
+            grid=image_grid(config),
+            image_token_id=int(config.image_token_id),
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            hidden_size=text.hidden_size,
+            position_scheme="1d",
+        )
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return _llava_inner(model).language_model
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def cls_attention(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, H, W] -> the CLIP tower's [CLS] attention over the patches [B, N] (VisionZip)."""
+        tower = _llava_inner(model).vision_tower
+        states = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
+        return clip_cls_attention(tower, states, model.config.vision_feature_layer)
+
+    def decode_step(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    split_layer: int, key_valid_full: torch.Tensor | None = None,
+                    key_valid_pruned: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_step(self.language_model(model), embeds, positions, cache, split_layer, key_valid_full,
+                           key_valid_pruned)
+
+
+LLAVA = register_adapter(LlavaAdapter())

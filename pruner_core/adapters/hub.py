@@ -1,0 +1,123 @@
+"""Model names -> local checkpoint directories, for every registered family, never downloading.
+
+Tiny names (each adapter's ``tiny_models``) are built once into a cache directory and reused; short aliases (each
+adapter's ``hub_aliases``) and any ``owner/name`` hub id are looked up in the local Hugging Face cache only; a local
+directory is used as is. Whatever is found must be a checkpoint whose config.json ``model_type`` has a registered
+adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .base import ModelAdapter, adapter_for, registered_adapters, supported_model_types
+
+
+def tiny_models() -> dict[str, tuple[ModelAdapter, Any]]:
+    """Every registered tiny-model name -> (its adapter, its spec)."""
+    return {name: (adapter, spec) for adapter in registered_adapters() for name, spec in adapter.tiny_models.items()}
+
+
+def hub_aliases() -> dict[str, str]:
+    """Every registered short name -> its hub id."""
+    return {name: repo for adapter in registered_adapters() for name, repo in adapter.hub_aliases.items()}
+
+
+def _supported_names() -> str:
+    aliases = hub_aliases()
+    return (
+        f"{', '.join(sorted(tiny_models()))} (built locally), {', '.join(sorted(aliases))} (aliases of "
+        f"{', '.join(aliases[k] for k in sorted(aliases))}), a hub id 'owner/name' already in the local "
+        f"Hugging Face cache, or a local directory of a supported checkpoint ({supported_model_types()})"
+    )
+
+
+def check_model_directory(path: Path) -> Path:
+    """``path`` if it holds a checkpoint some registered adapter supports, else ValueError saying what is."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{path} has no config.json; pass a directory written by save_pretrained of a supported checkpoint "
+            f"({supported_model_types()}; e.g. a snapshot of llava-hf/llava-1.5-7b-hf)"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        adapter = adapter_for({"model_type": model_type})
+    except ValueError:
+        raise ValueError(
+            f"{path} holds a {model_type!r} model; supported checkpoints have config {supported_model_types()}: "
+            f"{_supported_names()}"
+        ) from None
+    return adapter.check_directory(path)
+
+
+def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=hf_cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as error:
+        raise FileNotFoundError(
+            f"{repo_id} is not in the local Hugging Face cache and models are never downloaded here; fetch it once "
+            f"with `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), or pass "
+            f"the path of a local copy ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _is_built(target: Path, spec: Any, stamp_file: str) -> bool:
+    stamp = target / stamp_file
+    return (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec)
+
+
+def _build_once(name: str, target: Path) -> Path:
+    adapter, spec = tiny_models()[name]
+    stamp_file = adapter.tiny_spec_file
+    if _is_built(target, spec, stamp_file):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        adapter.build_tiny(staging, spec)
+        (staging / stamp_file).write_text(json.dumps(asdict(spec), indent=2, sort_keys=True))
+        if target.exists() and not _is_built(target, spec, stamp_file):
+            shutil.rmtree(target)  # a stale build from another spec
+        try:
+            os.replace(staging, target)  # atomic: a half-written build is never visible under `target`
+        except OSError:
+            if not _is_built(target, spec, stamp_file):  # only a concurrent build that finished first is acceptable
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path | None = None) -> Path:
+    """A model name -> a local checkpoint directory, never downloading.
+
+    Tiny names (``tiny-llava`` / ``tiny-llava-gqa``, ...) are built into ``cache_dir/<name>`` on first use and reused
+    after; aliases (``llava-1.5-7b`` / ``llava-1.5-13b``, ...) and any ``owner/name`` hub id are looked up in the
+    local Hugging Face cache (``hf_cache_dir``, default: the standard one); a path to a directory is used as is.
+    Anything whose config ``model_type`` no registered adapter supports raises ``ValueError``; a hub id that is not
+    cached raises ``FileNotFoundError`` saying how to fetch it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string; supported: {_supported_names()}")
+    if name in tiny_models():
+        return _build_once(name, Path(cache_dir) / name)
+    aliases = hub_aliases()
+    if name in aliases:
+        return check_model_directory(_from_hub_cache(aliases[name], hf_cache_dir))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return check_model_directory(local)
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return check_model_directory(_from_hub_cache(name, hf_cache_dir))
+    raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")
