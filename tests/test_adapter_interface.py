@@ -43,8 +43,8 @@ def test_registry_finds_llava_from_every_kind_of_source(zoo):
 
 
 def test_registry_errors_name_the_supported_model_types(tmp_path):
-    with pytest.raises(ValueError, match="'qwen2_vl' model.*model_type 'llava'"):
-        adapter_for({"model_type": "qwen2_vl"})
+    with pytest.raises(ValueError, match="'llava_next' model.*model_type 'llava'.*'qwen2_vl'"):
+        adapter_for({"model_type": "llava_next"})
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="'llama' model.*model_type 'llava'"):
         adapter_for(tmp_path)
@@ -118,5 +118,5 @@ def test_position_helpers_keep_1d_and_take_mrope_axes():
 def test_no_adapter_file_is_huge():
     folder = Path(adapters.__file__).parent
     sizes = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
-    assert {"base.py", "hub.py", "decoder.py", "llava.py", "llava_tiny.py"} <= set(sizes)
+    assert {"base.py", "hub.py", "decoder.py", "llava.py", "llava_tiny.py", "qwen2_vl.py", "qwen2_vl_tiny.py"} <= set(sizes)
     assert max(sizes.values()) <= 550, sizes

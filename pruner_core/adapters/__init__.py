@@ -1,13 +1,16 @@
-"""Model-family adapters: the only code that knows a model family (LLaVA-1.5 first).
+"""Model-family adapters: the only code that knows a model family (LLaVA-1.5, Qwen2-VL / Qwen2.5-VL).
 
 ``base``: the ``ModelAdapter`` protocol, ``ModelGeometry`` and the registry keyed by config ``model_type``
 (``adapter_for``). ``hub``: model names -> local directories for every registered family. ``decoder``: the shared
 pruned prefill / decode machinery for Llama-like decoders. ``patching``: the per-instance forward patch behind
-``apply_pruner``. One family = one adapter module plus its tiny-model spec: ``llava`` + ``llava_tiny``.
+``apply_pruner``. One family = one adapter module plus its tiny-model spec: ``llava`` + ``llava_tiny``, ``qwen2_vl`` + ``qwen2_vl_tiny``.
 """
 
 from .base import (
     ModelAdapter,
+    apply_pruner,
+    pruner_config,
+    remove_pruner,
     ModelGeometry,
     ParameterCounts,
     adapter_for,
@@ -32,7 +35,6 @@ from .llava import (
     HUB_ALIASES,
     LLAVA,
     LlavaAdapter,
-    apply_pruner,
     clip_cls_attention,
     embed_prompt,
     encode_image,
@@ -43,12 +45,12 @@ from .llava import (
     parameter_counts,
     prefill_with_pruning,
     prompt_image_start,
-    pruner_config,
-    remove_pruner,
     select_before_llm,
     tokenizer_info,
 )
 from .llava_tiny import TINY_MODELS, TinyLlavaSpec, build_tiny_llava
+from .qwen2_vl import QWEN2_VL, Qwen2VLAdapter, QwenVLInputs, load_qwen2_vl, qwen_prompt
+from .qwen2_vl_tiny import TinyQwen2VLSpec, build_tiny_qwen2_vl
 
 __all__ = [
     "HUB_ALIASES",
@@ -91,4 +93,12 @@ __all__ = [
     "select_before_llm",
     "supported_model_types",
     "tokenizer_info",
+    # Qwen2-VL / Qwen2.5-VL
+    "QWEN2_VL",
+    "Qwen2VLAdapter",
+    "QwenVLInputs",
+    "TinyQwen2VLSpec",
+    "build_tiny_qwen2_vl",
+    "load_qwen2_vl",
+    "qwen_prompt",
 ]

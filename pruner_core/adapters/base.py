@@ -263,3 +263,24 @@ def adapter_for(path_or_config: Any) -> ModelAdapter:
             f"{supported_model_types()}"
         )
     return adapter
+
+
+# ================================================================================================================
+# Family-agnostic entry points: the model's own adapter does the work
+# ================================================================================================================
+
+
+def apply_pruner(model: nn.Module, config: PrunerConfig | None = None) -> nn.Module:
+    """Prune image tokens in this model instance's prefill, whatever its family (``adapter_for(model)``); its stock
+    ``generate`` then decodes as usual. Raises ValueError for a model no adapter supports. Returns ``model``."""
+    return adapter_for(model).apply_pruner(model, config)
+
+
+def remove_pruner(model: nn.Module) -> nn.Module:
+    """Undo ``apply_pruner`` on this instance (a no-op if it is not applied). Returns ``model``."""
+    return adapter_for(model).remove_pruner(model)
+
+
+def pruner_config(model: nn.Module) -> PrunerConfig | None:
+    """The PrunerConfig applied to this instance, or None."""
+    return adapter_for(model).pruner_config(model)

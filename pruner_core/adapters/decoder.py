@@ -309,6 +309,7 @@ def prune_and_prefill(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cls_attention: torch.Tensor | None = None,
+    original_positions: bool = False,
 ) -> PrunedPrefill:
     """Prefill the stock decoder layers on a prompt, keeping R of its N image tokens from layer K on.
 
@@ -321,7 +322,9 @@ def prune_and_prefill(
     the image positions (no final norm) and layer K-1's post-RoPE keys there; layers >= K run on [text before] +
     [R kept tokens in original order, fused states] + [text after] at the kept tokens' ORIGINAL positions.
     K = 0: the selection sees the projector outputs and layer 0's keys for them; the kept sequence is an ordinary
-    shorter prompt at consecutive positions (what stock runners do with an encoder that returns R tokens).
+    shorter prompt at consecutive positions (what stock runners do with an encoder that returns R tokens), or, with
+    ``original_positions`` (M-RoPE families, whose runners pass positions explicitly), at the kept tokens' original
+    positions as for K >= 1. position_ids may be M-RoPE's [3, B, T]; every position output then has the 3 in front.
     Signals for FastV (last token's head-mean attention at layer K-1; layer 0 for K = 0) are computed when the
     method needs them; VisionZip's ``cls_attention`` [B, N] must be passed in (see ``clip_cls_attention``).
 
@@ -350,7 +353,7 @@ def prune_and_prefill(
     )
     pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)  # [B, T', D], [B, T']
     kept_valid = torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
-    if split == 0:  # an ordinary shorter prompt
+    if split == 0 and not original_positions:  # an ordinary shorter prompt
         kept_positions = _consecutive_positions(None if valid is None else kept_valid, *kept_index.shape, device)
     else:  # the kept tokens keep their original RoPE positions
         kept_positions = gather_positions(positions, kept_index)
@@ -363,7 +366,7 @@ def prune_and_prefill(
         positions=kept_positions,
         kept_index=kept_index,
         kept_valid=kept_valid,
-        next_position=next_positions(kept_positions if split == 0 else positions),
+        next_position=next_positions(kept_positions if split == 0 and not original_positions else positions),
         selection=selection,
         split_layer=split,
     )
@@ -466,6 +469,7 @@ def prefill_recorded(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cls_attention: torch.Tensor | None = None,
+    original_positions: bool = False,
 ) -> PrefillOutput:
     """``prune_and_prefill`` into a ``KVRecorder`` -> logits after the prompt and the per-layer K/V as plain tensors.
 
@@ -476,6 +480,7 @@ def prefill_recorded(
     result = prune_and_prefill(
         language_model, embeds, image_start, n_image, grid, config,
         cache=recorder, attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
+        original_positions=original_positions,
     )
     logits = lm_head(result.hidden[:, -1:])[:, 0]  # [B, V] (a 3-D matmul: ONNX keeps it a MatMul, not a Gemm)
     return PrefillOutput(

@@ -35,14 +35,15 @@ class PrunerSession:
 
 def open_session(
     sessions: "weakref.WeakKeyDictionary[Any, PrunerSession]", cache: Any, result: PrunedPrefill, prompt_length: int,
-    n_image: int,
+    n_image: int, original_positions: bool = False,
 ) -> None:
-    """Remember the pruned prefill that filled ``cache`` so the decode calls on it continue it."""
+    """Remember the pruned prefill that filled ``cache`` so the decode calls on it continue it
+    (``original_positions`` as given to ``prune_and_prefill``: positions then continue unshifted at K = 0 too)."""
     budget = result.selection.indices.shape[1]
     sessions[cache] = PrunerSession(
         prompt_length=prompt_length,
         kept_valid=result.kept_valid,
-        position_shift=(n_image - budget) if result.split_layer == 0 else 0,
+        position_shift=(n_image - budget) if result.split_layer == 0 and not original_positions else 0,
         split_layer=result.split_layer,
     )
 
@@ -57,14 +58,14 @@ def session_decode(
 ) -> torch.Tensor:
     """One generate decode call on a session's cache: embeds [B, S, D] -> final-norm hidden [B, S, D].
 
-    position_ids [B, S] as generate counts them (over the full prompt) or None; attention_mask [B, T + generated
+    position_ids [B, S] (M-RoPE: [3, B, S]) as generate counts them (over the full prompt) or None; attention_mask [B, T + generated
     so far + S] as generate keeps it (the full prompt's), or None.
     """
     batch, length, _ = embeds.shape
     if position_ids is None:  # layer 0's cache length: full prompt for K >= 1, pruned (= consecutive) for K = 0
         positions = cache.get_seq_length(0) + torch.arange(length, device=embeds.device)[None].expand(batch, -1)
     else:
-        positions = position_ids.long().expand(batch, length) - session.position_shift
+        positions = position_ids.long().expand(*position_ids.shape[:-2], batch, length) - session.position_shift
     key_valid_full = key_valid_pruned = None
     if attention_mask is not None:
         valid = attention_mask.bool()  # [B, T + generated so far], as generate keeps it

@@ -1,0 +1,250 @@
+"""Qwen2-VL / Qwen2.5-VL eager: the adapter's inputs, apply_pruner with the stock generate, and the pruned prefill
+against an independent statement of it built from the stock transformers modules."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from transformers import DynamicCache
+
+from pruner_core import PrunerConfig, select_tokens
+from pruner_core.adapters import (
+    QWEN2_VL,
+    adapter_for,
+    apply_pruner,
+    load_qwen2_vl,
+    pruner_config,
+    qwen_prompt,
+    remove_pruner,
+    resolve_model,
+)
+from pruner_core.adapters.qwen2_vl import _PrunedQwenForward, check_image_size, parameter_counts
+
+VARIANTS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
+QUESTION = "What is in the picture?"
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="session")
+def qwen_zoo(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("qwen-zoo")
+    return {name: resolve_model(name, cache) for name in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+    return Image.fromarray(data.astronaut())
+
+
+def generate(model, inputs, tokens=NEW_TOKENS):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+
+
+def max_logit_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def cache_lengths(cache) -> list[int]:
+    return [cache.get_seq_length(index) for index in range(len(cache.layers))]
+
+
+@pytest.fixture(scope="session")
+def stock(qwen_zoo, astronaut):
+    """Stock generate per variant -> (inputs, result)."""
+    out = {}
+    for name, path in qwen_zoo.items():
+        model, processor = load_qwen2_vl(path)
+        inputs = processor(images=astronaut, text=qwen_prompt(QUESTION))
+        out[name] = inputs, generate(model, inputs)
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_keep_all_matches_stock_generate(qwen_zoo, stock, name, layer):
+    inputs, expected = stock[name]
+    model, _ = load_qwen2_vl(qwen_zoo[name])
+    apply_pruner(model, PrunerConfig(keep=1.0, layer=layer))
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    assert out.past_key_values in model.model._pruner_sessions  # the pruned prefill ran (its cache has a session)
+    result = generate(model, inputs)
+    assert torch.equal(result.sequences, expected.sequences)
+    assert max_logit_diff(result.logits, expected.logits) <= 1e-5
+
+
+def _keys(layer, hidden, cos, sin):
+    """Independent post-RoPE keys [B, S, Hkv * d]: the stock k_proj and the stock rotary application."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    attention = layer.self_attn
+    k = attention.k_proj(layer.input_layernorm(hidden))
+    batch, length, _ = k.shape
+    k = k.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _stack(language_model, layers, norm: bool):
+    """A copy of the stock text model holding only ``layers`` (re-indexed from 0 for its own cache)."""
+    stack = copy.deepcopy(language_model)
+    stack.layers = torch.nn.ModuleList(copy.deepcopy([language_model.layers[i] for i in layers]))
+    for index, layer in enumerate(stack.layers):
+        layer.self_attn.layer_idx = index
+    stack.config = copy.deepcopy(language_model.config)
+    stack.config.num_hidden_layers = len(layers)
+    stack.config.layer_types = stack.config.layer_types[: len(layers)]
+    if not norm:
+        stack.norm = torch.nn.Identity()
+    return stack
+
+
+def independent_pruned_generation(model, inputs, config, tokens=NEW_TOKENS):
+    """The pruned prefill and greedy decoding stated with the stock modules: layers < K on the full prompt at the stock
+    M-RoPE positions, the selection from layer K-1's output and post-RoPE keys at the image tokens, layers >= K on
+    [text before] + [R fused tokens] + [text after] at the kept tokens' ORIGINAL positions, decoding at the
+    unpruned positions (rope deltas). -> (tokens [tokens], logits [tokens, V])."""
+    inner = model.model
+    language_model = inner.language_model
+    split = config.layer
+    ids = inputs["input_ids"]
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        features = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        embeds = inner.get_input_embeddings()(ids).clone()
+        where = (ids[0] == image_id).nonzero()[:, 0]
+        embeds[0, where] = features
+        positions, deltas = inner.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"])  # [3, 1, T]
+        lower = _stack(language_model, range(split), norm=False)
+        upper = _stack(language_model, range(split, len(language_model.layers)), norm=True)
+        lower_cache, upper_cache = DynamicCache(), DynamicCache()
+        probe_in = embeds if split == 0 else _stack(language_model, range(split - 1), norm=False)(
+            inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        hidden = embeds if split == 0 else lower(inputs_embeds=embeds, position_ids=positions,
+                                                 past_key_values=lower_cache, use_cache=True).last_hidden_state
+        cos, sin = language_model.rotary_emb(embeds, positions[:, :, where])
+        keys = _keys(language_model.layers[max(split - 1, 0)], probe_in[:, where], cos, sin)
+        _, h, w = inputs["image_grid_thw"][0].tolist()
+        selection = select_tokens(hidden[:, where], keys, (h // 2, w // 2), config)
+        start, n_image = int(where[0]), len(where)
+        kept = selection.indices[0]  # [R] ascending
+        pruned = torch.cat([hidden[:, :start], selection.states.to(hidden.dtype), hidden[:, start + n_image:]], 1)
+        kept_index = torch.cat([torch.arange(start), start + kept, torch.arange(start + n_image, ids.shape[1])])
+        logits = []
+        out = upper(inputs_embeds=pruned, position_ids=positions[:, :, kept_index], past_key_values=upper_cache,
+                    use_cache=True).last_hidden_state
+        step_logits = model.lm_head(out[:, -1])[0]
+        next_position = ids.shape[1] + int(deltas[0, 0])
+        result = []
+        for step in range(tokens):
+            logits.append(step_logits)
+            token = int(step_logits.argmax())
+            result.append(token)
+            position = torch.full((3, 1, 1), next_position + step)
+            x = inner.get_input_embeddings()(torch.tensor([[token]]))
+            if split:
+                x = lower(inputs_embeds=x, position_ids=position, past_key_values=lower_cache,
+                          use_cache=True).last_hidden_state
+            out = upper(inputs_embeds=x, position_ids=position, past_key_values=upper_cache,
+                        use_cache=True).last_hidden_state
+            step_logits = model.lm_head(out[:, -1])[0]
+    return result, torch.stack(logits)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_pruned_generation_equals_an_independent_statement(qwen_zoo, stock, name, layer):
+    inputs, unpruned = stock[name]
+    model, _ = load_qwen2_vl(qwen_zoo[name])
+    config = PrunerConfig(keep=0.12, layer=layer)
+    tokens, logits = independent_pruned_generation(model, inputs, config)
+    apply_pruner(model, config)
+    result = generate(model, inputs)
+    assert result.sequences[0, -NEW_TOKENS:].tolist() == tokens
+    assert (torch.stack([x[0] for x in result.logits]) - logits).abs().max().item() <= 1e-5
+    assert not torch.equal(result.sequences, unpruned.sequences)  # pruning 88 % of the image changes the answer
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_kv_cache_lengths_and_positions(qwen_zoo, stock, layer):
+    inputs, _ = stock["tiny-qwen2.5-vl"]
+    model, _ = load_qwen2_vl(qwen_zoo["tiny-qwen2.5-vl"])
+    config = PrunerConfig(keep=0.12, layer=layer)
+    apply_pruner(model, config)
+    full = inputs["input_ids"].shape[1]
+    n_image = int(inputs["mm_token_type_ids"].sum())
+    pruned = full - n_image + config.budget(n_image)
+    expected = [full if index < layer else pruned for index in range(model.config.text_config.num_hidden_layers)]
+    result = generate(model, inputs, 4)
+    assert cache_lengths(result.past_key_values) == [length + 3 for length in expected]
+
+
+def test_inputs_at_a_fixed_resolution(qwen_zoo, astronaut):
+    model, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"])
+    height, width = processor.image_size
+    geometry = QWEN2_VL.geometry(model)
+    assert geometry.image_size == (height, width) and geometry.position_scheme == "mrope"
+    assert geometry.grid == (height // 28, width // 28) and geometry.num_image_tokens == height * width // 784
+    for image in (astronaut, astronaut.resize((97, 401)), astronaut.convert("L")):  # every image -> (H, W)
+        inputs = processor(images=image, text=qwen_prompt(QUESTION))
+        assert inputs["image_grid_thw"].tolist() == [[1, height // 14, width // 14]]
+        assert inputs["pixel_values"].shape == (height * width // 196, 3 * 2 * 14 * 14)
+        assert int(inputs["mm_token_type_ids"].sum()) == geometry.num_image_tokens
+        assert torch.equal(inputs["mm_token_type_ids"].bool(), inputs["input_ids"] == geometry.image_token_id)
+    text = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert text == qwen_prompt(QUESTION)  # the chat template and the prompt format agree
+    with pytest.raises(ValueError, match="multiple of 28"):
+        check_image_size((300, 336))
+    with pytest.raises(ValueError, match="multiple of 28"):
+        load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"], image_size=(224, 330))
+
+
+def test_bad_inputs_get_clear_errors(qwen_zoo, stock):
+    inputs, _ = stock["tiny-qwen2-vl"]
+    model, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"])
+    apply_pruner(model, PrunerConfig(keep=0.12, layer=2))
+    no_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        generate(model, no_types)
+    with pytest.raises(ValueError, match="video"):
+        model(**inputs, pixel_values_videos=inputs["pixel_values"], video_grid_thw=inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match="CLS"):
+        apply_pruner(model, PrunerConfig(method="visionzip"))
+    with pytest.raises(ValueError, match="decoder layers"):
+        apply_pruner(model, PrunerConfig(layer=model.config.text_config.num_hidden_layers))
+
+
+def test_remove_restores_stock_and_dispatch_is_by_family(qwen_zoo, stock):
+    inputs, expected = stock["tiny-qwen2-vl"]
+    model, _ = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"])
+    assert adapter_for(qwen_zoo["tiny-qwen2-vl"]) is QWEN2_VL and adapter_for(model) is QWEN2_VL
+    apply_pruner(model, PrunerConfig(keep=0.12, layer=2))
+    assert isinstance(model.model, _PrunedQwenForward) and pruner_config(model).layer == 2
+    remove_pruner(model)
+    assert type(model.model).__name__ == "Qwen2VLModel" and pruner_config(model) is None
+    result = generate(model, inputs)
+    assert torch.equal(result.sequences, expected.sequences)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tiny_build_and_parameter_counts(qwen_zoo, name):
+    path = qwen_zoo[name]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}[name]
+    model, processor = load_qwen2_vl(path)
+    tokenizer = processor.tokenizer
+    for token in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    counts = parameter_counts(path)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.vision == sum(p.numel() for p in model.model.visual.parameters())
