@@ -248,3 +248,20 @@ def test_tiny_build_and_parameter_counts(qwen_zoo, name):
     counts = parameter_counts(path)
     assert counts.total == sum(p.numel() for p in model.parameters())
     assert counts.vision == sum(p.numel() for p in model.model.visual.parameters())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_vision_tower_exports_at_a_fixed_resolution(qwen_zoo, stock, name):
+    """The tower (Qwen2.5-VL: with its window attention) traces with torch.export into a graph without
+    data-dependent ops, and equals the stock image features."""
+    inputs, _ = stock[name]
+    model, processor = load_qwen2_vl(qwen_zoo[name])
+    encoder = QWEN2_VL.vision_encoder(model, processor.image_size)
+    with torch.no_grad():
+        expected = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
+        program = torch.export.export(encoder, (inputs["pixel_values"],), strict=False)
+        out = program.module()(inputs["pixel_values"])
+    assert out.shape == (1, *expected.shape) and torch.equal(out[0], expected)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not {t for t in targets if t.split(".")[1:2] in (["nonzero"], ["item"], ["_local_scalar_dense"],
+                                                             ["_assert_scalar"])}, targets

@@ -273,6 +273,36 @@ def encode_image(model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: t
     return torch.cat(list(features.pooler_output), dim=0)[None]
 
 
+class StaticVisionEncoder(nn.Module):
+    """The vision tower and 2x2 merger at one fixed resolution, exportable: pixel_values [P, 1176] -> [1, N, D].
+
+    The grid-dependent tensors (rotary position ids, attention segments and, for Qwen2.5-VL, the window order and
+    window segments) are computed once here with transformers' ``vision_utils`` and handed to the stock tower as its
+    precomputed inputs, so the traced graph holds no ``.tolist()``, loop over the grid or other data-dependent op.
+    Segment boundaries go over as NumPy arrays: the stock attention splits by ``lengths.tolist()``, which on a tensor
+    traces to one ``item`` per segment; on NumPy it gives Python ints at trace time (static slices).
+    """
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int]) -> None:
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+        super().__init__()
+        self.visual = _inner(model).visual
+        config = self.visual.config
+        height, width = check_image_size(image_size)
+        self.grid_thw = torch.tensor([[1, height // 14, width // 14]])  # [1, 3]
+        self.precomputed = {"position_ids": get_vision_position_ids(self.grid_thw, config.spatial_merge_size),
+                            "cu_seqlens": get_vision_cu_seqlens(self.grid_thw).numpy()}
+        if getattr(config, "window_size", None):  # Qwen2.5-VL: window attention, full at fullatt_block_indexes
+            window_index, window_seqlens = get_vision_window_index(
+                self.grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
+            self.precomputed.update(window_index=window_index, cu_window_seqlens=window_seqlens.numpy())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.visual(pixel_values.to(self.visual.dtype), self.grid_thw, **dict(self.precomputed))
+        return out.pooler_output[None]  # [1, N, D]
+
+
 def rope_positions(model: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,
                    image_grid_thw: torch.Tensor, attention_mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,6 +521,10 @@ class Qwen2VLAdapter:
 
     def cls_attention(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(_NO_CLS)
+
+    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
+        """The exportable vision tower at ``image_size``: pixel_values [P, 1176] -> image tokens [1, N, D]."""
+        return StaticVisionEncoder(model, image_size)
 
     def prompt_image_start(self, tokenizer: Any, image_token_id: int) -> int:
         ids = list(tokenizer(qwen_prompt("?"))["input_ids"])
