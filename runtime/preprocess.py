@@ -52,8 +52,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SCHEMA_VERSION = 1
+OPTIONAL_FIELDS = ("patches",)  # fields an export_config.json may leave out (their default applies)
 
-INPUT_LAYOUTS = ("float_nchw", "uint8_chw")
+INPUT_LAYOUTS = ("float_nchw", "uint8_chw", "flat_patches")
 
 # PIL.Image.Resampling ids (transformers' PILImageResampling is the same enum).
 RESAMPLE_FILTERS: dict[str, int] = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -91,6 +92,8 @@ class ImagePreprocessing:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     input_layout: str = "float_nchw"
+    # flat_patches only (Qwen2-VL): (patch_size, temporal_patch_size, merge_size); omitted from JSON when None
+    patches: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("do_convert_rgb", "do_pad_to_square", "do_resize", "do_center_crop", "do_rescale", "do_normalize"):
@@ -121,6 +124,22 @@ class ImagePreprocessing:
             raise ValueError(
                 f"ImagePreprocessing.input_layout must be one of {INPUT_LAYOUTS}, got {self.input_layout!r}"
             )
+        self._check_patches()
+
+    def _check_patches(self) -> None:
+        if (self.input_layout == "flat_patches") != (self.patches is not None):
+            raise ValueError("ImagePreprocessing: input_layout 'flat_patches' goes with patches = [patch_size, "
+                             f"temporal_patch_size, merge_size], and only it (got {self.input_layout!r}, {self.patches!r})")
+        if self.patches is None:
+            return
+        values = tuple(self.patches) if isinstance(self.patches, (list, tuple)) else ()
+        if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"ImagePreprocessing.patches must be three positive ints, got {self.patches!r}")
+        object.__setattr__(self, "patches", values)
+        factor = values[0] * values[2]
+        if self.height is None or self.do_center_crop or self.height % factor or self.width % factor:
+            raise ValueError(f"ImagePreprocessing: flat_patches needs an exact height x width resize to multiples of "
+                             f"{factor} and no crop (got {self.height!r} x {self.width!r})")
 
     def _check_resize(self) -> None:
         if (self.height is None) != (self.width is None):
@@ -162,6 +181,10 @@ class ImagePreprocessing:
         data = asdict(self)
         for name in ("pad_color", "image_mean", "image_std"):
             data[name] = list(data[name])
+        if self.patches is None:
+            del data["patches"]  # optional: exports without it (CLIP layouts) keep their fields
+        else:
+            data["patches"] = list(self.patches)
         return {"version": SCHEMA_VERSION, **data}
 
     @classmethod
@@ -180,7 +203,7 @@ class ImagePreprocessing:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"image_preprocessing has unknown fields {unknown}; known fields: {known}")
-        missing = [name for name in known if name not in data]
+        missing = [name for name in known if name not in data and name not in OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"image_preprocessing is missing fields {missing}; re-export, or add them")
         for name in ("pad_color", "image_mean", "image_std"):
@@ -426,9 +449,23 @@ def bounded_source(rgb: Image.Image, spec: ImagePreprocessing, max_pixels: int =
     return rgb.crop((0, start, width, start + keep) if width <= height else (start, 0, start + keep, height))
 
 
+def flat_patches(chw: np.ndarray, patch: int, temporal: int, merge: int) -> np.ndarray:
+    """Qwen2-VL's pixel layout: chw [C, H, W] float32 -> [(H / p) * (W / p), C * temporal * p * p], patches ordered
+    by 2x2 merge unit (merge-row, merge-col, row in unit, col in unit), each flattened as (C, frame, y, x) with the
+    still image repeated over the ``temporal`` frames. Source: transformers' image_processing_pil_qwen2_vl.py
+    ``patchify`` (the layout; pure data movement, so equal bit for bit)."""
+    channels, height, width = chw.shape
+    grid_h, grid_w = height // patch, width // patch
+    blocks = chw.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, p, p]
+    frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal, patch, patch))
+    return np.ascontiguousarray(frames.reshape(grid_h * grid_w, channels * temporal * patch * patch))
+
+
 def preprocess(image: Any, spec: ImagePreprocessing, max_pixels: int = MAX_INTERMEDIATE_PIXELS) -> np.ndarray:
-    """The vision encoder's input for one image: float32 [1, 3, H, W] (``float_nchw``) or uint8 [3, H, W]
-    (``uint8_chw``); identical to transformers' CLIP image processor (PIL backend) for the same settings.
+    """The vision encoder's input for one image: float32 [1, 3, H, W] (``float_nchw``), uint8 [3, H, W]
+    (``uint8_chw``) or float32 [P, 3 * t * p * p] (``flat_patches``, Qwen2-VL); identical to transformers' image
+    processor (PIL backend: CLIP's, or Qwen2-VL's at an on-grid size) for the same settings.
 
     ``max_pixels``: the largest intermediate image built; larger ones are reduced first (module docstring).
     Raises ValueError for an unreadable image (naming the file and the reason)."""
@@ -452,4 +489,6 @@ def preprocess(image: Any, spec: ImagePreprocessing, max_pixels: int = MAX_INTER
         mean = np.asarray(spec.image_mean, dtype=np.float32)
         std = np.asarray(spec.image_std, dtype=np.float32)
         values = (values - mean) / std
+    if spec.patches is not None:
+        return flat_patches(values.transpose(2, 0, 1), *spec.patches)  # (P, 3 * t * p * p)
     return np.ascontiguousarray(values.transpose(2, 0, 1)[None])  # (1, 3, H, W)

@@ -265,3 +265,30 @@ def test_vision_tower_exports_at_a_fixed_resolution(qwen_zoo, stock, name):
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not {t for t in targets if t.split(".")[1:2] in (["nonzero"], ["item"], ["_local_scalar_dense"],
                                                              ["_assert_scalar"])}, targets
+
+
+@pytest.mark.parametrize("size", [(224, 336), (448, 448), (56, 840)])
+def test_runtime_preprocessing_is_bit_exact_to_the_hf_processor(qwen_zoo, size):
+    """runtime.preprocess with the spec an export records == Qwen2VLImageProcessorPil at the export size, for
+    photographs of other sizes and aspects, a grey one and a thin one; the spec round-trips through JSON."""
+    import numpy as np
+
+    from runtime.preprocess import ImagePreprocessing, preprocess
+
+    _, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"], image_size=size)
+    spec = processor.preprocessing()
+    assert ImagePreprocessing.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    images = [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea()), Image.fromarray(data.camera()),
+              Image.fromarray(data.coffee()).resize((1200, 7))]
+    for image in images:
+        expected = processor.pixels(image)["pixel_values"].numpy()
+        assert np.array_equal(preprocess(image, spec), expected)
+
+
+def test_clip_preprocessing_json_has_no_patch_field():
+    from runtime.preprocess import ImagePreprocessing
+
+    data_ = ImagePreprocessing().to_dict()
+    assert "patches" not in data_ and ImagePreprocessing.from_dict(data_) == ImagePreprocessing()
+    with pytest.raises(ValueError, match="flat_patches"):
+        ImagePreprocessing(input_layout="flat_patches")

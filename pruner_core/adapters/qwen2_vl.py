@@ -2,18 +2,16 @@
 
 Checkpoints: ``Qwen2VLForConditionalGeneration`` (config model_type "qwen2_vl") and
 ``Qwen2_5_VLForConditionalGeneration`` ("qwen2_5_vl") as transformers 5.23 loads them. The paper's Qwen2-VL
-placement (authors' ``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``, restated in the project's
-docs/ALGORITHM.md): the image span is the ``<|image_pad|>`` run between ``<|vision_start|>`` / ``<|vision_end|>``,
+placement (authors' ``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``): the image span is the ``<|image_pad|>`` run between ``<|vision_start|>`` / ``<|vision_end|>``,
 N = (grid_h / 2) * (grid_w / 2) merged tokens; the selection runs on the merged grid (rows, cols) =
 (grid_h / 2, grid_w / 2) from layer K-1's states and M-RoPE keys; kept tokens keep their ORIGINAL 3-D (t, h, w)
 position ids at every placement, and text after the image and decoding continue from the unpruned positions.
 
 Static shapes: dynamic resolution becomes a resolution fixed per export, (H, W) pixels, multiples of 28; every
 image is resized (bicubic, aspect not kept) to exactly (H, W) before the stock image processor, which then leaves
-it as is. No ``Qwen2VLProcessor`` is built (its video half needs torchvision, whose reachable wheels do not import
-with the CPU torch): ``QwenVLInputs`` does for one image what it does, with ``Qwen2VLImageProcessorPil`` and the
-tokenizer. ``mm_token_type_ids`` (1 at image tokens) is always produced: transformers 5.23 needs it for M-RoPE and
-``generate`` silently falls back to 1-D positions without it.
+it as is (``qwen2_vl_inputs.QwenVLInputs``: what ``Qwen2VLProcessor``, which cannot be built here, does for one
+image). The authors' grid quirk (their distances on the unmerged grid) is not reproduced: the true merged grid is
+used.
 
 Shapes: B batch, T prompt length, N image tokens, R kept, D text width, P = grid_h * grid_w patches.
 """
@@ -21,12 +19,10 @@ Shapes: B batch, T prompt length, N image tokens, R kept, D text width, P = grid
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from ..config import PrunerConfig
@@ -41,16 +37,15 @@ from .decoder import (
     prune_and_prefill,
 )
 from .patching import install_pruner, installed_config, open_session, session_decode, uninstall_pruner
-from .qwen2_vl_tiny import (
-    DEFAULT_SYSTEM,
-    IMAGE_PAD,
-    SPEC_FILE,
-    VARIANTS,
-    VISION_END,
-    VISION_START,
-    TinyQwen2VLSpec,
-    build_tiny_qwen2_vl,
+from .qwen2_vl_inputs import (
+    DEFAULT_IMAGE_SIZE,
+    PATCH_FACTOR,
+    QwenVLInputs,
+    check_image_size,
+    default_image_size,
+    qwen_prompt,
 )
+from .qwen2_vl_tiny import IMAGE_PAD, SPEC_FILE, VARIANTS, TinyQwen2VLSpec, build_tiny_qwen2_vl
 
 HUB_ALIASES: dict[str, str] = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
@@ -62,100 +57,6 @@ TINY_MODELS: dict[str, TinyQwen2VLSpec] = {
     "tiny-qwen2-vl": TinyQwen2VLSpec(variant="qwen2_vl"),
     "tiny-qwen2.5-vl": TinyQwen2VLSpec(variant="qwen2_5_vl"),
 }
-
-# The default export resolution of real checkpoints: 672 x 672 px = 24 x 24 merged tokens (N = 576), LLaVA-1.5's
-# image-token count, so keep values, budgets and figures compare across families; about a phone photo's detail at
-# the sizes Qwen2-VL's processor makes by default (it allows up to 1280 tokens).
-DEFAULT_IMAGE_SIZE = (672, 672)
-PATCH_FACTOR = 28  # patch 14 x spatial merge 2: H and W must be multiples of it
-PROMPT_TEMPLATE = (
-    f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{VISION_START}{IMAGE_PAD}{VISION_END}"
-    "{prompt}<|im_end|>\n<|im_start|>assistant\n"
-)
-
-
-# ================================================================================================================
-# Inputs at a fixed resolution
-# ================================================================================================================
-
-
-def check_image_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(H, W) pixels -> itself, or ValueError when not positive multiples of 28 (patch 14 x merge 2)."""
-    height, width = (int(v) for v in size)
-    if height < PATCH_FACTOR or width < PATCH_FACTOR or height % PATCH_FACTOR or width % PATCH_FACTOR:
-        near = tuple(max(PATCH_FACTOR, round(v / PATCH_FACTOR) * PATCH_FACTOR) for v in (height, width))
-        raise ValueError(
-            f"image size {height}x{width} is not a multiple of {PATCH_FACTOR} (Qwen2-VL's 14-pixel patches merged "
-            f"2x2); use e.g. {near[0]}x{near[1]}"
-        )
-    return height, width
-
-
-def default_image_size(path: str | Path | None) -> tuple[int, int]:
-    """The export resolution a checkpoint gets when none is asked for: a tiny build's own, else 672 x 672."""
-    stamp = Path(path) / SPEC_FILE if path is not None else None
-    if stamp is not None and stamp.is_file():
-        return tuple(json.loads(stamp.read_text())["image_size"])
-    return DEFAULT_IMAGE_SIZE
-
-
-def qwen_prompt(question: str) -> str:
-    """The Qwen2-VL instruct prompt for one image and one question (one ``<|image_pad|>``, expanded to N later)."""
-    return PROMPT_TEMPLATE.format(prompt=question)
-
-
-@dataclass
-class QwenVLInputs:
-    """What ``Qwen2VLProcessor`` does for one image per prompt, at a fixed resolution, without torchvision.
-
-    ``__call__(images=..., text=...)`` -> input_ids [B, T] (each ``<|image_pad|>`` expanded to N), attention_mask
-    [B, T], mm_token_type_ids [B, T] (1 at image tokens), pixel_values [B * P, 3 * 2 * 14 * 14] and image_grid_thw
-    [B, 3] = (1, H / 14, W / 14) per image. Source: transformers' processing_qwen2_vl.py (what it computes).
-    """
-
-    tokenizer: Any
-    image_processor: Any
-    image_size: tuple[int, int]
-
-    @property
-    def chat_template(self) -> str | None:
-        return getattr(self.tokenizer, "chat_template", None)
-
-    @property
-    def num_image_tokens(self) -> int:
-        height, width = self.image_size
-        return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
-
-    def pixels(self, images: Any) -> dict[str, torch.Tensor]:
-        """PIL image(s) -> pixel_values [B * P, 1176] float32 and image_grid_thw [B, 3] at ``image_size``."""
-        height, width = check_image_size(self.image_size)
-        images = images if isinstance(images, (list, tuple)) else [images]
-        resized = [image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC) for image in images]
-        area = height * width  # smart_resize keeps an (H, W) already on the 28-grid with this pixel budget
-        out = self.image_processor(images=resized, size={"shortest_edge": area, "longest_edge": area},
-                                   return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-    def __call__(self, images: Any = None, text: Any = None, return_tensors: str = "pt", **kwargs: Any):
-        from transformers import BatchFeature
-
-        texts = [text] if isinstance(text, str) else list(text)
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-        out: dict[str, Any] = {}
-        if images is not None:
-            out.update(self.pixels(images))
-            texts = [t.replace(IMAGE_PAD, IMAGE_PAD * self.num_image_tokens) for t in texts]
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1, **kwargs)
-        out["input_ids"], out["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
-        out["mm_token_type_ids"] = (encoded["input_ids"] == image_id).int()
-        return BatchFeature(out, tensor_type=return_tensors)
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
-
 
 # ================================================================================================================
 # Checkpoints
