@@ -42,11 +42,12 @@ SETTINGS = {
 }
 
 
-def child_peak(command: list[str], log: Path) -> tuple[int, float, int]:
-    """Run ``command`` -> (return code, wall seconds, the child's peak RSS in bytes)."""
+def child_peak(command: list[str], log: Path, stdout: Path | None = None) -> tuple[int, float, int]:
+    """Run ``command`` (stderr to ``log``, stdout too unless ``stdout`` is given) -> (return code, wall seconds, the
+    child's peak RSS in bytes)."""
     start = time.perf_counter()
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    with open(log, "w") as handle, open(stdout or os.devnull, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out if stdout else handle, stderr=handle)
         _, status, usage = os.wait4(process.pid, 0)
     return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024
 
@@ -84,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                "export_peak_rss_gib": round(peak / 2**30, 2)}
         if code == 0:
             row["pte_gib"] = round((folder / "model.pte").stat().st_size / 2**30, 2)
-            run_log = args.work_dir / f"{name}-run.log"
+            run_json = args.work_dir / f"{name}-run.json"  # pruner-run --json: stdout is the JSON object alone
             code, wall, peak = child_peak([python, "-m", "runtime.cli", str(folder), "--image", "astronaut",
                                            "--prompt", "What is in the picture?", "--max-new-tokens", "16", "--json"],
-                                          run_log)
-            text = run_log.read_text()
-            profile = json.loads(text[text.index("{"): text.rindex("}") + 1]) if code == 0 else {}
+                                          args.work_dir / f"{name}-run.log", stdout=run_json)
+            profile = json.loads(run_json.read_text()) if code == 0 else {}
             row |= {"run_rc": code, "run_peak_rss_gib": round(peak / 2**30, 2),
                     **{key: profile.get(key) for key in ("time_to_first_token_ms", "prefill_ms", "vision_ms",
                                                           "prompt_tokens_after_pruning", "decode_tokens_per_s")}}

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
-    from pruner_core.adapters import adapter_for, resolve_model
+    from pruner_core.adapters import adapter_for, registered_adapters, resolve_model
 
     stream = stream or sys.stderr
     try:
@@ -243,6 +243,14 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
         model_dir = resolve_model(args.model, args.cache_dir)
     except (ValueError, FileNotFoundError) as error:
         raise ExportError(str(error)) from None
+    adapter = adapter_for(model_dir)
+    for options, _ in plans:
+        if options.target not in adapter.export_targets:
+            raise ExportError(
+                f"{args.model} is a {adapter.family} checkpoint, which has no {options.target} export yet (it runs "
+                f"eagerly: `pruner-run {args.model} --keep {args.keep} --image photo.jpg --prompt ...`); exports "
+                f"exist for {', '.join(a.family for a in registered_adapters() if a.export_targets)}"
+            )
     check_model_fits(model_dir, pruner)
     resolved = []
     for options, out in plans:

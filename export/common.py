@@ -257,6 +257,9 @@ def staging_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # a normal folder's mode, not mkdtemp's private 0700
     except OSError as error:
         raise PermissionError(f"cannot write to {parent}: {error.strerror}; choose a writable --out") from None
     try:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout (the answer's text and tokens, and the profile with "
+                             "the stop reason and the context left); the answer streams to stderr")
     parser.add_argument("--profile-ops", action="store_true", help="add an operator-level breakdown")
     eager = parser.add_argument_group("eager PyTorch (when MODEL is not an exported folder)")
     eager.add_argument("--keep", type=_keep, default="0.12",
@@ -63,11 +66,15 @@ def run(args: argparse.Namespace) -> int:
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)
+    stream = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON object alone
     result = session.generate(resolve_image(args.image), args.prompt, max_new_tokens=args.max_new_tokens,
-                              on_token=lambda piece: print(piece, end="", flush=True),
+                              on_token=lambda piece: print(piece, end="", flush=True, file=stream),
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print()
-    print(result.profile.to_json() if args.json else result.profile.table())
+    print(file=stream)
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, **result.profile.to_dict()}, indent=2))
+    else:
+        print(result.profile.table())
     return 0
 
 

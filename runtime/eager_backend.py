@@ -1,6 +1,6 @@
 """Eager PyTorch backend: the reference every exported backend is compared with.
 
-Runs the stock transformers modules of a checkpoint (LLaVA-1.5 today) through its adapter's pruned prefill and the
+Runs the stock transformers modules of a checkpoint (LLaVA-1.5, Qwen2-VL / Qwen2.5-VL) through its adapter's pruned prefill and the
 shared decode steps.
 """
 
@@ -17,7 +17,7 @@ from pruner_core.methods import get_method
 
 
 class EagerBackend:
-    """Backend protocol (runtime.session.Backend) over a model its adapter loaded (LlavaForConditionalGeneration)."""
+    """Backend protocol (runtime.session.Backend) over a model its adapter loaded."""
 
     kind = "pytorch"
 
@@ -29,7 +29,8 @@ class EagerBackend:
         self.model, self.processor = self.adapter.load(model_dir)
         self.language_model = self.adapter.language_model(self.model)
         self.config = config
-        self.grid = self.adapter.geometry(self.model.config).grid
+        geometry = self.adapter.geometry(self.model)
+        self.grid, self.position_scheme = geometry.grid, geometry.position_scheme
         self.num_image_tokens = self.grid[0] * self.grid[1]
         self.kept_image_tokens = config.budget(self.num_image_tokens)
         self.max_seq_len = None
@@ -45,7 +46,8 @@ class EagerBackend:
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray, image_start: int = 0) -> torch.Tensor:
-        """[1, 3, H, W] -> projector outputs [1, N, D] (pruning happens in prefill for both placements)."""
+        """The preprocessed image (LLaVA [1, 3, H, W]; Qwen2-VL [P, 1176]) -> image tokens [1, N, D] (pruning
+        happens in prefill for both placements)."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.model.dtype)
         if self._needs_cls:
             self._cls_attention = self.adapter.cls_attention(self.model, pixels)
@@ -58,8 +60,9 @@ class EagerBackend:
     @torch.no_grad()
     def prefill(self, before: torch.Tensor, image: torch.Tensor, after: torch.Tensor) -> np.ndarray:
         embeds = torch.cat([before, image.to(before.dtype), after], dim=1)  # [1, T, D]
+        positions = self.adapter.prompt_positions(before.shape[1], self.grid, after.shape[1])  # [1, T] or [3, 1, T]
         out = self.adapter.prefill_with_pruning(self.model, embeds, before.shape[1], self.num_image_tokens, self.grid,
-                                                self.config, cls_attention=self._cls_attention)
+                                                self.config, cls_attention=self._cls_attention, position_ids=positions)
         cache = KVRecorder(len(out.keys))
         cache.keys, cache.values = list(out.keys), list(out.values)
         self._cache, self._split = cache, out.split_layer
@@ -69,7 +72,9 @@ class EagerBackend:
     @torch.no_grad()
     def decode(self, token: int) -> np.ndarray:
         embeds = self.embed([token])
-        positions = torch.tensor([[self._next_position]], dtype=torch.long)
+        positions = torch.tensor([[self._next_position]], dtype=torch.long)  # [1, 1]
+        if self.position_scheme == "mrope":
+            positions = positions.expand(3, 1, 1)  # text: t = h = w
         hidden = decode_step(self.language_model, embeds, positions, self._cache, self._split)
         self._next_position += 1
         return self.adapter.lm_head(self.model)(hidden[:, -1])[0].float().numpy()

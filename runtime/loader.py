@@ -25,7 +25,7 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     backend = EagerBackend(model_dir, config, device)
     encoder = PromptEncoder(model_dir, backend.adapter.tokenizer_info(backend.model, backend.processor,
                                                                       ["tokenizer.json"]))
-    spec = ImagePreprocessing.from_hf_processor(backend.processor.image_processor)
+    spec = backend.adapter.image_preprocessing(backend.processor)
     placement = "before_llm" if config.layer == 0 else "in_llm"
     return Session(backend=backend, encoder=encoder, image_spec=spec,
                    config={"placement": placement, "pruner": config.to_dict()}, device_note="cpu (eager PyTorch)")

@@ -67,6 +67,8 @@ class Profile:
     model_files_bytes: int | None = None  # .onnx / .pte (+ external data) on disk
     kv_cache_bytes: int | None = None  # KV cache allocated for the call
     ops: list[OpTime] | None = None  # top operators by total time, when an operator profiler ran
+    stop_reason: str | None = None  # why generation ended: "eos", "max_new_tokens" or "max_seq_len" (cache full)
+    context_left: int | None = None  # tokens the KV cache still had room for when it ended (None: unbounded)
 
     # ---- derived values ---------------------------------------------------------------------------
     def decode_total_ms(self) -> float:
@@ -128,6 +130,9 @@ class Profile:
         lines.append(_row("decode speed", _fixed(self.decode_tokens_per_s), "tokens/s"))
         prompt = f"{self.prompt_tokens_before_pruning} -> {self.prompt_tokens_after_pruning}"
         lines.append(_row("prompt tokens", prompt, "tokens"))
+        if self.stop_reason is not None:
+            left = "" if self.context_left is None else f" ({self.context_left} tokens of context left)"
+            lines.append(_row("stopped by", self.stop_reason + left, ""))
         kept = f"{self.image_tokens_kept} / {self.image_tokens_total}"
         share = ""
         if self.image_tokens_total:

@@ -128,6 +128,10 @@ class Session:
             logits = self.backend.prefill(before, features, after)
         profile.time_to_first_token_ms = (time.perf_counter() - start) * 1000.0
         tokens, text, stop = self._decode_loop(logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token)
+        room = self._room(prompt_ids)
+        profile.stop_reason = stop
+        # positions still free once the prompt and the answer are in the cache (max_seq_len - P - tokens)
+        profile.context_left = None if room is None else max(0, room - 1 - len(tokens))
         profile.wall_ms = (time.perf_counter() - start) * 1000.0
         self._fill_counts(profile, prompt_ids)
         if hasattr(self.backend, "operator_profile"):

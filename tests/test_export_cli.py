@@ -111,6 +111,7 @@ def test_7b_export_memory_on_this_machine(tmp_path):
     model = tmp_path / "llava-7b-config-only"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAVA_7B_CONFIG, "torch_dtype": "float16"}))
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))  # weights "there", absent
     import export.cli as cli
 
     def run_with(argv: list[str]) -> str:
@@ -137,4 +138,37 @@ def test_7b_export_memory_on_this_machine(tmp_path):
     quantized = run_with(["--keep", "0.12", "--target", "executorch", "--quantize", "8da4w"])
     peaks.append(float(re.search(r"export ~([0-9.]+) GiB at peak", quantized).group(1)))
     assert peaks[2] < peaks[0] < 18.5 < 24 < peaks[1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_staging_folder_gets_a_normal_mode(tmp_path):
+    """Export folders are made in a temporary folder and renamed: they get the umask's mode, not mkdtemp's 0700."""
+    import os
+
+    from export.common import staging_directory
+
+    out = tmp_path / "exported"
+    with staging_directory(out) as staging:
+        (staging / "file.txt").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "file.txt").is_file() and (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert_nothing_left(tmp_path)
+
+
+def test_path_like_names_and_folders_without_weights(tmp_path, monkeypatch):
+    """A path that does not exist says so (with the nearest names), not "download it"; a folder with config.json
+    and no weights says what is missing; a family without exports says how to run it instead."""
+    (tmp_path / "exported" / "tiny-llava-keep0.12").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["--model", "exported/tiny-llava-keep0.21", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "no such folder: exported/tiny-llava-keep0.21" in err and "keep0.12" in err
+    assert "download" not in err
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
+    code, err = run_cli(["--model", str(config_only), "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "no weights" in err and "Traceback" not in err
+    code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "no executorch export yet" in err and "pruner-run tiny-qwen2-vl" in err
     assert not (tmp_path / "o").exists()

@@ -441,6 +441,7 @@ def fake_hub_snapshot(hf_cache, repo_id, config):
     snapshot = root / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps(config))
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))  # the weights' index
     return snapshot
 
 

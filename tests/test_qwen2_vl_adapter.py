@@ -292,3 +292,37 @@ def test_clip_preprocessing_json_has_no_patch_field():
     assert "patches" not in data_ and ImagePreprocessing.from_dict(data_) == ImagePreprocessing()
     with pytest.raises(ValueError, match="flat_patches"):
         ImagePreprocessing(input_layout="flat_patches")
+
+
+def test_closed_form_positions_equal_get_rope_index(qwen_zoo, stock):
+    from pruner_core.adapters.qwen2_vl import mrope_positions
+
+    inputs, _ = stock["tiny-qwen2.5-vl"]
+    model, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2.5-vl"])
+    expected, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"])
+    ids = inputs["input_ids"][0]
+    where = (ids == model.config.image_token_id).nonzero()[:, 0]
+    grid = QWEN2_VL.geometry(model).grid
+    before, after = int(where[0]), len(ids) - int(where[-1]) - 1
+    assert torch.equal(mrope_positions(before, grid, after), expected)
+    assert torch.equal(mrope_positions(3, (2, 5), 1)[:, 0, -1], torch.tensor([8, 8, 8]))  # 3 + max(2, 5)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_runtime_eager_session_equals_apply_pruner(qwen_zoo, astronaut, layer):
+    """pruner-run's eager path (runtime.load: the runtime's own preprocessing, prompt encoding and positions) gives
+    the tokens of apply_pruner + the stock generate."""
+    from runtime import load
+
+    config = PrunerConfig(keep=0.12, layer=layer)
+    session = load("tiny-qwen2-vl", config=config, cache_dir=qwen_zoo["tiny-qwen2-vl"].parent)
+    result = session.generate(astronaut, QUESTION, max_new_tokens=NEW_TOKENS)
+    model, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"])
+    apply_pruner(model, config)
+    expected = generate(model, processor(images=astronaut, text=qwen_prompt(QUESTION)))
+    generated = expected.sequences[0, -NEW_TOKENS:].tolist()
+    eos = set(model.generation_config.eos_token_id)
+    assert result.tokens == generated[: len(result.tokens)] and (len(result.tokens) == NEW_TOKENS
+                                                                 or generated[len(result.tokens)] in eos)
+    assert result.profile.image_tokens_total == QWEN2_VL.geometry(model).num_image_tokens

@@ -42,7 +42,7 @@ def test_json_round_trip_and_stable_keys() -> None:
         "version", "backend", "device", "preprocess_ms", "vision_ms", "embed_ms", "prefill_ms", "decode_ms",
         "time_to_first_token_ms", "decode_tokens_per_s", "wall_ms", "prompt_tokens_before_pruning",
         "prompt_tokens_after_pruning", "image_tokens_kept", "image_tokens_total", "peak_rss_bytes",
-        "model_files_bytes", "kv_cache_bytes", "ops",
+        "model_files_bytes", "kv_cache_bytes", "ops", "stop_reason", "context_left",
     ]
     assert data["version"] == PROFILE_VERSION
     assert data["ops"][0] == {"name": "aten::linear", "total_ms": 600.0, "calls": 224, "share": 0.6}

@@ -223,8 +223,10 @@ def test_pruner_run_cli_end_to_end(onnx_exports):
                "--max-new-tokens", "4", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    payload = json.loads(done.stdout[done.stdout.index("{"):])
+    payload = json.loads(done.stdout)  # stdout is the JSON object alone; the answer streamed to stderr
     assert payload["backend"] == "onnxruntime"
+    assert payload["text"] in done.stderr and len(payload["tokens"]) <= 4
+    assert payload["stop_reason"] in ("eos", "max_new_tokens") and payload["context_left"] > 0
     assert payload["image_tokens_kept"] == json.loads((onnx_exports[2] / "export_config.json").read_text())[
         "kept_image_tokens"]
     bad = subprocess.run([sys.executable, "-m", "runtime.cli", str(onnx_exports[2]), "--image", "/no/such.png",
@@ -313,5 +315,7 @@ def test_generation_uses_the_whole_cache(onnx_exports, executorch_exports, zoo, 
         reference = eager.generate(data.astronaut(), question, max_new_tokens=room)
         assert result.tokens == reference.tokens
         assert len(result.tokens) == room and result.stop_reason == "max_seq_len" or result.stop_reason == "eos"
+        assert result.profile.stop_reason == result.stop_reason
+        assert result.profile.context_left == max(0, limit - (limit - room + 1) - len(result.tokens))
     with pytest.raises(ValueError, match=f"needs {limit + 1} positions.*max_seq_len={limit}"):
         session.generate(data.astronaut(), question_filling(session, limit + 1))

@@ -91,6 +91,7 @@ class ModelAdapter(Protocol):
     tiny_models: Mapping[str, Any]  # tiny-model name -> its spec (a frozen dataclass)
     hub_aliases: Mapping[str, str]  # short name -> hub id, resolved from the local Hugging Face cache only
     tiny_spec_file: str  # stamp written next to a tiny build (its spec as JSON): another spec is rebuilt
+    export_targets: tuple[str, ...]  # the pruner-export targets built for this family ("executorch", "onnx")
 
     # ---------------------------------------------------------------- checkpoints
     def build_tiny(self, directory: str | Path, spec: Any) -> Path:

@@ -38,6 +38,22 @@ def _supported_names() -> str:
     )
 
 
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _missing_folder(name: str) -> FileNotFoundError:
+    """A path-like name with nothing there: say so, with the nearest names beside it (not 'download it')."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) if parent.is_dir() else []
+    near = difflib.get_close_matches(path.name, siblings, n=3)
+    hint = f"; did you mean {', '.join(str(parent / n) for n in near)}?" if near else (
+        f"; {parent} holds {', '.join(siblings[:8])}" if siblings else "")
+    return FileNotFoundError(f"no such folder: {name}{hint}")
+
+
 def check_model_directory(path: Path) -> Path:
     """``path`` if it holds a checkpoint some registered adapter supports, else ValueError saying what is."""
     config_file = path / "config.json"
@@ -54,6 +70,11 @@ def check_model_directory(path: Path) -> Path:
             f"{path} holds a {model_type!r} model; supported checkpoints have config {supported_model_types()}: "
             f"{_supported_names()}"
         ) from None
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ValueError(
+            f"{path} has config.json but no weights ({', '.join(WEIGHT_FILES)}); copy the whole checkpoint folder "
+            "(save_pretrained and hub snapshots write the weights beside config.json)"
+        )
     return adapter.check_directory(path)
 
 
@@ -118,6 +139,8 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
     if local.is_dir():
         return check_model_directory(local)
     parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+    if name.startswith((".", "~", "/")) or (len(parts) >= 2 and Path(parts[0]).expanduser().is_dir()):
+        raise _missing_folder(name)  # a path (its first folder exists here), not a hub id
+    if len(parts) == 2 and all(parts):
         return check_model_directory(_from_hub_cache(name, hf_cache_dir))
     raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")

@@ -465,6 +465,7 @@ class LlavaAdapter:
     tiny_models = TINY_MODELS
     hub_aliases = HUB_ALIASES
     tiny_spec_file = SPEC_FILE
+    export_targets = ("executorch", "onnx")
 
     load = staticmethod(load_llava)
     parameter_counts = staticmethod(parameter_counts)
@@ -486,7 +487,9 @@ class LlavaAdapter:
         return _check_llava_directory(Path(path))
 
     def geometry(self, config: Any) -> ModelGeometry:
-        """From a LlavaConfig (or a model's): the grid at the vision config's image size, the Llama decoder layout."""
+        """From a LlavaConfig (or a loaded model): the grid at the vision config's image size, the Llama decoder
+        layout."""
+        config = getattr(config, "config", config)
         text, vision = config.text_config, config.vision_config
         heads = text.num_attention_heads
         return ModelGeometry(
@@ -500,6 +503,16 @@ class LlavaAdapter:
             hidden_size=text.hidden_size,
             position_scheme="1d",
         )
+
+    def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+        """RoPE position ids of [before] + [image] + [after]: 0 .. T-1 -> [1, T]."""
+        return torch.arange(before + grid[0] * grid[1] + after)[None]
+
+    def image_preprocessing(self, processor: Any) -> Any:
+        """The runtime's ImagePreprocessing (CLIP's steps) read from the processor's image processor."""
+        from runtime.preprocess import ImagePreprocessing
+
+        return ImagePreprocessing.from_hf_processor(processor.image_processor)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return _llava_inner(model).language_model

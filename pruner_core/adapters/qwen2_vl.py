@@ -167,9 +167,14 @@ def grid_of_positions(positions: torch.Tensor, starts: torch.Tensor, n_image: in
     return rows, cols
 
 
-def encode_image(model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """pixel_values [P, 1176] + image_grid_thw [1, 3] -> the merged image tokens' input embeddings [1, N, D]."""
+def encode_image(model: nn.Module, pixel_values: torch.Tensor,
+                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    """pixel_values [P, 1176] + image_grid_thw [1, 3] (default: the loaded model's export size) -> the merged image
+    tokens' input embeddings [1, N, D]."""
     inner = _inner(model)
+    if image_grid_thw is None:
+        height, width = getattr(model, "_pruner_image_size", None) or DEFAULT_IMAGE_SIZE
+        image_grid_thw = torch.tensor([[1, height // 14, width // 14]])
     features = inner.get_image_features(pixel_values.to(inner.visual.dtype), image_grid_thw, return_dict=True)
     return torch.cat(list(features.pooler_output), dim=0)[None]
 
@@ -217,6 +222,19 @@ def rope_positions(model: nn.Module, input_ids: torch.Tensor, mm_token_type_ids:
         )
     return _inner(model).get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
                                         image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+
+
+def mrope_positions(before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+    """M-RoPE position ids of one prompt [text before] + [image, merged grid (rows, cols)] + [text after] ->
+    [3, 1, T] (t, h, w): text at t = h = w = its index; image token (r, c) at (s, s + r, s + c) with s = before;
+    the text after continues at s + max(rows, cols). What transformers' ``get_rope_index`` computes for one image,
+    as a closed form (no loop over tokens): runtimes and exports use it without the model."""
+    rows, cols = grid
+    head = torch.arange(before)
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    image = torch.stack([torch.zeros(rows * cols, dtype=torch.long), row.flatten(), col.flatten()]) + before
+    tail = torch.arange(after) + before + max(rows, cols)
+    return torch.cat([head.expand(3, -1), image, tail.expand(3, -1)], dim=1)[:, None]  # [3, 1, T]
 
 
 def embed_prompt(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
@@ -378,6 +396,7 @@ class Qwen2VLAdapter:
     tiny_models = TINY_MODELS
     hub_aliases = HUB_ALIASES
     tiny_spec_file = SPEC_FILE
+    export_targets: tuple[str, ...] = ()  # eager only so far: the exporters read LLaVA-1.5's graph layout
 
     load = staticmethod(load_qwen2_vl)
     parameter_counts = staticmethod(parameter_counts)
@@ -422,6 +441,14 @@ class Qwen2VLAdapter:
 
     def cls_attention(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(_NO_CLS)
+
+    def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+        """RoPE position ids of [before] + [image] + [after] -> [3, 1, T] (``mrope_positions``)."""
+        return mrope_positions(before, grid, after)
+
+    def image_preprocessing(self, processor: QwenVLInputs) -> Any:
+        """The runtime's ImagePreprocessing (layout ``flat_patches``) for this processor's export size."""
+        return processor.preprocessing()
 
     def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
         """The exportable vision tower at ``image_size``: pixel_values [P, 1176] -> image tokens [1, N, D]."""
