@@ -36,18 +36,7 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig
-from pruner_core.adapters import (
-    KVRecorder,
-    check_split_layer,
-    decode_step,
-    encode_image,
-    image_grid,
-    load_llava,
-    prefill_with_pruning,
-    prompt_image_start,
-    select_before_llm,
-    tokenizer_info,
-)
+from pruner_core.adapters import KVRecorder, adapter_for, check_split_layer, decode_step
 
 from .common import (
     ExportOptions,
@@ -55,7 +44,6 @@ from .common import (
     build_export_config,
     check_method_exportable,
     copy_model_files,
-    image_preprocessing,
     tensor_spec,
     write_json,
 )
@@ -99,13 +87,18 @@ class LlavaShapes:
     grid: tuple[int, int]  # (rows, cols) of the image tokens
     budget: int  # R kept image tokens
     split_layer: int  # K
-    pixel_shape: tuple[int, int, int]  # (C, H, W) of pixel_values
+    pixel_input: tuple[int, ...]  # pixel_values' shape: LLaVA [1, C, H, W]; Qwen2-VL [P, 3 * 2 * 14 * 14]
     prompt_image_start: int  # where the model's prompt format puts the image span
     dtype: torch.dtype
+    position_scheme: str = "1d"  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (Qwen2-VL)
 
     @property
     def n_image(self) -> int:  # N
         return self.grid[0] * self.grid[1]
+
+    def position_shape(self, length: int | str) -> list[int | str]:
+        """position_ids' shape for ``length`` tokens: [1, S] or M-RoPE's [3, 1, S]."""
+        return [3, 1, length] if self.position_scheme == "mrope" else [1, length]
 
     @property
     def placeholders(self) -> int:
@@ -114,21 +107,24 @@ class LlavaShapes:
 
 
 def read_shapes(model: nn.Module, processor: Any, config: PrunerConfig, dtype: torch.dtype) -> LlavaShapes:
-    text, vision = model.config.text_config, model.config.vision_config
-    grid = image_grid(model.config)
-    split = check_split_layer(config, text.num_hidden_layers)
+    """Every static dim from the model's adapter (its geometry at the export size) and the pruner config."""
+    adapter = adapter_for(model)
+    geometry = adapter.geometry(model)
+    grid = geometry.grid
+    split = check_split_layer(config, geometry.num_layers)
     return LlavaShapes(
-        num_layers=text.num_hidden_layers,
-        kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        hidden=text.hidden_size,
-        vocab=model.lm_head.out_features,
+        num_layers=geometry.num_layers,
+        kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
+        hidden=geometry.hidden_size,
+        vocab=adapter.lm_head(model).out_features,
         grid=grid,
         budget=config.budget(grid[0] * grid[1]),
         split_layer=split,
-        pixel_shape=(vision.num_channels, vision.image_size, vision.image_size),
-        prompt_image_start=prompt_image_start(processor.tokenizer, model.config.image_token_id),
+        pixel_input=tuple(adapter.pixel_input_shape(geometry)),
+        prompt_image_start=adapter.prompt_image_start(processor.tokenizer, geometry.image_token_id),
         dtype=dtype,
+        position_scheme=geometry.position_scheme,
     )
 
 
@@ -145,34 +141,26 @@ def _flatten_kv(keys, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(key, value) for key, value in zip(keys, values, strict=True)]
 
 
-class VisionEncoder(nn.Module):
-    """pixel_values [1, C, H, W] -> image_features [1, N, D]: the stock tower and projector (``encode_image``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return encode_image(self.model, pixel_values)  # [1, N, D]
-
-
 class PrunedVisionEncoder(nn.Module):
-    """(pixel_values [1, C, H, W], image_start [1]) -> (image_features [1, R, D], kept_image_indices [1, R]).
+    """(pixel_values (the adapter's pixel input), image_start [1]) -> (image_features [1, R, D],
+    kept_image_indices [1, R]).
 
     Layer 0: the selection sees the projector outputs and (for methods that read keys) decoder layer 0's post-RoPE
     keys of them at their positions in the full prompt, image_start .. image_start + N - 1, exactly as
     ``prune_and_prefill`` does at K = 0. The kept states are what the prompt's R placeholders receive.
     """
 
-    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
+    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int], image_size: tuple[int, int]):
         super().__init__()
+        self.adapter = adapter_for(model)
         self.model = model
+        self.encoder = self.adapter.vision_encoder(model, image_size)
         self.config = config
         self.grid = grid
 
     def forward(self, pixel_values: torch.Tensor, image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = encode_image(self.model, pixel_values)  # [1, N, D]
-        selection = select_before_llm(self.model, features, image_start, self.grid, self.config)
+        features = self.encoder(pixel_values)  # [1, N, D]
+        selection = self.adapter.select_before_llm(self.model, features, image_start, self.grid, self.config)
         return selection.states, selection.indices  # [1, R, D], [1, R]
 
 
@@ -186,7 +174,7 @@ class _Decoder(nn.Module):
         self.split_layer = split_layer
 
     def _run(self, embeds, positions, past, key_valid_full, key_valid_pruned):
-        """embeds [1, S, D], positions [1, S], past: L pairs [1, Hkv, P_i, d] -> (logits [1, S, V], L pairs)."""
+        """embeds [1, S, D], positions [1, S] (M-RoPE [3, 1, S]), past: L pairs [1, Hkv, P_i, d] -> (logits [1, S, V], L pairs)."""
         cache = KVRecorder(len(past))
         cache.keys, cache.values = [k for k, _ in past], [v for _, v in past]
         hidden = decode_step(
@@ -225,21 +213,25 @@ class SplitCacheDecoder(_Decoder):
 
 
 class PrunedPrefill(nn.Module):
-    """Layer K >= 1: ``prefill_with_pruning`` over a prompt whose N placeholders hold the image features.
+    """Layer K >= 1: the adapter's ``prefill_with_pruning`` over a prompt whose N placeholders hold the image features.
 
-    (inputs_embeds [1, T, D], image_start [1]) -> (logits [1, V] of the last token, kept_image_indices [1, R],
-    present: K pairs [1, Hkv, T, d] then L-K pairs [1, Hkv, T - N + R, d]); kept tokens at their original positions.
+    (inputs_embeds [1, T, D], image_start [1][, position_ids [3, 1, T] for M-RoPE]) -> (logits [1, V] of the last
+    token, kept_image_indices [1, R], present: K pairs [1, Hkv, T, d] then L-K pairs [1, Hkv, T - N + R, d]); kept
+    tokens at their original positions (1-D: 0 .. T-1 inside the graph).
     """
 
     def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
         super().__init__()
+        self.adapter = adapter_for(model)
         self.model = model
         self.config = config
         self.grid = grid
 
-    def forward(self, inputs_embeds, image_start):
+    def forward(self, inputs_embeds, image_start, position_ids=None):
         n_image = self.grid[0] * self.grid[1]
-        out = prefill_with_pruning(self.model, inputs_embeds, image_start, n_image, self.grid, self.config)
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        out = self.adapter.prefill_with_pruning(self.model, inputs_embeds, image_start, n_image, self.grid,
+                                                self.config, **kwargs)
         return out.logits, out.selection.indices, _flatten_kv(out.keys, out.values)
 
 
@@ -285,16 +277,19 @@ def _dyn() -> Any:
 
 def vision_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, generator) -> GraphPlan:
     dtype = SPEC_DTYPES[shapes.dtype]
-    pixels = torch.randn(1, *shapes.pixel_shape, generator=generator).to(shapes.dtype)
-    pixel_spec = tensor_spec("pixel_values", [1, *shapes.pixel_shape], dtype)
+    pixels = torch.randn(*shapes.pixel_input, generator=generator).to(shapes.dtype)
+    pixel_spec = tensor_spec("pixel_values", list(shapes.pixel_input), dtype)
+    adapter = adapter_for(model)
+    image_size = adapter.geometry(model).image_size
     if shapes.split_layer >= 1:
         return GraphPlan(
-            name="vision_encoder", module=VisionEncoder(model), example=(pixels,), dynamic_shapes=None,
+            name="vision_encoder", module=adapter.vision_encoder(model, image_size), example=(pixels,),
+            dynamic_shapes=None,
             inputs=[pixel_spec], outputs=[tensor_spec("image_features", [1, shapes.n_image, shapes.hidden], dtype)],
         )
     start = np.array([shapes.prompt_image_start], dtype=np.int64)
     return GraphPlan(
-        name="vision_encoder", module=PrunedVisionEncoder(model, config, shapes.grid),
+        name="vision_encoder", module=PrunedVisionEncoder(model, config, shapes.grid, image_size),
         example=(pixels, torch.from_numpy(start)), dynamic_shapes=None,
         inputs=[pixel_spec, tensor_spec("image_start", [1], "int64")],
         outputs=[tensor_spec("image_features", [1, shapes.budget, shapes.hidden], dtype),
@@ -319,25 +314,27 @@ def decoder_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
     embeds = torch.randn(1, seq, shapes.hidden, generator=generator).to(shapes.dtype)
     head = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype)]
     logits = tensor_spec("logits", [1, SEQUENCE, shapes.vocab], dtype)
+    positions = torch.arange(past, past + seq).expand(*shapes.position_shape(seq))  # [1, S] or [3, 1, S]
+    position_dim = {positions.dim() - 1: _dyn()}
+    position_spec = tensor_spec("position_ids", shapes.position_shape(SEQUENCE), "int64")
     if split == 0:
         total = f"{PAST} + {SEQUENCE}"
-        example = (embeds, torch.ones(1, past + seq, dtype=torch.int64), torch.arange(past, past + seq)[None],
+        example = (embeds, torch.ones(1, past + seq, dtype=torch.int64), positions,
                    _example_kv(shapes, [past] * layers, generator))
         return GraphPlan(
             name="decoder_model_merged", module=MergedDecoder(model), example=example,
-            dynamic_shapes=({1: _dyn()}, {1: _dyn()}, {1: _dyn()}, [({2: _dyn()}, {2: _dyn()})] * layers),
-            inputs=head + [tensor_spec("attention_mask", [1, total], "int64"),
-                           tensor_spec("position_ids", [1, SEQUENCE], "int64")]
+            dynamic_shapes=({1: _dyn()}, {1: _dyn()}, position_dim, [({2: _dyn()}, {2: _dyn()})] * layers),
+            inputs=head + [tensor_spec("attention_mask", [1, total], "int64"), position_spec]
             + _kv_specs("past_key_values", shapes, [PAST] * layers, dtype),
             outputs=[logits] + _kv_specs("present", shapes, [total] * layers, dtype),
         )
     lengths = [past] * split + [pruned] * (layers - split)
     names = [PAST] * split + [PRUNED_PAST] * (layers - split)
-    example = (embeds, torch.arange(past, past + seq)[None], _example_kv(shapes, lengths, generator))
+    example = (embeds, positions, _example_kv(shapes, lengths, generator))
     return GraphPlan(
         name="decoder_model_merged", module=SplitCacheDecoder(model, split), example=example,
-        dynamic_shapes=({1: _dyn()}, {1: _dyn()}, [({2: _dyn()}, {2: _dyn()})] * layers),
-        inputs=head + [tensor_spec("position_ids", [1, SEQUENCE], "int64")]
+        dynamic_shapes=({1: _dyn()}, position_dim, [({2: _dyn()}, {2: _dyn()})] * layers),
+        inputs=head + [position_spec]
         + _kv_specs("past_key_values", shapes, names, dtype),
         outputs=[logits] + _kv_specs("present", shapes, [f"{name} + {SEQUENCE}" for name in names], dtype),
     )
@@ -350,11 +347,19 @@ def prefill_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, ge
     embeds = torch.randn(1, length, shapes.hidden, generator=generator).to(shapes.dtype)
     start = torch.tensor([shapes.prompt_image_start], dtype=torch.int64)
     kept_length = f"{SEQUENCE} - {dropped}" if dropped else SEQUENCE
+    example, dynamic = (embeds, start), ({1: _dyn()}, None)
+    inputs = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype), tensor_spec("image_start", [1], "int64")]
+    if shapes.position_scheme == "mrope":  # M-RoPE positions come in (1-D ones are 0 .. T-1 inside the graph)
+        from runtime.positions import mrope_positions
+
+        after = length - shapes.prompt_image_start - shapes.n_image
+        example += (torch.from_numpy(mrope_positions(shapes.prompt_image_start, shapes.grid, after)),)
+        dynamic += ({2: _dyn()},)
+        inputs.append(tensor_spec("position_ids", [3, 1, SEQUENCE], "int64"))
     return GraphPlan(
-        name="prefill_pruned", module=PrunedPrefill(model, config, shapes.grid), example=(embeds, start),
-        dynamic_shapes=({1: _dyn()}, None),
-        inputs=[tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype),
-                tensor_spec("image_start", [1], "int64")],
+        name="prefill_pruned", module=PrunedPrefill(model, config, shapes.grid), example=example,
+        dynamic_shapes=dynamic,
+        inputs=inputs,
         outputs=[tensor_spec("logits", [1, shapes.vocab], dtype),
                  tensor_spec("kept_image_indices", [1, shapes.budget], "int64")]
         + _kv_specs("present", shapes, [SEQUENCE] * split + [kept_length] * (layers - split), dtype),
@@ -667,6 +672,7 @@ def decoder_layout(shapes: LlavaShapes) -> dict[str, Any]:
         "vocab_size": shapes.vocab,
         "full_cache_layers": shapes.split_layer,  # layers 0 .. K-1 cache the full prompt, the rest the kept one
         "uses_attention_mask": shapes.split_layer == 0,
+        "position_scheme": shapes.position_scheme,  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (runtime/positions.py)
     }
 
 
@@ -693,7 +699,8 @@ def export_onnx(
     check_method_exportable(options)
     check_dtype_runs(options.dtype, options.quantize)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model, processor = load_llava(model_dir, dtype=TORCH_DTYPES[options.dtype])
+    adapter = adapter_for(model_dir)
+    model, processor = adapter.load(model_dir, dtype=TORCH_DTYPES[options.dtype])
     model.requires_grad_(False)
     shapes = read_shapes(model, processor, options.pruner, TORCH_DTYPES[options.dtype])
     _check_max_seq_len(options.max_seq_len, shapes, model.config.text_config.max_position_embeddings)
@@ -717,8 +724,8 @@ def export_onnx(
         num_image_tokens=shapes.n_image,
         grid=shapes.grid,
         methods={plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans},
-        image_preprocessing=image_preprocessing(processor),
-        tokenizer=tokenizer_info(model, processor, tokenizer_files),
+        image_preprocessing=adapter.image_preprocessing(processor).to_dict(),
+        tokenizer=adapter.tokenizer_info(model, processor, tokenizer_files),
         files=[str(path.relative_to(out_dir)) for path in written] + copied,
         extra=_onnx_fields(shapes, graphs),
     )
@@ -733,6 +740,8 @@ def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str]) -> dict[str, Any]:
         "image_placeholders": shapes.placeholders,  # image tokens the prompt must carry (R at layer 0, N after)
         "prompt_image_start": shapes.prompt_image_start,  # the layer-0 encoder's default image_start
         "decoder": decoder_layout(shapes),
+        # M-RoPE families keep the kept tokens' original positions at layer 0 too (runtime/positions.py)
+        **({"positions": "original"} if shapes.position_scheme == "mrope" else {}),
     }
 
 

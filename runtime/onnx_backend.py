@@ -148,6 +148,8 @@ class OnnxModel:
                 kwargs["provider_options"] = [dict(o) for o in provider_options]
             self.sessions[name] = open_session(self._graph_path(file), options, kwargs)
         self.decoder = self.config["decoder"]
+        self.position_scheme = self.decoder.get("position_scheme", "1d")  # exports before Qwen2-VL: 1-D
+        self.grid = tuple(self.config["grid"])
 
     def _graph_path(self, file: str) -> Path:
         path = self.folder / file
@@ -210,31 +212,46 @@ class OnnxModel:
         features, kept = self.encode_image(pixel_values, start)  # [1, placeholders, D]
         embeds = self.embed(ids).copy()  # [1, T, D]
         embeds[:, start : start + features.shape[1]] = features
-        prefill = self.prefill_embeds(embeds, start)
+        prefill = self.prefill_embeds(embeds, start, None if kept is None else kept[0])
         if prefill.kept_image_indices is None and kept is not None:  # layer 0: the encoder's selection
             prefill.kept_image_indices = kept[0]
         return prefill
 
-    def prefill_embeds(self, embeds: np.ndarray, image_start: int) -> Prefill:
+    def prefill_embeds(self, embeds: np.ndarray, image_start: int, kept: np.ndarray | None = None) -> Prefill:
         """The whole prompt's embeddings [1, T, D] (image features from ``encode_image`` in place at image_start)
-        -> logits, cache, next position; layer K's ``prefill_pruned`` also reports the kept image tokens."""
+        -> logits, cache, next position; layer K's ``prefill_pruned`` also reports the kept image tokens.
+
+        kept [R]: the layer-0 encoder's kept_image_indices (M-RoPE exports place the kept tokens at their original
+        positions with them; 1-D ones use consecutive positions and may leave it None)."""
+        from .positions import prompt_positions
+
         length = embeds.shape[1]
         if self.placement == "before_llm":
-            logits, cache = self._decode(embeds, np.arange(length)[None], self._empty_cache(embeds.dtype))
-            return Prefill(logits=logits[0, -1], cache=cache, next_position=length, kept_image_indices=None)
-        outputs = self._run("prefill_pruned", {"inputs_embeds": embeds,
-                                               "image_start": np.array([image_start], dtype=np.int64)})
+            if kept is None and self.position_scheme != "1d":
+                raise ValueError("this export keeps the kept tokens' original positions: pass the vision encoder's "
+                                 "kept_image_indices")
+            after = length - image_start - self.image_placeholders
+            positions, next_position = prompt_positions(self.position_scheme, image_start, self.grid, after, kept)
+            logits, cache = self._decode(embeds, positions, self._empty_cache(embeds.dtype))
+            return Prefill(logits=logits[0, -1], cache=cache, next_position=next_position, kept_image_indices=None)
+        feed = {"inputs_embeds": embeds, "image_start": np.array([image_start], dtype=np.int64)}
+        positions, next_position = prompt_positions(self.position_scheme, image_start, self.grid,
+                                                     length - image_start - self.image_placeholders)
+        if self.position_scheme != "1d":  # 1-D positions are 0 .. T-1 inside the graph
+            feed["position_ids"] = positions
+        outputs = self._run("prefill_pruned", feed)
         cache = KVCache.from_outputs(outputs, self.decoder["num_layers"])
-        return Prefill(logits=outputs["logits"][0], cache=cache, next_position=length,
+        return Prefill(logits=outputs["logits"][0], cache=cache, next_position=next_position,
                        kept_image_indices=outputs["kept_image_indices"][0])
 
     def decode(self, token: int, cache: KVCache, position: int) -> tuple[np.ndarray, KVCache]:
         """One generated token at RoPE position ``position`` -> (next-token logits [V], the grown cache)."""
-        logits, cache = self._decode(self.embed(np.array([[token]])), np.array([[position]]), cache)
+        positions = np.array([[position]]) if self.position_scheme == "1d" else np.full((3, 1, 1), position)
+        logits, cache = self._decode(self.embed(np.array([[token]])), positions, cache)
         return logits[0, -1], cache
 
     def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """embeds [1, S, D] at positions [1, S] over ``cache`` -> (logits [1, S, V], cache + S entries per layer)."""
+        """embeds [1, S, D] at positions [1, S] (M-RoPE [3, 1, S]) over ``cache`` -> (logits [1, S, V], cache + S entries per layer)."""
         feed = {"inputs_embeds": embeds, "position_ids": positions.astype(np.int64), **cache.feed()}
         if self.decoder["uses_attention_mask"]:
             feed["attention_mask"] = np.ones((1, cache.length(0) + embeds.shape[1]), dtype=np.int64)

@@ -33,9 +33,11 @@ class OnnxBackend:
     def reset(self) -> None:
         self._cache: KVCache | None = None
         self._position = 0
+        self._kept: np.ndarray | None = None
 
     def image_features(self, pixel_values: np.ndarray, image_start: int) -> np.ndarray:
-        features, _ = self.model.encode_image(pixel_values, image_start)
+        features, kept = self.model.encode_image(pixel_values, image_start)
+        self._kept = None if kept is None else kept[0]  # layer 0: where the kept tokens sit (M-RoPE positions)
         return features  # [1, R (layer 0) or N, D]
 
     def embed(self, ids: list[int]) -> np.ndarray:
@@ -43,7 +45,7 @@ class OnnxBackend:
 
     def prefill(self, before: np.ndarray, image: np.ndarray, after: np.ndarray) -> np.ndarray:
         embeds = np.concatenate([before, image.astype(before.dtype), after], axis=1)  # [1, T, D]
-        prefill = self.model.prefill_embeds(embeds, before.shape[1])
+        prefill = self.model.prefill_embeds(embeds, before.shape[1], self._kept)
         self._cache, self._position = prefill.cache, prefill.next_position  # decoding goes on after the full prompt
         return prefill.logits
 

@@ -180,6 +180,17 @@ class ModelAdapter(Protocol):
         ...
 
 
+class ImageEncoder(nn.Module):
+    """An exportable module around a family's ``encode_image(model, pixel_values) -> [1, N, D]``."""
+
+    def __init__(self, model: nn.Module, encode: Any):
+        super().__init__()
+        self.model, self.encode = model, encode
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.model, pixel_values)
+
+
 def tokenizer_block(model: nn.Module, processor: Any, files: list[str], prompt_format: str) -> dict[str, Any]:
     """The `export_config.json["tokenizer"]` block every target writes (and the eager runtime uses): special ids
     and tokens, the chat template and the family's prompt format (``prompt_format``: a literal image token and a

@@ -30,14 +30,12 @@ from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
 from ..selection import Selection
-from .base import ModelGeometry, ParameterCounts, register_adapter, tokenizer_block
-from .decoder import (  # noqa: F401  (also the decoder names callers imported from this module before the split)
-    SUPPORTED_ATTENTION, KVCache, KVRecorder, PrefillOutput, PrunedPrefill, _heads, attention_bias, check_split_layer,
-    decode_step, image_span_starts, kept_sequence_index, last_token_attention, layer_keys, prefill_recorded,
-    prune_and_prefill, rotary, run_layers,
+from .base import ImageEncoder, ModelGeometry, ParameterCounts, register_adapter, tokenizer_block
+from .decoder import (
+    SUPPORTED_ATTENTION, KVCache, PrefillOutput, _heads, check_split_layer, decode_step, image_span_starts, layer_keys,
+    prefill_recorded, prune_and_prefill, rotary,
 )
-from .hub import resolve_model  # noqa: F401
-from .llava_tiny import CHAT_TEMPLATE, SPEC_FILE, TINY_MODELS, TinyLlavaSpec, build_tiny_llava  # noqa: F401
+from .llava_tiny import SPEC_FILE, TINY_MODELS, TinyLlavaSpec, build_tiny_llava
 from .patching import PrunerSession, install_pruner, installed_config, open_session, session_decode, uninstall_pruner
 
 # ================================================================================================================
@@ -503,6 +501,14 @@ class LlavaAdapter:
             hidden_size=text.hidden_size,
             position_scheme="1d",
         )
+
+    def pixel_input_shape(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        """The vision encoder's pixel input at the export size: [1, 3, H, W]."""
+        return (1, 3, *geometry.image_size)
+
+    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
+        """The exportable vision tower + projector: pixel_values [1, 3, H, W] -> image tokens [1, N, D]."""
+        return ImageEncoder(model, encode_image)
 
     def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
         """RoPE position ids of [before] + [image] + [after]: 0 .. T-1 -> [1, T]."""

@@ -226,15 +226,29 @@ def rope_positions(model: nn.Module, input_ids: torch.Tensor, mm_token_type_ids:
 
 def mrope_positions(before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
     """M-RoPE position ids of one prompt [text before] + [image, merged grid (rows, cols)] + [text after] ->
-    [3, 1, T] (t, h, w): text at t = h = w = its index; image token (r, c) at (s, s + r, s + c) with s = before;
-    the text after continues at s + max(rows, cols). What transformers' ``get_rope_index`` computes for one image,
-    as a closed form (no loop over tokens): runtimes and exports use it without the model."""
-    rows, cols = grid
-    head = torch.arange(before)
-    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    image = torch.stack([torch.zeros(rows * cols, dtype=torch.long), row.flatten(), col.flatten()]) + before
-    tail = torch.arange(after) + before + max(rows, cols)
-    return torch.cat([head.expand(3, -1), image, tail.expand(3, -1)], dim=1)[:, None]  # [3, 1, T]
+    [3, 1, T] (t, h, w): transformers' ``get_rope_index`` for one image as a closed form (runtime/positions.py, which
+    the runtimes use without the model)."""
+    from runtime.positions import mrope_positions as closed_form
+
+    return torch.from_numpy(closed_form(before, grid, after))
+
+
+def select_before_llm(model: nn.Module, features: torch.Tensor, image_start: int | torch.Tensor,
+                      grid: tuple[int, int], config: PrunerConfig):
+    """The layer-0 placement's selection over the merged image tokens features [1, N, D]; methods that read keys get
+    decoder layer 0's post-RoPE keys at the tokens' M-RoPE positions (s, s + r, s + c), s = image_start (an int,
+    or a [1] tensor in graphs that take it as an input), as ``prune_and_prefill`` computes them at K = 0."""
+    from ..api import select_tokens
+    from .decoder import layer_keys, rotary
+
+    keys = None
+    if "keys" in get_method(config.method).needs:
+        language_model = _inner(model).language_model
+        offsets = mrope_positions(0, grid, 0).to(features.device)  # [3, 1, N]
+        start = image_start if isinstance(image_start, int) else image_start.reshape(1, 1, 1)
+        positions = offsets + start
+        keys = layer_keys(language_model.layers[0], features, *rotary(language_model, features, positions))
+    return select_tokens(features, keys, grid, config)
 
 
 def embed_prompt(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
@@ -396,7 +410,7 @@ class Qwen2VLAdapter:
     tiny_models = TINY_MODELS
     hub_aliases = HUB_ALIASES
     tiny_spec_file = SPEC_FILE
-    export_targets: tuple[str, ...] = ()  # eager only so far: the exporters read LLaVA-1.5's graph layout
+    export_targets = ("onnx",)  # the ExecuTorch exporter still reads LLaVA-1.5's method layout
 
     load = staticmethod(load_qwen2_vl)
     parameter_counts = staticmethod(parameter_counts)
@@ -463,8 +477,12 @@ class Qwen2VLAdapter:
     def tokenizer_info(self, model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
         return tokenizer_block(model, processor, files, qwen_prompt("{prompt}"))
 
-    def select_before_llm(self, model, features, image_start, grid, config):
-        raise NotImplementedError("Qwen2-VL's layer-0 selection runs inside prefill_with_pruning (M-RoPE keys)")
+    select_before_llm = staticmethod(select_before_llm)
+
+    def pixel_input_shape(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        """The vision encoder's pixel input at the export size: [P, 3 * 2 * 14 * 14] flattened patches."""
+        height, width = geometry.image_size
+        return (height // 14) * (width // 14), 3 * 2 * 14 * 14
 
     def decode_step(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                     split_layer: int, key_valid_full: torch.Tensor | None = None,

@@ -1,0 +1,79 @@
+"""Qwen2-VL / Qwen2.5-VL ONNX exports: the transformers.js layout with M-RoPE position_ids [3, 1, S], run by the
+project's runtime without transformers, equal to the eager pruned model (apply_pruner + the stock generate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from export.common import ExportOptions
+from export.onnx_llava import export_onnx
+from pruner_core import PrunerConfig
+from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resolve_model
+from runtime import load
+
+EXPORTS = [("tiny-qwen2-vl", 0), ("tiny-qwen2.5-vl", 2)]  # both variants, both placements; GQA (2 KV heads of 4)
+QUESTIONS = ("What is in the picture?", "Describe the photo in detail.")
+NEW_TOKENS = 6
+KEEP = 0.12
+
+
+@pytest.fixture(scope="module")
+def qwen_onnx(tmp_path_factory):
+    """(name, layer) -> (model directory, export folder), each exported once."""
+    cache = tmp_path_factory.mktemp("qwen-onnx-zoo")
+    out = {}
+    for name, layer in EXPORTS:
+        model_dir = resolve_model(name, cache)
+        folder = tmp_path_factory.mktemp(f"{name}-L{layer}")
+        options = ExportOptions(model=name, target="onnx", pruner=PrunerConfig(keep=KEEP, layer=layer),
+                                max_seq_len=256)
+        export_onnx(model_dir, folder, options, model_id=name)
+        out[name, layer] = model_dir, folder
+    return out
+
+
+@pytest.mark.parametrize("name, layer", EXPORTS)
+def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
+    model_dir, folder = qwen_onnx[name, layer]
+    session = load(folder)
+    model, processor = load_qwen2_vl(model_dir)
+    apply_pruner(model, PrunerConfig(keep=KEEP, layer=layer))
+    eos = set(model.generation_config.eos_token_id)
+    image = Image.fromarray(data.astronaut())
+    for question in QUESTIONS:
+        result = session.generate(image, question, max_new_tokens=NEW_TOKENS)
+        with torch.no_grad():
+            expected = model.generate(**processor(images=image, text=qwen_prompt(question)),
+                                      max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        generated = expected[0, -NEW_TOKENS:].tolist()
+        assert result.tokens == generated[: len(result.tokens)]
+        assert len(result.tokens) == NEW_TOKENS or generated[len(result.tokens)] in eos
+        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP).budget(96)
+
+
+@pytest.mark.parametrize("name, layer", EXPORTS)
+def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
+    model_dir, folder = qwen_onnx[name, layer]
+    config = json.loads((folder / "export_config.json").read_text())
+    height, width = json.loads((model_dir / "tiny_qwen2_vl_spec.json").read_text())["image_size"]
+    assert config["decoder"]["position_scheme"] == "mrope" and config["positions"] == "original"
+    assert config["grid"] == [height // 28, width // 28] and config["num_image_tokens"] == height * width // 784
+    assert config["image_preprocessing"]["input_layout"] == "flat_patches"
+    pixels = next(s for s in config["methods"]["vision_encoder"]["inputs"] if s["name"] == "pixel_values")
+    assert pixels["shape"] == [height * width // 196, 1176]
+    decoder = {s["name"]: s for s in config["methods"]["decoder_model_merged"]["inputs"]}
+    assert decoder["position_ids"]["shape"][:2] == [3, 1]
+    assert (folder / "preprocessor_config.json").is_file() and (folder / "tokenizer.json").is_file()
+    # the runtime's pixels for the export are the HF image processor's at the export size
+    from runtime.preprocess import ImagePreprocessing, preprocess
+
+    _, processor = load_qwen2_vl(model_dir)
+    image = Image.fromarray(data.chelsea())
+    spec = ImagePreprocessing.from_dict(config["image_preprocessing"])
+    assert np.array_equal(preprocess(image, spec), processor.pixels(image)["pixel_values"].numpy())
