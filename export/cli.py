@@ -109,14 +109,30 @@ def check_writable(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write to {out.parent} ({error.strerror}); choose a writable --out") from None
 
 
-def check_model_fits(model_dir: Path, pruner: PrunerConfig) -> None:
-    """keep and --prune-layer against the model's config (cheap: no weights loaded)."""
+def parse_image_size(text: str) -> tuple[int, int]:
+    """argparse type: "672x448" (height x width) or "672" (square) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: give HxW in pixels, e.g. 672x672")
+    return values
+
+
+def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None) -> None:
+    """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded)."""
     from transformers import AutoConfig
 
     from pruner_core.adapters import adapter_for, check_split_layer
 
     config = AutoConfig.from_pretrained(model_dir)
-    geometry = adapter_for(config).geometry(config)
+    adapter = adapter_for(config)
+    try:
+        geometry = adapter.geometry(config, image_size or adapter.default_image_size(model_dir))
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     try:
         pruner.budget(geometry.num_image_tokens)
         check_split_layer(pruner, geometry.num_layers)
@@ -195,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights and activations; auto (default) = the checkpoint's own dtype (fp16 for "
                              "llava-hf 7B: never an fp32 copy of a half-precision checkpoint)")
     target.add_argument("--max-seq-len", type=int, default=768)
+    target.add_argument("--image-size", type=parse_image_size, default=None, metavar="HxW",
+                        help="the one image resolution the export takes (every image is resized to it): Qwen2-VL "
+                             "multiples of 28, default 672x672 (a tiny model's own); LLaVA-1.5: its CLIP size only")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -228,7 +247,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
         try:  # "auto" becomes the checkpoint's dtype once the model is found
             options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend,
                                     quantize=quantize, dtype="fp32" if args.dtype == "auto" else args.dtype,
-                                    max_seq_len=args.max_seq_len,
+                                    max_seq_len=args.max_seq_len, image_size=args.image_size,
                                     quantize_vision=args.quantize_vision if target == "executorch" else "none")
         except ValueError as error:
             raise ExportError(str(error)) from None
@@ -251,7 +270,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
                 f"eagerly: `pruner-run {args.model} --keep {args.keep} --image photo.jpg --prompt ...`); exports "
                 f"exist for {', '.join(a.family for a in registered_adapters() if a.export_targets)}"
             )
-    check_model_fits(model_dir, pruner)
+    check_model_fits(model_dir, pruner, args.image_size)
     resolved = []
     for options, out in plans:
         dtype, why = resolve_dtype(args.dtype, model_dir, options.target, options.quantize)

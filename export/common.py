@@ -53,6 +53,7 @@ class ExportOptions:
     max_seq_len: int = 768
     quantize_vision: str = "none"  # executorch: none | int8 (dynamic int8 activations, per-channel int8 weights)
     lowering_slice_bytes: int = 1 << 29  # ExecuTorch: weights per XNNPACK lowering pass (export/lowering.py)
+    image_size: tuple[int, int] | None = None  # (H, W) the export takes images at; None = the model's default
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -73,6 +74,9 @@ class ExportOptions:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be an int >= 8, got {self.max_seq_len!r}")
+        if self.image_size is not None and (len(self.image_size) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.image_size)):
+            raise ValueError(f"image_size must be (height, width) in pixels, got {self.image_size!r}")
         if not isinstance(self.lowering_slice_bytes, int) or self.lowering_slice_bytes < 1:
             raise ValueError(f"lowering_slice_bytes must be an int >= 1, got {self.lowering_slice_bytes!r}")
 

@@ -557,7 +557,8 @@ def _load(model_dir: Path, options: ExportOptions):
     # The vision tower with eager attention (XNNPACK lowers its matmuls; sdpa there does not lower cleanly);
     # the language model with sdpa (the adapter's pruned prefill supports sdpa and eager).
     attention = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
-    model, processor = load_llava(model_dir, TORCH_DTYPES[options.dtype], attn_implementation=attention)
+    model, processor = load_llava(model_dir, TORCH_DTYPES[options.dtype], attn_implementation=attention,
+                                  image_size=options.image_size)
     # inference only: with trainable weights, lowering would trace the selection's scan for autograd (and fail)
     return model.requires_grad_(False), processor
 

@@ -700,7 +700,7 @@ def export_onnx(
     check_dtype_runs(options.dtype, options.quantize)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     adapter = adapter_for(model_dir)
-    model, processor = adapter.load(model_dir, dtype=TORCH_DTYPES[options.dtype])
+    model, processor = adapter.load(model_dir, dtype=TORCH_DTYPES[options.dtype], image_size=options.image_size)
     model.requires_grad_(False)
     shapes = read_shapes(model, processor, options.pruner, TORCH_DTYPES[options.dtype])
     _check_max_seq_len(options.max_seq_len, shapes, model.config.text_config.max_position_embeddings)

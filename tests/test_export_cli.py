@@ -172,3 +172,17 @@ def test_path_like_names_and_folders_without_weights(tmp_path, monkeypatch):
     code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and "no executorch export yet" in err and "pruner-run tiny-qwen2-vl" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_image_size_flag(tmp_path):
+    from export.cli import parse_image_size
+
+    assert parse_image_size("672x448") == (672, 448) and parse_image_size("336") == (336, 336)
+    code, err = run_cli(["--model", "tiny-llava", "--image-size", "12x", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "HxW" in err
+    code, err = run_cli(["--model", "tiny-llava", "--image-size", "448x448", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "336x336 images only" in err
+    code, err = run_cli(["--model", "tiny-qwen2-vl", "--target", "onnx", "--image-size", "300x300",
+                         "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "multiple of 28" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

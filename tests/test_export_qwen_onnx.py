@@ -18,6 +18,8 @@ from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resol
 from runtime import load
 
 EXPORTS = [("tiny-qwen2-vl", 0), ("tiny-qwen2.5-vl", 2)]  # both variants, both placements; GQA (2 KV heads of 4)
+IMAGE_SIZE = {("tiny-qwen2-vl", 0): None, ("tiny-qwen2.5-vl", 2): (280, 196)}  # the tiny default (224 x 336) and
+# an --image-size with more rows than columns (10 x 7 merged tokens)
 QUESTIONS = ("What is in the picture?", "Describe the photo in detail.")
 NEW_TOKENS = 6
 KEEP = 0.12
@@ -32,7 +34,7 @@ def qwen_onnx(tmp_path_factory):
         model_dir = resolve_model(name, cache)
         folder = tmp_path_factory.mktemp(f"{name}-L{layer}")
         options = ExportOptions(model=name, target="onnx", pruner=PrunerConfig(keep=KEEP, layer=layer),
-                                max_seq_len=256)
+                                max_seq_len=256, image_size=IMAGE_SIZE[name, layer])
         export_onnx(model_dir, folder, options, model_id=name)
         out[name, layer] = model_dir, folder
     return out
@@ -42,7 +44,7 @@ def qwen_onnx(tmp_path_factory):
 def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
     model_dir, folder = qwen_onnx[name, layer]
     session = load(folder)
-    model, processor = load_qwen2_vl(model_dir)
+    model, processor = load_qwen2_vl(model_dir, image_size=IMAGE_SIZE[name, layer])
     apply_pruner(model, PrunerConfig(keep=KEEP, layer=layer))
     eos = set(model.generation_config.eos_token_id)
     image = Image.fromarray(data.astronaut())
@@ -54,14 +56,16 @@ def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
         generated = expected[0, -NEW_TOKENS:].tolist()
         assert result.tokens == generated[: len(result.tokens)]
         assert len(result.tokens) == NEW_TOKENS or generated[len(result.tokens)] in eos
-        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP).budget(96)
+        n_image = int(processor(images=image, text=qwen_prompt(question))["mm_token_type_ids"].sum())
+        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP).budget(n_image)
 
 
 @pytest.mark.parametrize("name, layer", EXPORTS)
 def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
     model_dir, folder = qwen_onnx[name, layer]
     config = json.loads((folder / "export_config.json").read_text())
-    height, width = json.loads((model_dir / "tiny_qwen2_vl_spec.json").read_text())["image_size"]
+    height, width = IMAGE_SIZE[name, layer] or json.loads((model_dir / "tiny_qwen2_vl_spec.json").read_text())[
+        "image_size"]
     assert config["decoder"]["position_scheme"] == "mrope" and config["positions"] == "original"
     assert config["grid"] == [height // 28, width // 28] and config["num_image_tokens"] == height * width // 784
     assert config["image_preprocessing"]["input_layout"] == "flat_patches"
@@ -73,7 +77,7 @@ def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
     # the runtime's pixels for the export are the HF image processor's at the export size
     from runtime.preprocess import ImagePreprocessing, preprocess
 
-    _, processor = load_qwen2_vl(model_dir)
+    _, processor = load_qwen2_vl(model_dir, image_size=(height, width))
     image = Image.fromarray(data.chelsea())
     spec = ImagePreprocessing.from_dict(config["image_preprocessing"])
     assert np.array_equal(preprocess(image, spec), processor.pixels(image)["pixel_values"].numpy())

@@ -123,11 +123,15 @@ def parameter_counts(path: str | Path) -> ParameterCounts:
                            other=width)
 
 
-def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None):
-    """-> (LlavaForConditionalGeneration in eval mode, its processor), loaded with the stock ``from_pretrained``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None,
+               image_size: tuple[int, int] | None = None):
+    """-> (LlavaForConditionalGeneration in eval mode, its processor), loaded with the stock ``from_pretrained``.
+    image_size: None or the CLIP tower's own (H, W); another raises ValueError (its position embeddings fix it)."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     path = _check_llava_directory(Path(path))
+    if image_size is not None:
+        check_native_size(AutoConfig.from_pretrained(path), image_size)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -455,6 +459,14 @@ def pruner_config(model: nn.Module) -> PrunerConfig | None:
 # ================================================================================================================
 
 
+def check_native_size(config: Any, image_size: tuple[int, int]) -> None:
+    """ValueError unless image_size is the CLIP tower's own (H, W)."""
+    side = config.vision_config.image_size
+    if tuple(image_size) != (side, side):
+        raise ValueError(f"LLaVA-1.5's CLIP tower takes {side}x{side} images only (its position embeddings fix the "
+                         f"size); drop --image-size {image_size[0]}x{image_size[1]}")
+
+
 class LlavaAdapter:
     """``base.ModelAdapter`` for LLaVA-1.5 in llava-hf format (``LlavaForConditionalGeneration``)."""
 
@@ -484,10 +496,19 @@ class LlavaAdapter:
     def check_directory(self, path: str | Path) -> Path:
         return _check_llava_directory(Path(path))
 
-    def geometry(self, config: Any) -> ModelGeometry:
+    def default_image_size(self, path: str | Path) -> tuple[int, int]:
+        """The CLIP tower's own input size (its only one)."""
+        from transformers import AutoConfig
+
+        side = AutoConfig.from_pretrained(path).vision_config.image_size
+        return side, side
+
+    def geometry(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelGeometry:
         """From a LlavaConfig (or a loaded model): the grid at the vision config's image size, the Llama decoder
-        layout."""
+        layout. image_size: None or that size (ValueError otherwise)."""
         config = getattr(config, "config", config)
+        if image_size is not None:
+            check_native_size(config, image_size)
         text, vision = config.text_config, config.vision_config
         heads = text.num_attention_heads
         return ModelGeometry(

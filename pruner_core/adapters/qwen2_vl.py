@@ -456,6 +456,10 @@ class Qwen2VLAdapter:
     def cls_attention(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(_NO_CLS)
 
+    def default_image_size(self, path: str | Path) -> tuple[int, int]:
+        """The export resolution when none is asked for: a tiny build's own, else 672 x 672."""
+        return default_image_size(path)
+
     def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
         """RoPE position ids of [before] + [image] + [after] -> [3, 1, T] (``mrope_positions``)."""
         return mrope_positions(before, grid, after)
