@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny-llava",
-                       help="tiny-llava (embedded), tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b, a hub id in the local "
-                            "cache, or a local llava-hf directory")
+                       help="tiny-llava (embedded), tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b; tiny-qwen2-vl, "
+                            "tiny-qwen2.5-vl, qwen2-vl-2b/7b, qwen2.5-vl-3b/7b (ONNX only so far); a hub id in the "
+                            "local cache, or a local checkpoint directory")
     model.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where tiny models are built")
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--keep", type=parse_keep, default=Keep(0.12),

@@ -120,12 +120,17 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 # ================================================================================================================
 
 GIB = 1 << 30
-# Fitted to measured peaks (benchmarks/export_memory.py; README "Export memory"): the exporter's own footprint
-# (Python, torch, transformers, executorch / the ONNX exporter), and what each decoder layer's graph adds to it.
+# Fitted to measured peaks (tests/test_export_executorch.py's CLI export, benchmarks/full_size.py; README "Export
+# memory"): the exporter's own footprint (Python, torch, transformers, executorch / the ONNX exporter), and what
+# each decoder layer's graph adds to it.
 BASE_BYTES = {"executorch": int(0.55 * GIB), "onnx": int(0.5 * GIB)}
 GRAPH_BYTES_PER_LAYER = {"executorch": int(0.03 * GIB), "onnx": int(0.01 * GIB)}
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 INT4_BYTES_PER_PARAM = 0.5 + 2 / 32  # 4-bit weights + one 16-bit scale per group (8da4w groups <= 128, q4: 32)
+# ExecuTorch 8da4w: the full-depth LLaVA-1.5-7B export (fp16 checkpoint) peaked 6.5 GiB above the parts counted below
+# (18.1 GiB measured, 11.6 estimated without this term): about half the float decoder, held while torchao's
+# quantized tensors are traced and lowered. Not yet attributed to one allocation; fitted to that measurement.
+QUANTIZED_FLOAT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,8 @@ def estimate_export_memory(counts: Any, options: Any, stored_dtype: str) -> Memo
         held += counts.total * width
     if options.quantize in ("8da4w", "int4") or options.quantize_vision == "int8":
         held += output - counts.embedding * width  # the quantized tensors themselves, alive until lowered
+    if options.target == "executorch" and options.quantize == "8da4w":
+        held += int(QUANTIZED_FLOAT_SHARE * counts.decoder * width)
     largest = max(counts.embedding, counts.lm_head, counts.decoder_layer // 3) * width
     layers = counts.decoder_layers
     if options.target == "executorch":

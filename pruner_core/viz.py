@@ -147,7 +147,11 @@ def check_model_fits(model_dir: Path, options: VizOptions) -> None:
     from .adapters import adapter_for, check_split_layer
 
     config = AutoConfig.from_pretrained(model_dir)
-    geometry = adapter_for(config).geometry(config)
+    adapter = adapter_for(config)
+    if adapter.geometry(config).position_scheme != "1d":
+        raise VizError(f"pruner-viz draws LLaVA-1.5 models so far; {options.model} is a {adapter.family} model "
+                       f"(run it with pruner-run {options.model} --keep ... to see its answers)")
+    geometry = adapter.geometry(config, adapter.default_image_size(model_dir))
     rows, cols = geometry.grid
     pruner = options.pruner_config(options.methods[0])
     try:

@@ -16,8 +16,9 @@ from .devices import NoNpuError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a folder written by pruner-export, or a model name (tiny-llava, a llava-hf "
-                                      "directory) to run eagerly in PyTorch with --keep/--prune-layer")
+    parser.add_argument("model", help="a folder written by pruner-export, or a model name (tiny-llava, tiny-qwen2-vl, "
+                                      "tiny-qwen2.5-vl, a cached hub id or a checkpoint directory) to run eagerly in "
+                                      "PyTorch with --keep/--prune-layer")
     parser.add_argument("--image", required=True, help="image file (or astronaut / chelsea / coffee, the bundled "
                                                        "scikit-image photographs)")
     parser.add_argument("--prompt", required=True)

@@ -13,7 +13,7 @@ DEVICES = ("cpu", "npu", "auto")
 
 
 def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None) -> Session:
-    """Eager PyTorch reference: a model name or llava-hf directory plus a PrunerConfig."""
+    """Eager PyTorch reference: a model name or checkpoint directory (any registered family) plus a PrunerConfig."""
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
 
@@ -54,7 +54,7 @@ def load(
             return load_eager(path, config, device, cache_dir)
         raise FileNotFoundError(
             f"{folder} has no export_config.json: pass a folder written by pruner-export, or a model name / "
-            "llava-hf directory for the eager PyTorch backend"
+            "checkpoint directory (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) for the eager PyTorch backend"
         )
     from export.common import read_export_config
 

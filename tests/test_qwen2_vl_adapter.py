@@ -326,3 +326,27 @@ def test_runtime_eager_session_equals_apply_pruner(qwen_zoo, astronaut, layer):
     assert result.tokens == generated[: len(result.tokens)] and (len(result.tokens) == NEW_TOKENS
                                                                  or generated[len(result.tokens)] in eos)
     assert result.profile.image_tokens_total == QWEN2_VL.geometry(model).num_image_tokens
+
+
+def test_tiny_build_is_reused_and_inputs_check_images(qwen_zoo, stock):
+    """A second resolve reuses the build (its stamp matches: no rebuild under a concurrent run); the processor
+    takes arrays and paths, and refuses images that do not match the prompts' placeholders."""
+    import numpy as np
+
+    path = qwen_zoo["tiny-qwen2-vl"]
+    before = (path / "config.json").stat().st_mtime_ns
+    assert resolve_model("tiny-qwen2-vl", path.parent) == path
+    assert (path / "config.json").stat().st_mtime_ns == before
+    model, processor = load_qwen2_vl(path)
+    array = data.astronaut()
+    expected = processor.pixels(Image.fromarray(array))["pixel_values"]
+    assert torch.equal(processor.pixels(array)["pixel_values"], expected)
+    with pytest.raises(ValueError, match="one image per prompt"):
+        processor(images=Image.fromarray(array), text=[qwen_prompt("a"), qwen_prompt("b")])
+    with pytest.raises(ValueError, match="one image per prompt"):
+        processor(images=None, text=qwen_prompt("a"))
+    inputs, _ = stock["tiny-qwen2-vl"]
+    apply_pruner(model, PrunerConfig(keep=0.12))
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
+    assert np.isfinite(expected.numpy()).all()

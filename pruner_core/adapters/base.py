@@ -111,8 +111,25 @@ class ModelAdapter(Protocol):
         """Parameters by part from config.json alone."""
         ...
 
-    def geometry(self, config: Any) -> ModelGeometry:
-        """The checkpoint's geometry at its export resolution from its (transformers) config."""
+    def default_image_size(self, path: str | Path) -> tuple[int, int]:
+        """(H, W) an export of this checkpoint takes images at when none is asked for."""
+        ...
+
+    def geometry(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelGeometry:
+        """The geometry at ``image_size`` (None: the family default; a loaded model: its own) from a config or a
+        loaded model; ValueError for a size the family cannot take."""
+        ...
+
+    def pixel_input_shape(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        """The vision encoder's pixel_values shape at that geometry (LLaVA [1, 3, H, W]; Qwen2-VL [P, 1176])."""
+        ...
+
+    def image_preprocessing(self, processor: Any) -> Any:
+        """``runtime.preprocess.ImagePreprocessing`` reproducing the processor's pixels without transformers."""
+        ...
+
+    def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+        """RoPE position ids of [before] + [image] + [after]: [1, T] or M-RoPE's [3, 1, T]."""
         ...
 
     # ---------------------------------------------------------------- modules of a loaded model
@@ -131,6 +148,10 @@ class ModelAdapter(Protocol):
 
     def cls_attention(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """VisionZip's signal for the same pixels -> [B, N]."""
+        ...
+
+    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
+        """An exportable module: pixel_values (``pixel_input_shape``) -> image tokens [1, N, D]."""
         ...
 
     def prompt(self, question: str) -> str:
@@ -178,6 +199,23 @@ class ModelAdapter(Protocol):
     def pruner_config(self, model: nn.Module) -> PrunerConfig | None:
         """The PrunerConfig applied to this instance, or None."""
         ...
+
+
+def meta_parameter_counts(model_class: type, config: Any) -> ParameterCounts:
+    """Parameters by part of ``model_class(config)`` built on the meta device (no memory, no weights): the decoder
+    stack's ``language_model.layers.*`` per layer, ``embed_tokens``, ``lm_head`` (0 when tied), the rest of the
+    language model as other, everything else (vision tower, projector / merger) as vision."""
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    parts = dict.fromkeys(("vision", "layers", "embedding", "lm_head", "other"), 0)
+    for name, parameter in model.named_parameters():
+        part = ("lm_head" if name.startswith("lm_head") else "embedding" if "embed_tokens" in name
+                else "layers" if "language_model.layers." in name else "other" if "language_model." in name
+                else "vision")
+        parts[part] += parameter.numel()
+    layers = config.text_config.num_hidden_layers
+    return ParameterCounts(vision=parts["vision"], decoder_layer=parts["layers"] // layers, decoder_layers=layers,
+                           embedding=parts["embedding"], lm_head=parts["lm_head"], other=parts["other"])
 
 
 class ImageEncoder(nn.Module):

@@ -261,7 +261,7 @@ def image_span_starts(input_ids: torch.Tensor, image_token_id: int, n_image: int
         if count != n_image or not bool(is_image[row, start : start + n_image].all()):
             raise ValueError(
                 f"prompt {row} holds {count} image placeholder tokens but the pruner needs exactly one image of "
-                f"{n_image} tokens in one run; use one '<image>' per prompt and the model's own processor"
+                f"{n_image} tokens in one run; use one image placeholder per prompt and the model's own processor"
             )
     return starts
 

@@ -94,7 +94,8 @@ def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
 
 def _is_built(target: Path, spec: Any, stamp_file: str) -> bool:
     stamp = target / stamp_file
-    return (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(spec)
+    spec_json = json.loads(json.dumps(asdict(spec)))  # as the stamp reads back: tuples become lists
+    return (target / "config.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec_json
 
 
 def _build_once(name: str, target: Path) -> Path:

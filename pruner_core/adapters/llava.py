@@ -30,7 +30,7 @@ from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
 from ..selection import Selection
-from .base import ImageEncoder, ModelGeometry, ParameterCounts, register_adapter, tokenizer_block
+from .base import ImageEncoder, ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter, tokenizer_block
 from .decoder import (
     SUPPORTED_ATTENTION, KVCache, PrefillOutput, _heads, check_split_layer, decode_step, image_span_starts, layer_keys,
     prefill_recorded, prune_and_prefill, rotary,
@@ -90,37 +90,18 @@ def _check_llava_directory(path: Path) -> Path:
 
 
 def estimate_parameters(path: str | Path) -> int:
-    """Parameter count of a llava-hf checkpoint from its config.json alone (no weights needed).
-
-    CLIP tower + 2-layer projector + Llama decoder (GQA-aware) + LM head; used to estimate export memory before
-    loading anything. llava-1.5-7b: ~7.06e9.
-    """
+    """Parameter count of a llava-hf checkpoint from its config.json alone (no weights needed); llava-1.5-7b:
+    ~7.06e9. Used to estimate export memory before loading anything."""
     return parameter_counts(path).total
 
 
 def parameter_counts(path: str | Path) -> ParameterCounts:
-    """``estimate_parameters`` by part (vision, one decoder layer and their number, embedding, LM head)."""
-    config = json.loads((_check_llava_directory(Path(path)) / "config.json").read_text())
-    text, vision = config.get("text_config", {}), config.get("vision_config", {})
-    width = text.get("hidden_size", 4096)
-    heads = text.get("num_attention_heads", 32)
-    head_dim = text.get("head_dim") or width // heads
-    kv_width = text.get("num_key_value_heads", heads) * head_dim
-    ffn = text.get("intermediate_size", 11008)
-    vocab = text.get("vocab_size", config.get("vocab_size", 32064))
-    layer = 2 * width * heads * head_dim + 2 * width * kv_width + 3 * width * ffn + 2 * width
-    embedding = vocab * width
-    lm_head = 0 if text.get("tie_word_embeddings", False) else vocab * width
-    v_width = vision.get("hidden_size", 1024)
-    v_ffn = vision.get("intermediate_size", 4096)
-    patch, image = vision.get("patch_size", 14), vision.get("image_size", 336)
-    v_layer = 4 * v_width * v_width + 2 * v_width * v_ffn + 4 * v_width
-    tower = vision.get("num_hidden_layers", 24) * v_layer + 3 * patch * patch * v_width
-    tower += ((image // patch) ** 2 + 1) * v_width
-    projector = v_width * width + width * width + 2 * width
-    return ParameterCounts(vision=tower + projector, decoder_layer=layer,
-                           decoder_layers=text.get("num_hidden_layers", 32), embedding=embedding, lm_head=lm_head,
-                           other=width)
+    """Parameters by part (vision tower + projector, one decoder layer and their number, embedding, LM head),
+    counted on a meta-device instance built from config.json (``base.meta_parameter_counts``)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(_check_llava_directory(Path(path)))
+    return meta_parameter_counts(LlavaForConditionalGeneration, config)
 
 
 def load_llava(path: str | Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None,

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import PrunerConfig
 from ..methods import get_method
-from .base import ModelGeometry, ParameterCounts, register_adapter, tokenizer_block
+from .base import ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter, tokenizer_block
 from .decoder import (
     KVCache,
     check_split_layer,
@@ -107,24 +107,7 @@ def parameter_counts(path: str | Path) -> ParameterCounts:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(_check_directory(path))
-    with torch.device("meta"):
-        model = _model_class(config.model_type)._from_config(config)
-    parts = {"vision": 0, "layers": 0, "embedding": 0, "lm_head": 0, "other": 0}
-    for name, parameter in model.named_parameters():
-        count = parameter.numel()
-        if ".visual." in f".{name}":
-            parts["vision"] += count
-        elif ".layers." in name:
-            parts["layers"] += count
-        elif "embed_tokens" in name:
-            parts["embedding"] += count
-        elif name.startswith("lm_head"):
-            parts["lm_head"] += count
-        else:
-            parts["other"] += count
-    layers = config.text_config.num_hidden_layers
-    return ParameterCounts(vision=parts["vision"], decoder_layer=parts["layers"] // layers, decoder_layers=layers,
-                           embedding=parts["embedding"], lm_head=parts["lm_head"], other=parts["other"])
+    return meta_parameter_counts(_model_class(config.model_type), config)
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -303,6 +286,8 @@ class _PrunedQwenForward:
         is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if (pixel_values is not None or encoded is not None) and input_ids is not None and is_prefill:
             if encoded is None:
+                if image_grid_thw is None:
+                    raise ValueError("pixel_values without image_grid_thw: pass both, as QwenVLInputs returns them")
                 encoded = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             return self._pruned_prefill(input_ids, encoded, image_grid_thw, mm_token_type_ids, attention_mask,
                                         position_ids, past_key_values, use_cache)

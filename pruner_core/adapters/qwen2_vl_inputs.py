@@ -79,10 +79,13 @@ class QwenVLInputs:
         return (height // PATCH_FACTOR) * (width // PATCH_FACTOR)
 
     def pixels(self, images: Any) -> dict[str, torch.Tensor]:
-        """PIL image(s) -> pixel_values [B * P, 1176] float32 and image_grid_thw [B, 3] at ``image_size``."""
+        """Image(s) (PIL, HxWx3 uint8 array or file path) -> pixel_values [B * P, 1176] float32 and image_grid_thw
+        [B, 3] at ``image_size``. Transparency is composited onto white first (as runtime.preprocess does)."""
+        from runtime.preprocess import _to_rgb, load_image
+
         height, width = check_image_size(self.image_size)
         images = images if isinstance(images, (list, tuple)) else [images]
-        resized = [image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC) for image in images]
+        resized = [_to_rgb(load_image(image)).resize((width, height), Image.Resampling.BICUBIC) for image in images]
         area = height * width  # smart_resize keeps an (H, W) already on the 28-grid with this pixel budget
         out = self.image_processor(images=resized, size={"shortest_edge": area, "longest_edge": area},
                                    return_tensors="pt")
@@ -109,6 +112,12 @@ class QwenVLInputs:
         texts = [text] if isinstance(text, str) else list(text)
         image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         out: dict[str, Any] = {}
+        count = len(images) if isinstance(images, (list, tuple)) else int(images is not None)
+        if sum(t.count(IMAGE_PAD) for t in texts) != count:
+            raise ValueError(
+                f"{count} image(s) for {len(texts)} prompt(s) holding {sum(t.count(IMAGE_PAD) for t in texts)} "
+                f"{IMAGE_PAD}: give one image per prompt, each prompt with one {IMAGE_PAD} (qwen_prompt makes it)"
+            )
         if images is not None:
             out.update(self.pixels(images))
             texts = [t.replace(IMAGE_PAD, IMAGE_PAD * self.num_image_tokens) for t in texts]
