@@ -174,7 +174,8 @@ class _Decoder(nn.Module):
         self.split_layer = split_layer
 
     def _run(self, embeds, positions, past, key_valid_full, key_valid_pruned):
-        """embeds [1, S, D], positions [1, S] (M-RoPE [3, 1, S]), past: L pairs [1, Hkv, P_i, d] -> (logits [1, S, V], L pairs)."""
+        """embeds [1, S, D], positions [1, S] (M-RoPE [3, 1, S]), past: L pairs [1, Hkv, P_i, d] -> (logits
+        [1, S, V], L pairs)."""
         cache = KVRecorder(len(past))
         cache.keys, cache.values = [k for k, _ in past], [v for _, v in past]
         hidden = decode_step(
@@ -348,7 +349,8 @@ def prefill_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, ge
     start = torch.tensor([shapes.prompt_image_start], dtype=torch.int64)
     kept_length = f"{SEQUENCE} - {dropped}" if dropped else SEQUENCE
     example, dynamic = (embeds, start), ({1: _dyn()}, None)
-    inputs = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype), tensor_spec("image_start", [1], "int64")]
+    inputs = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype),
+              tensor_spec("image_start", [1], "int64")]
     if shapes.position_scheme == "mrope":  # M-RoPE positions come in (1-D ones are 0 .. T-1 inside the graph)
         from runtime.positions import mrope_positions
 
@@ -672,7 +674,7 @@ def decoder_layout(shapes: LlavaShapes) -> dict[str, Any]:
         "vocab_size": shapes.vocab,
         "full_cache_layers": shapes.split_layer,  # layers 0 .. K-1 cache the full prompt, the rest the kept one
         "uses_attention_mask": shapes.split_layer == 0,
-        "position_scheme": shapes.position_scheme,  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (runtime/positions.py)
+        "position_scheme": shapes.position_scheme,  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (runtime/positions)
     }
 
 

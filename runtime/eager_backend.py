@@ -1,7 +1,7 @@
 """Eager PyTorch backend: the reference every exported backend is compared with.
 
-Runs the stock transformers modules of a checkpoint (LLaVA-1.5, Qwen2-VL / Qwen2.5-VL) through its adapter's pruned prefill and the
-shared decode steps.
+Runs the stock transformers modules of a checkpoint (LLaVA-1.5, Qwen2-VL / Qwen2.5-VL) through its adapter's pruned
+prefill and the shared decode steps.
 """
 
 from __future__ import annotations

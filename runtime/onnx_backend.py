@@ -251,7 +251,8 @@ class OnnxModel:
         return logits[0, -1], cache
 
     def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """embeds [1, S, D] at positions [1, S] (M-RoPE [3, 1, S]) over ``cache`` -> (logits [1, S, V], cache + S entries per layer)."""
+        """embeds [1, S, D] at positions [1, S] (M-RoPE [3, 1, S]) over ``cache`` -> (logits [1, S, V], cache + S
+        entries per layer)."""
         feed = {"inputs_embeds": embeds, "position_ids": positions.astype(np.int64), **cache.feed()}
         if self.decoder["uses_attention_mask"]:
             feed["attention_mask"] = np.ones((1, cache.length(0) + embeds.shape[1]), dtype=np.int64)

@@ -129,7 +129,8 @@ class ImagePreprocessing:
     def _check_patches(self) -> None:
         if (self.input_layout == "flat_patches") != (self.patches is not None):
             raise ValueError("ImagePreprocessing: input_layout 'flat_patches' goes with patches = [patch_size, "
-                             f"temporal_patch_size, merge_size], and only it (got {self.input_layout!r}, {self.patches!r})")
+                             "temporal_patch_size, merge_size], and only it "
+                             f"(got {self.input_layout!r}, {self.patches!r})")
         if self.patches is None:
             return
         values = tuple(self.patches) if isinstance(self.patches, (list, tuple)) else ()

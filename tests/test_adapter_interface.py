@@ -118,5 +118,6 @@ def test_position_helpers_keep_1d_and_take_mrope_axes():
 def test_no_adapter_file_is_huge():
     folder = Path(adapters.__file__).parent
     sizes = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
-    assert {"base.py", "hub.py", "decoder.py", "llava.py", "llava_tiny.py", "qwen2_vl.py", "qwen2_vl_tiny.py"} <= set(sizes)
+    family_files = {"llava.py", "llava_tiny.py", "qwen2_vl.py", "qwen2_vl_tiny.py"}
+    assert {"base.py", "hub.py", "decoder.py"} | family_files <= set(sizes)
     assert max(sizes.values()) <= 550, sizes

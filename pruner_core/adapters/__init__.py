@@ -3,7 +3,8 @@
 ``base``: the ``ModelAdapter`` protocol, ``ModelGeometry`` and the registry keyed by config ``model_type``
 (``adapter_for``). ``hub``: model names -> local directories for every registered family. ``decoder``: the shared
 pruned prefill / decode machinery for Llama-like decoders. ``patching``: the per-instance forward patch behind
-``apply_pruner``. One family = one adapter module plus its tiny-model spec: ``llava`` + ``llava_tiny``, ``qwen2_vl`` + ``qwen2_vl_tiny``.
+``apply_pruner``. One family = one adapter module plus its tiny-model spec: ``llava`` + ``llava_tiny``,
+``qwen2_vl`` + ``qwen2_vl_tiny``.
 """
 
 from .base import (

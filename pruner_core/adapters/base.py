@@ -218,6 +218,23 @@ def meta_parameter_counts(model_class: type, config: Any) -> ParameterCounts:
                            embedding=parts["embedding"], lm_head=parts["lm_head"], other=parts["other"])
 
 
+class DecoderAdapter:
+    """What adapters of Llama-like decoders share: decoding continues through ``decoder.decode_step`` on the stack
+    ``language_model(model)`` returns."""
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def decode_step(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: Any,
+                    split_layer: int, key_valid_full: torch.Tensor | None = None,
+                    key_valid_pruned: torch.Tensor | None = None) -> torch.Tensor:
+        """Continue a pruned prefill's cache: embeds [B, S, D] at positions [B, S] ([3, B, S]) -> final-norm hidden."""
+        from .decoder import decode_step
+
+        return decode_step(self.language_model(model), embeds, positions, cache, split_layer, key_valid_full,
+                           key_valid_pruned)
+
+
 class ImageEncoder(nn.Module):
     """An exportable module around a family's ``encode_image(model, pixel_values) -> [1, N, D]``."""
 

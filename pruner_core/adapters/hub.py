@@ -47,7 +47,8 @@ def _missing_folder(name: str) -> FileNotFoundError:
 
     path = Path(name).expanduser()
     parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
-    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) if parent.is_dir() else []
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if parent.is_dir() else []
     near = difflib.get_close_matches(path.name, siblings, n=3)
     hint = f"; did you mean {', '.join(str(parent / n) for n in near)}?" if near else (
         f"; {parent} holds {', '.join(siblings[:8])}" if siblings else "")

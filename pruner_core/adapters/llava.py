@@ -30,10 +30,13 @@ from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
 from ..selection import Selection
-from .base import ImageEncoder, ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter, tokenizer_block
+from .base import (
+    DecoderAdapter, ImageEncoder, ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter,
+    tokenizer_block,
+)
 from .decoder import (
-    SUPPORTED_ATTENTION, KVCache, PrefillOutput, _heads, check_split_layer, decode_step, image_span_starts, layer_keys,
-    prefill_recorded, prune_and_prefill, rotary,
+    SUPPORTED_ATTENTION, PrefillOutput, _heads, check_split_layer, image_span_starts, layer_keys, prefill_recorded,
+    prune_and_prefill, rotary,
 )
 from .llava_tiny import SPEC_FILE, TINY_MODELS, TinyLlavaSpec, build_tiny_llava
 from .patching import PrunerSession, install_pruner, installed_config, open_session, session_decode, uninstall_pruner
@@ -448,7 +451,7 @@ def check_native_size(config: Any, image_size: tuple[int, int]) -> None:
                          f"size); drop --image-size {image_size[0]}x{image_size[1]}")
 
 
-class LlavaAdapter:
+class LlavaAdapter(DecoderAdapter):
     """``base.ModelAdapter`` for LLaVA-1.5 in llava-hf format (``LlavaForConditionalGeneration``)."""
 
     family = "LLaVA-1.5"
@@ -533,12 +536,6 @@ class LlavaAdapter:
         tower = _llava_inner(model).vision_tower
         states = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
         return clip_cls_attention(tower, states, model.config.vision_feature_layer)
-
-    def decode_step(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                    split_layer: int, key_valid_full: torch.Tensor | None = None,
-                    key_valid_pruned: torch.Tensor | None = None) -> torch.Tensor:
-        return decode_step(self.language_model(model), embeds, positions, cache, split_layer, key_valid_full,
-                           key_valid_pruned)
 
 
 LLAVA = register_adapter(LlavaAdapter())

@@ -58,8 +58,8 @@ def session_decode(
 ) -> torch.Tensor:
     """One generate decode call on a session's cache: embeds [B, S, D] -> final-norm hidden [B, S, D].
 
-    position_ids [B, S] (M-RoPE: [3, B, S]) as generate counts them (over the full prompt) or None; attention_mask [B, T + generated
-    so far + S] as generate keeps it (the full prompt's), or None.
+    position_ids [B, S] (M-RoPE: [3, B, S]) as generate counts them (over the full prompt) or None; attention_mask
+    [B, T + generated so far + S] as generate keeps it (the full prompt's), or None.
     """
     batch, length, _ = embeds.shape
     if position_ids is None:  # layer 0's cache length: full prompt for K >= 1, pruned (= consecutive) for K = 0

@@ -2,10 +2,11 @@
 
 Checkpoints: ``Qwen2VLForConditionalGeneration`` (config model_type "qwen2_vl") and
 ``Qwen2_5_VLForConditionalGeneration`` ("qwen2_5_vl") as transformers 5.23 loads them. The paper's Qwen2-VL
-placement (authors' ``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``): the image span is the ``<|image_pad|>`` run between ``<|vision_start|>`` / ``<|vision_end|>``,
-N = (grid_h / 2) * (grid_w / 2) merged tokens; the selection runs on the merged grid (rows, cols) =
-(grid_h / 2, grid_w / 2) from layer K-1's states and M-RoPE keys; kept tokens keep their ORIGINAL 3-D (t, h, w)
-position ids at every placement, and text after the image and decoding continue from the unpruned positions.
+placement (authors' ``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``): the image span is the
+``<|image_pad|>`` run between ``<|vision_start|>`` / ``<|vision_end|>``, N = (grid_h / 2) * (grid_w / 2) merged
+tokens; the selection runs on the merged grid (rows, cols) = (grid_h / 2, grid_w / 2) from layer K-1's states and
+M-RoPE keys; kept tokens keep their ORIGINAL 3-D (t, h, w) position ids at every placement, and text after the image
+and decoding continue from the unpruned positions.
 
 Static shapes: dynamic resolution becomes a resolution fixed per export, (H, W) pixels, multiples of 28; every
 image is resized (bicubic, aspect not kept) to exactly (H, W) before the stock image processor, which then leaves
@@ -27,11 +28,11 @@ from torch import nn
 
 from ..config import PrunerConfig
 from ..methods import get_method
-from .base import ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter, tokenizer_block
+from .base import (
+    DecoderAdapter, ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter, tokenizer_block,
+)
 from .decoder import (
-    KVCache,
     check_split_layer,
-    decode_step,
     image_span_starts,
     prefill_recorded,
     prune_and_prefill,
@@ -386,7 +387,7 @@ def pruner_config(model: nn.Module) -> PrunerConfig | None:
 # ================================================================================================================
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(DecoderAdapter):
     """``base.ModelAdapter`` for Qwen2-VL and Qwen2.5-VL (transformers' ``Qwen2VLForConditionalGeneration`` /
     ``Qwen2_5_VLForConditionalGeneration``)."""
 
@@ -472,12 +473,6 @@ class Qwen2VLAdapter:
         """The vision encoder's pixel input at the export size: [P, 3 * 2 * 14 * 14] flattened patches."""
         height, width = geometry.image_size
         return (height // 14) * (width // 14), 3 * 2 * 14 * 14
-
-    def decode_step(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                    split_layer: int, key_valid_full: torch.Tensor | None = None,
-                    key_valid_pruned: torch.Tensor | None = None) -> torch.Tensor:
-        return decode_step(self.language_model(model), embeds, positions, cache, split_layer, key_valid_full,
-                           key_valid_pruned)
 
 
 QWEN2_VL = register_adapter(Qwen2VLAdapter())
