@@ -145,6 +145,7 @@ def build_export_config(
     tokenizer: dict[str, Any],
     files: list[str],
     extra: dict[str, Any] | None = None,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """The `export_config.json` payload every target writes (runtime/ reads it; the Android app too).
 
@@ -157,6 +158,7 @@ def build_export_config(
         "format_version": EXPORT_FORMAT_VERSION,
         "model_id": model_id,
         "model": options.model,
+        "random_weights": random_weights,  # a tiny / benchmark build: answers are gibberish by design
         "target": options.target,
         "pruner": options.pruner.to_dict(),
         "num_image_tokens": num_image_tokens,

@@ -40,6 +40,7 @@ from pruner_core.adapters import (
     select_before_llm,
     tokenizer_info,
 )
+from pruner_core.adapters.hub import random_weights
 
 from .common import (
     ExportOptions,
@@ -611,6 +612,7 @@ def export_executorch(
         del edge
     payload = build_export_config(
         options,
+        random_weights=random_weights(model_dir),
         model_id=model_id,
         num_image_tokens=geometry.num_image_tokens,
         grid=geometry.grid,

@@ -37,6 +37,7 @@ from torch import nn
 
 from pruner_core import PrunerConfig
 from pruner_core.adapters import KVRecorder, adapter_for, check_split_layer, decode_step
+from pruner_core.adapters.hub import random_weights
 
 from .common import (
     ExportOptions,
@@ -722,6 +723,7 @@ def export_onnx(
     tokenizer_files, copied = copy_model_files(model_dir, processor, out_dir, MODEL_FILES)
     payload = build_export_config(
         options,
+        random_weights=random_weights(model_dir),
         model_id=model_id,
         num_image_tokens=shapes.n_image,
         grid=shapes.grid,

@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)
+    if session.config.get("random_weights"):
+        from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
+
+        print(f"[{RANDOM_WEIGHTS_NOTE}]", file=sys.stderr)
     stream = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON object alone
     result = session.generate(resolve_image(args.image), args.prompt, max_new_tokens=args.max_new_tokens,
                               on_token=lambda piece: print(piece, end="", flush=True, file=stream),

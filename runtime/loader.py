@@ -16,6 +16,7 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     """Eager PyTorch reference: a model name or checkpoint directory (any registered family) plus a PrunerConfig."""
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
+    from pruner_core.adapters.hub import random_weights
 
     from .eager_backend import EagerBackend
 
@@ -28,7 +29,8 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     spec = backend.adapter.image_preprocessing(backend.processor)
     placement = "before_llm" if config.layer == 0 else "in_llm"
     return Session(backend=backend, encoder=encoder, image_spec=spec,
-                   config={"placement": placement, "pruner": config.to_dict()}, device_note="cpu (eager PyTorch)")
+                   config={"placement": placement, "pruner": config.to_dict(),
+                           "random_weights": random_weights(model_dir)}, device_note="cpu (eager PyTorch)")
 
 
 def load(

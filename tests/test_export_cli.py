@@ -112,6 +112,9 @@ def test_7b_export_memory_on_this_machine(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAVA_7B_CONFIG, "torch_dtype": "float16"}))
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))  # weights "there", absent
+    from pruner_core.adapters.hub import random_weights
+
+    assert not random_weights(model)  # a checkpoint, not a tiny build
     import export.cli as cli
 
     def run_with(argv: list[str]) -> str:

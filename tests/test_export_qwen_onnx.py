@@ -67,6 +67,7 @@ def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
     height, width = IMAGE_SIZE[name, layer] or json.loads((model_dir / "tiny_qwen2_vl_spec.json").read_text())[
         "image_size"]
     assert config["decoder"]["position_scheme"] == "mrope" and config["positions"] == "original"
+    assert config["random_weights"] is True  # a tiny build
     assert config["grid"] == [height // 28, width // 28] and config["num_image_tokens"] == height * width // 784
     assert config["image_preprocessing"]["input_layout"] == "flat_patches"
     pixels = next(s for s in config["methods"]["vision_encoder"]["inputs"] if s["name"] == "pixel_values")

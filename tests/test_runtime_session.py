@@ -226,6 +226,7 @@ def test_pruner_run_cli_end_to_end(onnx_exports):
     payload = json.loads(done.stdout)  # stdout is the JSON object alone; the answer streamed to stderr
     assert payload["backend"] == "onnxruntime"
     assert payload["text"] in done.stderr and len(payload["tokens"]) <= 4
+    assert "random weights" in done.stderr  # a tiny build: gibberish answers are expected, and said so
     assert payload["stop_reason"] in ("eos", "max_new_tokens") and payload["context_left"] > 0
     assert payload["image_tokens_kept"] == json.loads((onnx_exports[2] / "export_config.json").read_text())[
         "kept_image_tokens"]

@@ -55,6 +55,15 @@ def _missing_folder(name: str) -> FileNotFoundError:
     return FileNotFoundError(f"no such folder: {name}{hint}")
 
 
+def random_weights(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` is a tiny (or benchmark) build: random weights from a fixed seed, so its answers are
+    gibberish and its selections do not mean anything about images (the build's spec stamp says so)."""
+    return any((Path(model_dir) / adapter.tiny_spec_file).is_file() for adapter in registered_adapters())
+
+
+RANDOM_WEIGHTS_NOTE = "random weights (a tiny test build): answers are gibberish by design"
+
+
 def check_model_directory(path: Path) -> Path:
     """``path`` if it holds a checkpoint some registered adapter supports, else ValueError saying what is."""
     config_file = path / "config.json"
