@@ -16,6 +16,7 @@ from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
+from runtime.help_format import HelpFormatter
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -186,7 +187,7 @@ def prepare_android(export_dir: Path, overwrite: bool, stream: TextIO) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny-llava",
                        help="tiny-llava (embedded), tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b; tiny-qwen2-vl, "
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--method", default="vlm_pruner", choices=method_names())
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"])
-    target.add_argument("--backend", default="xnnpack", choices=list(EXECUTORCH_BACKENDS), help="ExecuTorch backend")
+    target.add_argument("--backend", default=None, choices=list(EXECUTORCH_BACKENDS),
+                        help="ExecuTorch backend; default xnnpack")
     target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],
                         help="executorch: 8da4w (torchao, decoder linears); onnx: int8 (dynamic) or int4 (4-bit "
                              "MatMulNBits weights of the decoder, transformers.js' q4)")
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights and activations; auto (default) = the checkpoint's own dtype (fp16 for "
                              "llava-hf 7B: never an fp32 copy of a half-precision checkpoint)")
-    target.add_argument("--max-seq-len", type=int, default=768)
+    target.add_argument("--max-seq-len", type=int, default=768, help="KV-cache positions: prompt plus answer tokens")
     target.add_argument("--image-size", type=parse_image_size, default=None, metavar="HxW",
                         help="the one image resolution the export takes (every image is resized to it): Qwen2-VL "
                              "multiples of 28, default 672x672 (a tiny model's own); LLaVA-1.5: its CLIP size only")
@@ -233,6 +235,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     except ValueError as error:
         raise ExportError(str(error)) from None
     targets = ["executorch", "onnx"] if args.target == "all" else [args.target]
+    if args.target == "onnx" and args.backend is not None:
+        raise ExportError(f"--backend {args.backend} applies to --target executorch; onnxruntime picks its execution "
+                          "provider at run time (pruner-run --device): drop --backend")
     if args.target == "onnx" and args.quantize_vision != "none":
         raise ExportError("--quantize-vision applies to --target executorch (XNNPACK's dynamically quantised linears); "
                           "drop it for ONNX, or use --quantize int8 there")
@@ -246,7 +251,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
         if args.target == "all" and quantize != "none":  # each target takes the quantisation it knows
             quantize = quantize if quantize in {"executorch": ("8da4w",), "onnx": ("int8", "int4")}[target] else "none"
         try:  # "auto" becomes the checkpoint's dtype once the model is found
-            options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend,
+            options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend or "xnnpack",
                                     quantize=quantize, dtype="fp32" if args.dtype == "auto" else args.dtype,
                                     max_seq_len=args.max_seq_len, image_size=args.image_size,
                                     quantize_vision=args.quantize_vision if target == "executorch" else "none")

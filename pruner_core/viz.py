@@ -28,6 +28,7 @@ import torch
 from .config import Keep, PrunerConfig, parse_keep
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
+from runtime.help_format import HelpFormatter
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 DEFAULT_METHODS = ("vlm_pruner", "dart", "divprune", "fastv", "visionzip", "random")
@@ -520,7 +521,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-viz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny-llava",
                         help="tiny-llava, tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b, a hub id in the local cache, "
                              "or a local llava-hf directory")

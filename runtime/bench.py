@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import current_rss_bytes
+from .help_format import HelpFormatter
 
 
 class PeakSampler:
@@ -226,7 +227,7 @@ def _progress(total: int, disabled: bool):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny-llava")
     parser.add_argument("--targets", type=lambda s: s.split(","), default=["executorch", "onnx"])
     parser.add_argument("--keeps", type=parse_keeps, default="1.0,0.33,0.22,0.11",

@@ -11,31 +11,33 @@ import sys
 from pathlib import Path
 
 from .devices import NoNpuError
+from .help_format import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("model", help="a folder written by pruner-export, or a model name (tiny-llava, tiny-qwen2-vl, "
                                       "tiny-qwen2.5-vl, a cached hub id or a checkpoint directory) to run eagerly in "
                                       "PyTorch with --keep/--prune-layer")
     parser.add_argument("--image", required=True, help="image file (or astronaut / chelsea / coffee, the bundled "
                                                        "scikit-image photographs)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto"])
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto"],
+                        help="npu: the first NPU provider / delegate, else an error; auto: NPU if any, else CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout (the answer's text and tokens, and the profile with "
                              "the stop reason and the context left); the answer streams to stderr")
     parser.add_argument("--profile-ops", action="store_true", help="add an operator-level breakdown")
     eager = parser.add_argument_group("eager PyTorch (when MODEL is not an exported folder)")
-    eager.add_argument("--keep", type=_keep, default="0.12",
-                       help="token count (64) or fraction (0.12; 1.0 keeps every token)")
-    eager.add_argument("--prune-layer", type=int, default=2)
-    eager.add_argument("--method", default="vlm_pruner")
+    eager.add_argument("--keep", type=_keep, default=None,
+                       help="token count (64) or fraction (0.12; 1.0 keeps every token); default 0.12")
+    eager.add_argument("--prune-layer", type=int, default=None, help="default 2 (the paper's)")
+    eager.add_argument("--method", default=None, help="default vlm_pruner")
     eager.add_argument("--cache-dir", type=Path, default=None)
     return parser
 
@@ -63,7 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "export_config.json").is_file():
         from pruner_core import PrunerConfig
 
-        config = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
+        config = PrunerConfig(keep=_keep("0.12") if args.keep is None else args.keep,
+                              layer=2 if args.prune_layer is None else args.prune_layer,
+                              method=args.method or "vlm_pruner")
+    else:
+        given = [flag for flag, value in (("--keep", args.keep), ("--prune-layer", args.prune_layer),
+                                          ("--method", args.method)) if value is not None]
+        if given:
+            raise ValueError(f"{' / '.join(given)} set how an eager model is pruned; {args.model} was exported with "
+                             "its own (export_config.json): drop them, or export again with pruner-export")
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)

@@ -69,6 +69,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
+from .help_format import HelpFormatter
 
 EVAL_VERSION = 1
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs
@@ -748,7 +749,7 @@ def format_table(report: EvalReport) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--questions", type=Path, default=None,
                         help="JSONL of {image, question, answer} (default: the shipped scikit-image set)")
     parser.add_argument("--model", default=None, help="eager PyTorch: tiny-llava (default), tiny-llava-gqa, "

@@ -190,3 +190,27 @@ def test_image_size_flag(tmp_path):
                          "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and "multiple of 28" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_defaults_and_flags_that_do_not_apply_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.12)" in shown and "(default: 2)" in shown and "(default: 768)" in shown
+    code, err = run_cli(["--target", "onnx", "--backend", "qnn", "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "--backend qnn applies to --target executorch" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pruner_run_refuses_pruning_flags_on_an_exported_folder(tmp_path, capsys):
+    from runtime.cli import build_parser as run_parser
+    from runtime.cli import main as run_main
+
+    with pytest.raises(SystemExit):
+        run_parser().parse_args(["--help"])
+    assert "(default: 64)" in " ".join(capsys.readouterr().out.split())  # --max-new-tokens
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "export_config.json").write_text("{}")
+    code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--keep", "0.5"])
+    assert code == 2 and "--keep set how an eager model is pruned" in capsys.readouterr().err
