@@ -350,3 +350,17 @@ def test_tiny_build_is_reused_and_inputs_check_images(qwen_zoo, stock):
     with pytest.raises(ValueError, match="image_grid_thw"):
         model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
     assert np.isfinite(expected.numpy()).all()
+
+
+def test_pruner_eval_runs_qwen_eagerly(qwen_zoo, tmp_path, monkeypatch):
+    """pruner-eval takes a Qwen2-VL model like a LLaVA one: keep 1.0 is its own reference, pruning answers too."""
+    from runtime.evaluate import main as eval_main
+
+    monkeypatch.chdir(tmp_path)  # the answer cache goes beside the run
+    out = tmp_path / "eval.json"
+    code = eval_main(["--model", "tiny-qwen2-vl", "--model-cache-dir", str(qwen_zoo["tiny-qwen2-vl"].parent),
+                      "--keep", "1.0,0.25", "--methods", "vlm_pruner", "--limit", "2", "--out", str(out),
+                      "--no-progress"])
+    settings = json.loads(out.read_text())["settings"]
+    assert code == 0 and [s["keep"] for s in settings] == [1.0, 0.25]
+    assert settings[0]["agreement"] == 1.0 and all(s["total"] == 2 and s["computed"] == 2 for s in settings)
