@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "llava_shapes.json")
     args = parser.parse_args(argv)
 
-    from export.cli import quiet_libraries
+    from runtime.console import quiet_libraries
     from runtime import load
     from skimage import data
 

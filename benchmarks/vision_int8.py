@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "vision_int8.json")
     args = parser.parse_args(argv)
 
-    from export.cli import quiet_libraries
+    from runtime.console import quiet_libraries
     from export.executorch_llava import quantize_vision_int8
     from runtime.preprocess import ImagePreprocessing, preprocess
     from skimage import data

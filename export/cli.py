@@ -16,7 +16,7 @@ from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
-from runtime.help_format import HelpFormatter
+from runtime.console import HelpFormatter, add_verbose, quiet_libraries
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--android", action="store_true",
                         help="also prepare <out>-android with exactly the files the Android demo needs (needs "
                              "--target executorch --prune-layer 0) and print the adb push commands")
+    add_verbose(parser)
     return parser
 
 
@@ -306,26 +307,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     return written
 
 
-def quiet_libraries() -> None:
-    """Keep the progress display readable: library warnings and progress bars off (this process only)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "torchao", "transformers", "onnxscript", "executorch", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    quiet_libraries(args.verbose)
     try:
         run(args)
     except ExportError as error:

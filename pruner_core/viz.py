@@ -28,7 +28,7 @@ import torch
 from .config import Keep, PrunerConfig, parse_keep
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
-from runtime.help_format import HelpFormatter
+from runtime.console import HelpFormatter, add_verbose, quiet_libraries
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 DEFAULT_METHODS = ("vlm_pruner", "dart", "divprune", "fastv", "visionzip", "random")
@@ -537,11 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=int, default=2,
                         help="K: prune between decoder layers K-1 and K (0 = before the LLM)")
     parser.add_argument("--out", type=Path, default=Path("viz.png"), help="the PNG to write (+ a .json sidecar)")
+    add_verbose(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)
     try:
         options = VizOptions(model=args.model, image=args.image, prompt=args.prompt, keep=args.keep,
                              methods=args.methods, out=args.out, layer=args.layer, cache_dir=args.cache_dir,
@@ -553,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     for panel in result.panels:
         print(f"{panel.method:>12}: {panel.budget} of {panel.total} | {panel.coverage.summary()}")
     print(f"wrote {result.png} ({result.layout.width}x{result.layout.height} px) and {result.sidecar}")
+    from .adapters import resolve_model
+    from .adapters.hub import random_weights
+
+    if random_weights(resolve_model(options.model, options.cache_dir)):
+        print("note: random weights (a tiny test build): the maps show how each method selects, not what a trained "
+              "model would keep")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import current_rss_bytes
-from .help_format import HelpFormatter
+from .console import HelpFormatter, add_verbose, quiet_libraries
 
 
 class PeakSampler:
@@ -142,7 +142,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         setting.peak_growth_bytes.append(sampler.growth)
         setting.kv_cache_bytes = profile.kv_cache_bytes or 0
         setting.prompt_tokens = profile.prompt_tokens_after_pruning or 0
-    return summarise(settings, args)
+    report = summarise(settings, args)
+    report["random_weights"] = any(bool(session.config.get("random_weights")) for session in sessions)
+    return report
 
 
 def summarise(settings: list[Setting], args: argparse.Namespace) -> dict[str, Any]:
@@ -243,14 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=None, help="where tiny models are built")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report; the chart goes beside it")
     parser.add_argument("--no-progress", action="store_true")
+    add_verbose(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.cli import quiet_libraries
-
-    quiet_libraries()
+    quiet_libraries(args.verbose)
     if not any(k.keeps_all for k in args.keeps):
         print("pruner-bench: error: --keeps must include 1.0 (the unpruned baseline of the ratios; the count 1 keeps "
               "one token)", file=sys.stderr)
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pruner-bench: error: {error}", file=sys.stderr)
         return 2
     print(table(report))
+    if report.get("random_weights"):
+        print("note: random weights (a tiny or benchmark build): the timings are real, the answers gibberish by "
+              "design")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     chart(report, args.out.with_suffix(".png"))

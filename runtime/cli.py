@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .devices import NoNpuError
-from .help_format import HelpFormatter
+from .console import HelpFormatter, add_verbose, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     eager.add_argument("--prune-layer", type=int, default=None, help="default 2 (the paper's)")
     eager.add_argument("--method", default=None, help="default vlm_pruner")
     eager.add_argument("--cache-dir", type=Path, default=None)
+    add_verbose(parser)
     return parser
 
 
@@ -95,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.cli import quiet_libraries
-
-    quiet_libraries()
+    quiet_libraries(args.verbose)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NoNpuError) as error:

@@ -69,7 +69,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from .help_format import HelpFormatter
+from .console import HelpFormatter, add_verbose, quiet_libraries
 
 EVAL_VERSION = 1
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs
@@ -768,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="answer cache folder (resumable runs)")
     parser.add_argument("--model-cache-dir", type=Path, default=None, help="where tiny models are built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_verbose(parser)
     return parser
 
 
@@ -800,6 +801,7 @@ def write_report(report: EvalReport, out: Path) -> None:
 
 def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)
     try:
         options = options_from_args(args)
         question_set = read_questions(options.questions, options.limit)

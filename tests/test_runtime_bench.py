@@ -51,6 +51,7 @@ def test_pruner_bench_end_to_end(tmp_path, capsys):
         assert chart.size[0] > 200 and chart.size[1] > 200
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "onnx" in printed
+    assert report["random_weights"] is True and "random weights" in printed  # a tiny build says so
     # a second run reuses the exports (no new export folders, same report shape)
     before = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert main(["--model", "tiny-llava", "--cache-dir", str(tmp_path / "zoo"), "--targets", "onnx",

@@ -199,11 +199,12 @@ def test_sidecar_selection_is_the_model_path(six_panels, cache_dir):
         assert panel["coverage"] == coverage(panel["indices"], (24, 24)).to_dict()
 
 
-def test_fewer_panels_make_a_narrower_png_and_a_second_grid(cache_dir, tmp_path, six_panels):
+def test_fewer_panels_make_a_narrower_png_and_a_second_grid(cache_dir, tmp_path, six_panels, capsys):
     out = tmp_path / "gqa.png"
     code = main(["--model", "tiny-llava-gqa", "--image", "chelsea", "--keep", "0.1", "--methods", "vlm_pruner,random",
                  "--layer", "1", "--out", str(out), "--cache-dir", str(cache_dir)])
     assert code == 0
+    assert "random weights" in capsys.readouterr().out  # a tiny build says so
     png, sidecar = read_rgb(out), json.loads(out.with_suffix(".json").read_text())
     assert sidecar["grid"] == [16, 16]  # read from the model, not assumed
     assert png.shape[1] < read_rgb(six_panels[0]).shape[1]
