@@ -174,8 +174,6 @@ def estimate_export_memory(counts: Any, options: Any, stored_dtype: str) -> Memo
         shared = 2 if options.pruner.layer > 0 else 1  # prefill and decode: a slice's duplicate until merged
         working = slice_bytes * shared + 3 * largest
     else:
-        graphs_with_decoder = 2 if options.pruner.layer > 0 else 1  # prefill_pruned and the merged decoder
-        output = output + (graphs_with_decoder - 1) * int(counts.decoder * decoder_width)
-        working = 2 * largest
+        working = 2 * largest  # one decoder graph at either placement (layer K prunes inside it)
     base = BASE_BYTES[options.target] + GRAPH_BYTES_PER_LAYER[options.target] * layers
     return MemoryEstimate(base=base, output=output, held=held, working=working)

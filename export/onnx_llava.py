@@ -37,8 +37,10 @@ from torch import nn
 
 from pruner_core import PrunerConfig
 from pruner_core.adapters import KVRecorder, adapter_for, check_split_layer, decode_step
+from pruner_core.adapters.decoder import gather_positions, prune_sequence, run_layers
 from pruner_core.adapters.hub import random_weights
 
+from .onnx_weights import share_duplicate_initializers
 from .common import (
     ExportOptions,
     TokenEmbedding,
@@ -53,6 +55,9 @@ from .common import (
 SEQUENCE = "sequence_length"  # tokens fed in this call
 PAST = "past_sequence_length"  # cached entries of the layers that keep the full prompt (all layers at layer 0)
 PRUNED_PAST = "pruned_past_sequence_length"  # cached entries of layers >= K (layer >= 1 only)
+# layers >= K's present length at layer >= 1: sequence_length - (N - R) at the prompt, pruned_past + sequence_length
+# at a decoding step (data-dependent: the graph's If decides); export_config.json records both
+PRUNED_PRESENT = "pruned_present_sequence_length"
 
 GRAPH_DIR = "onnx"
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
@@ -199,42 +204,56 @@ class MergedDecoder(_Decoder):
         return self._run(inputs_embeds, position_ids, past, None, attention_mask.bool())
 
 
-class SplitCacheDecoder(_Decoder):
-    """Layer K >= 1: decoding after ``prefill_pruned``; layers < K hold P entries, layers >= K hold P' entries.
+class PrunedDecoder(_Decoder):
+    """Layer K >= 1 (the paper's placement): one graph for the prompt's pruned prefill and the decoding steps.
 
-    (inputs_embeds [1, S, D], position_ids [1, S], past: K pairs [1, Hkv, P, d] then L-K pairs [1, Hkv, P', d])
-    -> (logits [1, S, V], present: [1, Hkv, P + S, d] / [1, Hkv, P' + S, d]). The mask is causal over each cache
-    (no padding at batch 1); position_ids continue at the full prompt length.
-    """
+    (inputs_embeds [1, S, D], position_ids [1, S] (M-RoPE [3, 1, S]), image_start [1] int64, past: K pairs
+    [1, Hkv, P, d] then L-K pairs [1, Hkv, P', d]) -> (logits [1, 1, V] of the last token, kept_image_indices [1, R]
+    int64, present: [1, Hkv, P + S, d] for layers < K, [1, Hkv, P' + S', d] for layers >= K).
 
-    def forward(self, inputs_embeds, position_ids, past):
-        length = inputs_embeds.shape[1]
-        full = torch.ones(1, past[0][0].shape[2] + length, dtype=torch.bool)  # an explicit mask keeps shapes free
-        pruned = torch.ones(1, past[-1][0].shape[2] + length, dtype=torch.bool)
-        return self._run(inputs_embeds, position_ids, past, full, pruned)
-
-
-class PrunedPrefill(nn.Module):
-    """Layer K >= 1: the adapter's ``prefill_with_pruning`` over a prompt whose N placeholders hold the image features.
-
-    (inputs_embeds [1, T, D], image_start [1][, position_ids [3, 1, T] for M-RoPE]) -> (logits [1, V] of the last
-    token, kept_image_indices [1, R], present: K pairs [1, Hkv, T, d] then L-K pairs [1, Hkv, T - N + R, d]); kept
-    tokens at their original positions (1-D: 0 .. T-1 inside the graph).
+    image_start >= 0: the call is the prompt (empty caches), its N image tokens start there; layers < K run on all
+    S tokens, R of the N are selected from layer K-1's output (``decoder.prune_sequence``) and layers >= K run on
+    S' = S - N + R tokens at the kept tokens' original positions. image_start = -1: a decoding step (S' = S, the
+    kept indices come back as -1). The two paths are a ``torch.cond`` (an ONNX ``If``) around the selection only, so
+    every decoder weight has one consumer and is stored and loaded once (issue: weights held twice at layer K).
+    The mask is causal over each cache (no padding at batch 1).
     """
 
     def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
-        super().__init__()
-        self.adapter = adapter_for(model)
-        self.model = model
+        super().__init__(model, split_layer=config.layer)
         self.config = config
         self.grid = grid
 
-    def forward(self, inputs_embeds, image_start, position_ids=None):
-        n_image = self.grid[0] * self.grid[1]
-        kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.adapter.prefill_with_pruning(self.model, inputs_embeds, image_start, n_image, self.grid,
-                                                self.config, **kwargs)
-        return out.logits, out.selection.indices, _flatten_kv(out.keys, out.values)
+    def forward(self, inputs_embeds, position_ids, image_start, past):
+        language_model, split = self.language_model, self.split_layer
+        cache = KVRecorder(len(past))
+        cache.keys, cache.values = [k for k, _ in past], [v for _, v in past]
+        full = torch.ones(1, past[0][0].shape[2] + inputs_embeds.shape[1], dtype=torch.bool)  # explicit: free shapes
+        probe_in = run_layers(language_model, inputs_embeds, position_ids, full, cache, range(split - 1))
+        hidden = run_layers(language_model, probe_in, position_ids, full, cache, range(split - 1, split))
+        width, rank = hidden.shape[-1], position_ids.dim()
+        n_image, budget = self.grid[0] * self.grid[1], self.config.budget(self.grid[0] * self.grid[1])
+
+        # cond branches return flat tensors: their lengths differ (S - N + R or S), and flat ones have plain strides
+        def prune(hidden, probe_in, positions, image_start):
+            pruned, kept_index, selection = prune_sequence(
+                language_model, probe_in, hidden, positions, image_start.reshape(1), n_image, self.grid, self.config
+            )
+            return pruned.reshape(-1), gather_positions(positions, kept_index).reshape(-1), selection.indices.clone()
+
+        def keep(hidden, probe_in, positions, image_start):
+            kept = torch.full((1, budget), -1, dtype=torch.long, device=hidden.device)
+            return hidden.reshape(-1).clone(), positions.reshape(-1).clone(), kept
+
+        pruned, positions, kept = torch.cond(image_start[0] >= 0, prune, keep,
+                                             (hidden, probe_in, position_ids, image_start))
+        pruned = pruned.reshape(1, -1, width)  # [1, S', D]
+        positions = positions.reshape(*position_ids.shape[: rank - 1], -1)  # [1, S'] or [3, 1, S']
+        pruned_valid = torch.ones(1, past[-1][0].shape[2] + pruned.shape[1], dtype=torch.bool)
+        hidden = run_layers(language_model, pruned, positions, pruned_valid, cache, range(split, len(past)))
+        last = hidden[:, -1].unsqueeze(1)  # [1, 1, D]: a select, so the graph knows the 1 statically
+        logits = self.lm_head(language_model.norm(last))  # [1, 1, V] (3-D: a MatMul in ONNX, as int4 needs)
+        return logits, kept, _flatten_kv(cache.keys, cache.values)
 
 
 # ================================================================================================================
@@ -255,6 +274,7 @@ class GraphPlan:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     input_defaults: dict[str, np.ndarray] = field(default_factory=dict)
+    data_dependent_dims: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {when: expression}
 
 
 def _kv_specs(prefix: str, shapes: LlavaShapes, lengths: list[int | str], dtype: str) -> list[dict[str, Any]]:
@@ -309,8 +329,9 @@ def embed_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
     )
 
 
-def decoder_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
-    """decoder_model_merged: the conventional one at layer 0, the split-cache one at layer >= 1."""
+def decoder_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, generator) -> GraphPlan:
+    """decoder_model_merged: the conventional one at layer 0; at layer >= 1 ``PrunedDecoder``, which also runs the
+    prompt's pruned prefill."""
     dtype, split, layers = SPEC_DTYPES[shapes.dtype], shapes.split_layer, shapes.num_layers
     seq, past, pruned = 3, 7, 5  # distinct example sizes, so tracing cannot tie the dims together
     embeds = torch.randn(1, seq, shapes.hidden, generator=generator).to(shapes.dtype)
@@ -330,51 +351,40 @@ def decoder_plan(model: nn.Module, shapes: LlavaShapes, generator) -> GraphPlan:
             + _kv_specs("past_key_values", shapes, [PAST] * layers, dtype),
             outputs=[logits] + _kv_specs("present", shapes, [total] * layers, dtype),
         )
-    lengths = [past] * split + [pruned] * (layers - split)
-    names = [PAST] * split + [PRUNED_PAST] * (layers - split)
-    example = (embeds, positions, _example_kv(shapes, lengths, generator))
-    return GraphPlan(
-        name="decoder_model_merged", module=SplitCacheDecoder(model, split), example=example,
-        dynamic_shapes=({1: _dyn()}, position_dim, [({2: _dyn()}, {2: _dyn()})] * layers),
-        inputs=head + [position_spec]
-        + _kv_specs("past_key_values", shapes, names, dtype),
-        outputs=[logits] + _kv_specs("present", shapes, [f"{name} + {SEQUENCE}" for name in names], dtype),
-    )
-
-
-def prefill_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, generator) -> GraphPlan:
-    dtype, split, layers = SPEC_DTYPES[shapes.dtype], shapes.split_layer, shapes.num_layers
+    # layer K: traced at the prompt's shapes (the selection needs S >= N), with non-empty caches (a size-0 example
+    # would be specialised); the decoding steps take the other branch of the same graph
     dropped = shapes.n_image - shapes.budget
     length = shapes.prompt_image_start + shapes.n_image + 6  # an example prompt: text, image span, text
     embeds = torch.randn(1, length, shapes.hidden, generator=generator).to(shapes.dtype)
-    start = torch.tensor([shapes.prompt_image_start], dtype=torch.int64)
-    kept_length = f"{SEQUENCE} - {dropped}" if dropped else SEQUENCE
-    example, dynamic = (embeds, start), ({1: _dyn()}, None)
-    inputs = [tensor_spec("inputs_embeds", [1, SEQUENCE, shapes.hidden], dtype),
-              tensor_spec("image_start", [1], "int64")]
-    if shapes.position_scheme == "mrope":  # M-RoPE positions come in (1-D ones are 0 .. T-1 inside the graph)
+    if shapes.position_scheme == "mrope":
         from runtime.positions import mrope_positions
 
         after = length - shapes.prompt_image_start - shapes.n_image
-        example += (torch.from_numpy(mrope_positions(shapes.prompt_image_start, shapes.grid, after)),)
-        dynamic += ({2: _dyn()},)
-        inputs.append(tensor_spec("position_ids", [3, 1, SEQUENCE], "int64"))
+        positions = torch.from_numpy(mrope_positions(shapes.prompt_image_start, shapes.grid, after)) + past
+    else:
+        positions = torch.arange(past, past + length)[None]
+    start = torch.tensor([shapes.prompt_image_start], dtype=torch.int64)
+    lengths = [past] * split + [pruned] * (layers - split)
+    names = [PAST] * split + [PRUNED_PAST] * (layers - split)
+    example = (embeds, positions, start, _example_kv(shapes, lengths, generator))
     return GraphPlan(
-        name="prefill_pruned", module=PrunedPrefill(model, config, shapes.grid), example=example,
-        dynamic_shapes=dynamic,
-        inputs=inputs,
-        outputs=[tensor_spec("logits", [1, shapes.vocab], dtype),
+        name="decoder_model_merged", module=PrunedDecoder(model, config, shapes.grid), example=example,
+        dynamic_shapes=({1: _dyn()}, {positions.dim() - 1: _dyn()}, None, [({2: _dyn()}, {2: _dyn()})] * layers),
+        inputs=head + [position_spec, tensor_spec("image_start", [1], "int64")]
+        + _kv_specs("past_key_values", shapes, names, dtype),
+        outputs=[tensor_spec("logits", [1, 1, shapes.vocab], dtype),
                  tensor_spec("kept_image_indices", [1, shapes.budget], "int64")]
-        + _kv_specs("present", shapes, [SEQUENCE] * split + [kept_length] * (layers - split), dtype),
+        + _kv_specs("present", shapes, [f"{PAST} + {SEQUENCE}"] * split + [PRUNED_PRESENT] * (layers - split),
+                    dtype),
+        data_dependent_dims={PRUNED_PRESENT: {"prompt": f"{SEQUENCE} - {dropped}" if dropped else SEQUENCE,
+                                              "decoding step": f"{PRUNED_PAST} + {SEQUENCE}"}},
     )
 
 
 def graph_plans(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig) -> list[GraphPlan]:
     generator = torch.Generator().manual_seed(0)
     plans = [vision_plan(model, shapes, config, generator), embed_plan(model, shapes, generator)]
-    if shapes.split_layer >= 1:
-        plans.append(prefill_plan(model, shapes, config, generator))
-    plans.append(decoder_plan(model, shapes, generator))
+    plans.append(decoder_plan(model, shapes, config, generator))
     return plans
 
 
@@ -423,6 +433,7 @@ def save_graph(plan: GraphPlan, onnx_program, path: Path, external_bytes: int = 
     import onnx
 
     external = weight_bytes(onnx_program) > external_bytes
+    share_duplicate_initializers(onnx_program.model)  # one copy of each weight (layer K's If branch)
     onnx_program.save(str(path), external_data=external)
     model = onnx.load(str(path), load_external_data=False)
     apply_contract(model, plan)
@@ -500,10 +511,11 @@ def check_contract(model, plan: GraphPlan, set_names: bool = False) -> None:
             expected = [spec["name"] for spec in specs]
             raise RuntimeError(f"{plan.name}: graph {kind}s are {names}, the contract says {expected}")
         for value, spec in zip(values, specs):
-            _check_value(plan.name, value, spec, set_names)
+            _check_value(plan.name, value, spec, set_names, frozenset(plan.data_dependent_dims))
 
 
-def _check_value(graph_name: str, value, spec: dict[str, Any], set_names: bool) -> None:
+def _check_value(graph_name: str, value, spec: dict[str, Any], set_names: bool,
+                 data_dependent: frozenset[str] = frozenset()) -> None:
     import onnx
 
     tensor_type = value.type.tensor_type
@@ -516,8 +528,8 @@ def _check_value(graph_name: str, value, spec: dict[str, Any], set_names: bool) 
         raise RuntimeError(f"{where} has rank {len(dims)}, the contract says shape {spec['shape']}")
     for dim, want in zip(dims, spec["shape"]):
         actual = dim.dim_param if dim.HasField("dim_param") else dim.dim_value if dim.HasField("dim_value") else None
-        if actual is None and set_names:  # the exporter left it unknown: record the contract
-            actual = want
+        if (actual is None or want in data_dependent) and set_names:  # unknown or decided at run time (an If's
+            actual = want  # branches disagree): record the contract's name
         if isinstance(want, int) and actual != want:
             raise RuntimeError(f"{where} has dim {actual!r} where the contract has {want}")
         if isinstance(want, str):
@@ -614,6 +626,7 @@ def quantize_graph_int4(
 def _finish_quantized(plan: GraphPlan, target: Path, external: bool) -> list[Path]:
     import onnx
 
+    _tidy_quantized(target, external)
     quantized = onnx.load(str(target), load_external_data=False)
     check_contract(quantized, plan)
     files = [target]
@@ -621,6 +634,27 @@ def _finish_quantized(plan: GraphPlan, target: Path, external: bool) -> list[Pat
         files.append(relocate_external_data(quantized, target.parent, target.name + EXTERNAL_DATA_SUFFIX))
         onnx.save(quantized, str(target))
     return files
+
+
+def _tidy_quantized(target: Path, external: bool) -> None:
+    """Rewrite a quantized graph file with its nodes in topological order, If / Scan bodies' reads of outer values
+    counted (onnx_ir's sort: onnxruntime's quantizers re-sort the main graph without them and can place the layer-K
+    decoder's If before values its branches read), and with branch copies of outer weights dropped
+    (``share_duplicate_initializers``: the 4-bit quantizer writes a branch's quantized weight into the branch)."""
+    import onnx_ir as ir
+
+    import onnx
+
+    old_data = {entry.value for tensor in _external_tensors(onnx.load(str(target), load_external_data=False).graph)
+                for entry in tensor.external_data if entry.key == "location"}
+    model = ir.load(str(target))  # external weights stay lazy
+    model.graph.sort()
+    share_duplicate_initializers(model)
+    staged = target.with_name(target.name + ".tidy")
+    ir.save(model, str(staged), external_data=staged.name + "_data" if external else None)
+    staged.replace(target)
+    for location in old_data:  # the quantizer's data file; relocate_external_data names the new one
+        (target.parent / location).unlink(missing_ok=True)
 
 
 # ---- dtypes ---------------------------------------------------------------------------------------------------------
@@ -705,6 +739,8 @@ def export_onnx(
     adapter = adapter_for(model_dir)
     model, processor = adapter.load(model_dir, dtype=TORCH_DTYPES[options.dtype], image_size=options.image_size)
     model.requires_grad_(False)
+    if options.pruner.layer >= 1:  # the layer-K decoder's layers >= K see a length only its If knows: sdpa's
+        model.set_attn_implementation({"text_config": "eager"})  # shape checks cannot trace it, eager attention can
     shapes = read_shapes(model, processor, options.pruner, TORCH_DTYPES[options.dtype])
     _check_max_seq_len(options.max_seq_len, shapes, model.config.text_config.max_position_embeddings)
     plans = graph_plans(model, shapes, options.pruner)
@@ -731,14 +767,15 @@ def export_onnx(
         image_preprocessing=adapter.image_preprocessing(processor).to_dict(),
         tokenizer=adapter.tokenizer_info(model, processor, tokenizer_files),
         files=[str(path.relative_to(out_dir)) for path in written] + copied,
-        extra=_onnx_fields(shapes, graphs),
+        extra=_onnx_fields(shapes, graphs, plans),
     )
     write_json(out_dir / "export_config.json", payload)
     return payload
 
 
-def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str]) -> dict[str, Any]:
+def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str], plans: list[GraphPlan]) -> dict[str, Any]:
     """What export_config.json adds for this target (the graph contracts themselves are its "methods")."""
+    dims = {name: cases for plan in plans for name, cases in plan.data_dependent_dims.items()}
     return {
         "graphs": graphs,  # graph name -> file, relative to the folder
         "image_placeholders": shapes.placeholders,  # image tokens the prompt must carry (R at layer 0, N after)
@@ -746,6 +783,8 @@ def _onnx_fields(shapes: LlavaShapes, graphs: dict[str, str]) -> dict[str, Any]:
         "decoder": decoder_layout(shapes),
         # M-RoPE families keep the kept tokens' original positions at layer 0 too (runtime/positions.py)
         **({"positions": "original"} if shapes.position_scheme == "mrope" else {}),
+        # dims an If decides at run time (layer >= 1): name -> {"prompt": expression, "decoding step": expression}
+        **({"data_dependent_dims": dims} if dims else {}),
     }
 
 

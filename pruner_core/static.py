@@ -182,7 +182,9 @@ def centrifugal_select(
     picked = torch.cat([pivots, pivots.new_zeros(batch, plan.budget - plan.pivots)], dim=1)  # [B, R]
     if plan.steps <= 0 or plan.budget == plan.pivots:
         return picked, selected
-    thresholds = torch.tensor(plan.thresholds, dtype=torch.float32, device=device)
+    # built from `full`, not `torch.tensor`: a lifted tensor constant inside a `cond` branch that feeds a `scan`
+    # breaks torch 2.13's decompositions (the exporter's layer-K decoder runs the selection inside a `cond`)
+    thresholds = torch.stack([torch.full((), t, dtype=torch.float32, device=device) for t in plan.thresholds])
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     carry = (
         selected,

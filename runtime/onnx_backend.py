@@ -5,9 +5,10 @@ Both placements, from ``export_config.json``:
 * layer 0 (``before_llm``): the prompt carries R image placeholders; ``vision_encoder`` returns the R kept tokens,
   they are written into the placeholders, and ``decoder_model_merged`` prefills (empty past) and decodes, with
   consecutive positions, as any transformers.js-style runtime does.
-* layer K >= 1 (``in_llm``): the prompt carries N placeholders; ``vision_encoder`` returns all N tokens,
-  ``prefill_pruned`` prunes between layers K-1 and K and returns per-layer caches of two lengths;
-  ``decoder_model_merged`` decodes from position T (the full prompt length).
+* layer K >= 1 (``in_llm``): the prompt carries N placeholders; ``vision_encoder`` returns all N tokens;
+  ``decoder_model_merged`` called with ``image_start`` (and empty caches) prunes between layers K-1 and K and returns
+  per-layer caches of two lengths, called with ``image_start = -1`` it decodes from position T (the full prompt
+  length). Folders exported before that graph was merged run their separate ``prefill_pruned`` graph instead.
 
 Running needs numpy and onnxruntime only (no transformers); pass ``config`` to skip reading export_config.json
 through ``export.common``.
@@ -150,6 +151,8 @@ class OnnxModel:
         self.decoder = self.config["decoder"]
         self.position_scheme = self.decoder.get("position_scheme", "1d")  # exports before Qwen2-VL: 1-D
         self.grid = tuple(self.config["grid"])
+        self._decoder_takes_image_start = "image_start" in {
+            meta.name for meta in self.sessions["decoder_model_merged"].get_inputs()}
 
     def _graph_path(self, file: str) -> Path:
         path = self.folder / file
@@ -219,7 +222,7 @@ class OnnxModel:
 
     def prefill_embeds(self, embeds: np.ndarray, image_start: int, kept: np.ndarray | None = None) -> Prefill:
         """The whole prompt's embeddings [1, T, D] (image features from ``encode_image`` in place at image_start)
-        -> logits, cache, next position; layer K's ``prefill_pruned`` also reports the kept image tokens.
+        -> logits, cache, next position; at layer K the decoder also reports the kept image tokens.
 
         kept [R]: the layer-0 encoder's kept_image_indices (M-RoPE exports place the kept tokens at their original
         positions with them; 1-D ones use consecutive positions and may leave it None)."""
@@ -234,15 +237,19 @@ class OnnxModel:
             positions, next_position = prompt_positions(self.position_scheme, image_start, self.grid, after, kept)
             logits, cache = self._decode(embeds, positions, self._empty_cache(embeds.dtype))
             return Prefill(logits=logits[0, -1], cache=cache, next_position=next_position, kept_image_indices=None)
-        feed = {"inputs_embeds": embeds, "image_start": np.array([image_start], dtype=np.int64)}
         positions, next_position = prompt_positions(self.position_scheme, image_start, self.grid,
                                                      length - image_start - self.image_placeholders)
-        if self.position_scheme != "1d":  # 1-D positions are 0 .. T-1 inside the graph
-            feed["position_ids"] = positions
-        outputs = self._run("prefill_pruned", feed)
+        if "prefill_pruned" not in self.sessions:  # one decoder graph: image_start >= 0 prunes this call
+            outputs = self._run("decoder_model_merged", self._decoder_feed(
+                embeds, positions, self._empty_cache(embeds.dtype), image_start))
+        else:  # exports made before the layer-K graphs were merged (weights stored twice)
+            feed = {"inputs_embeds": embeds, "image_start": np.array([image_start], dtype=np.int64)}
+            if self.position_scheme != "1d":  # 1-D positions are 0 .. T-1 inside that graph
+                feed["position_ids"] = positions
+            outputs = self._run("prefill_pruned", feed)
         cache = KVCache.from_outputs(outputs, self.decoder["num_layers"])
-        return Prefill(logits=outputs["logits"][0], cache=cache, next_position=next_position,
-                       kept_image_indices=outputs["kept_image_indices"][0])
+        return Prefill(logits=outputs["logits"].reshape(-1, outputs["logits"].shape[-1])[-1], cache=cache,
+                       next_position=next_position, kept_image_indices=outputs["kept_image_indices"][0])
 
     def decode(self, token: int, cache: KVCache, position: int) -> tuple[np.ndarray, KVCache]:
         """One generated token at RoPE position ``position`` -> (next-token logits [V], the grown cache)."""
@@ -253,11 +260,19 @@ class OnnxModel:
     def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """embeds [1, S, D] at positions [1, S] (M-RoPE [3, 1, S]) over ``cache`` -> (logits [1, S, V], cache + S
         entries per layer)."""
+        outputs = self._run("decoder_model_merged", self._decoder_feed(embeds, positions, cache, -1))
+        return outputs["logits"], KVCache.from_outputs(outputs, self.decoder["num_layers"])
+
+    def _decoder_feed(self, embeds: np.ndarray, positions: np.ndarray, cache: KVCache,
+                      image_start: int) -> dict[str, np.ndarray]:
+        """decoder_model_merged's inputs; image_start (layer >= 1 graphs only): where this call's N image tokens
+        start, -1 for a decoding step."""
         feed = {"inputs_embeds": embeds, "position_ids": positions.astype(np.int64), **cache.feed()}
         if self.decoder["uses_attention_mask"]:
             feed["attention_mask"] = np.ones((1, cache.length(0) + embeds.shape[1]), dtype=np.int64)
-        outputs = self._run("decoder_model_merged", feed)
-        return outputs["logits"], KVCache.from_outputs(outputs, self.decoder["num_layers"])
+        if self._decoder_takes_image_start:
+            feed["image_start"] = np.array([image_start], dtype=np.int64)
+        return feed
 
     def _empty_cache(self, dtype: np.dtype) -> KVCache:
         shape = (1, self.decoder["num_key_value_heads"], 0, self.decoder["head_dim"])

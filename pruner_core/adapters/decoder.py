@@ -338,20 +338,15 @@ def prune_and_prefill(
     starts = _as_starts(image_start, batch, device)  # [B]
     valid = None if attention_mask is None else attention_mask.to(device).bool()  # [B, T]
     positions = prompt_positions(position_ids, batch, length, device)  # [B, T]
-    image_index = starts[:, None] + torch.arange(n_image, device=device)[None]  # [B, N]
 
     # layers < K-1, then layer K-1 (whose input the signals probe) on the full prompt
     probe_in = run_layers(language_model, embeds, positions, valid, cache, range(max(split - 1, 0)))
     hidden = run_layers(language_model, probe_in, positions, valid, cache, range(max(split - 1, 0), split))
 
-    text_attention, keys = _decoder_signals(
-        language_model, get_method(config.method).needs, max(split - 1, 0), probe_in, positions, valid, image_index
-    )
-    selection = select_tokens(
-        _gather_tokens(hidden, image_index), keys, grid, config,
-        text_attention=text_attention, cls_attention=cls_attention,
-    )
-    pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)  # [B, T', D], [B, T']
+    pruned, kept_index, selection = prune_sequence(
+        language_model, probe_in, hidden, positions, starts, n_image, grid, config, valid=valid,
+        cls_attention=cls_attention,
+    )  # [B, T', D], [B, T']
     kept_valid = torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
     if split == 0 and not original_positions:  # an ordinary shorter prompt
         kept_positions = _consecutive_positions(None if valid is None else kept_valid, *kept_index.shape, device)
@@ -370,6 +365,40 @@ def prune_and_prefill(
         selection=selection,
         split_layer=split,
     )
+
+
+def prune_sequence(
+    language_model: nn.Module,
+    probe_in: torch.Tensor,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    n_image: int,
+    grid: tuple[int, int],
+    config: PrunerConfig,
+    *,
+    valid: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Selection]:
+    """The selection between layers K-1 and K (``prune_and_prefill``'s middle step, paper Sec. 3).
+
+    probe_in [B, T, D]: layer K-1's input (layer 0's for K = 0: the embeddings); hidden [B, T, D]: layer K-1's output
+    (K = 0: the embeddings again); positions [B, T] (M-RoPE [3, B, T]); starts [B] int64: where the N image tokens
+    begin; valid [B, T] bool or None. -> (pruned [B, T - N + R, D]: text before + the R kept tokens' fused states +
+    text after, kept_index [B, T - N + R] int64: where each slot comes from in the prompt, the Selection).
+    """
+    split = config.layer
+    device = hidden.device
+    image_index = starts[:, None] + torch.arange(n_image, device=device)[None]  # [B, N]
+    text_attention, keys = _decoder_signals(
+        language_model, get_method(config.method).needs, max(split - 1, 0), probe_in, positions, valid, image_index
+    )
+    selection = select_tokens(
+        _gather_tokens(hidden, image_index), keys, grid, config,
+        text_attention=text_attention, cls_attention=cls_attention,
+    )
+    pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)
+    return pruned, kept_index, selection
 
 
 def _decoder_signals(
