@@ -1,5 +1,5 @@
-"""What every CLI shares on the console: the --help layout and quiet libraries (no torch import here: `--help`
-stays instant)."""
+"""What every CLI shares on the console: the --help layout and quiet libraries (torch is imported only by
+quiet_libraries, which runs after argument parsing: `--help` stays instant)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def quiet_libraries(verbose: bool = False) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    try:  # importing torch resets the "torch" logger to WARNING (torch._logging): import it first, then set levels
+        import torch  # noqa: F401 - every command that gets here imports it anyway
+    except ImportError:
+        pass
     for name in ("torch", "torchao", "transformers", "onnxscript", "executorch", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
