@@ -141,6 +141,25 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
         raise ExportError(str(error)) from None
 
 
+def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]) -> None:
+    """Refuse a --target the model's family has no exporter for, naming the targets it has (adapter.export_targets)
+    and the command with one of them."""
+    missing = [target for target in targets if target not in adapter.export_targets]
+    if not missing:
+        return
+    family = f"{args.model} is a {adapter.family} checkpoint"
+    if not adapter.export_targets:
+        raise ExportError(f"{family}, which has no export yet; run it eagerly: `pruner-run {args.model} --keep "
+                          f"{args.keep} --image photo.jpg --prompt ...`")
+    supported = adapter.export_targets
+    flags = " or ".join(f"--target {target}" for target in supported)
+    asked = f"--target {args.target}" + (f" (it includes {', '.join(missing)})" if args.target == "all" else "")
+    raise ExportError(
+        f"{family}: this family exports with {flags} only, not {asked}; run `pruner-export --model {args.model} "
+        f"--keep {args.keep} --target {supported[0]}`"
+    )
+
+
 def human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -228,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
-    from pruner_core.adapters import adapter_for, registered_adapters, resolve_model
+    from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
     try:
@@ -270,13 +289,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     except (ValueError, FileNotFoundError) as error:
         raise ExportError(str(error)) from None
     adapter = adapter_for(model_dir)
-    for options, _ in plans:
-        if options.target not in adapter.export_targets:
-            raise ExportError(
-                f"{args.model} is a {adapter.family} checkpoint, which has no {options.target} export yet (it runs "
-                f"eagerly: `pruner-run {args.model} --keep {args.keep} --image photo.jpg --prompt ...`); exports "
-                f"exist for {', '.join(a.family for a in registered_adapters() if a.export_targets)}"
-            )
+    check_target_supported(adapter, args, [options.target for options, _ in plans])
     check_model_fits(model_dir, pruner, args.image_size)
     resolved = []
     for options, out in plans:

@@ -173,8 +173,12 @@ def test_path_like_names_and_folders_without_weights(tmp_path, monkeypatch):
     (config_only / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
     code, err = run_cli(["--model", str(config_only), "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and "no weights" in err and "Traceback" not in err
-    code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--out", str(tmp_path / "o")], tmp_path)
-    assert code == 2 and "no executorch export yet" in err and "pruner-run tiny-qwen2-vl" in err
+    for target in ("executorch", "all"):  # Qwen2-VL exports to ONNX only: say so and give the command
+        code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--target", target,
+                             "--out", str(tmp_path / "o")], tmp_path)
+        assert code == 2 and "Qwen2-VL" in err and "exports with --target onnx only" in err
+        assert f"not --target {target}" in err and "--target onnx`" in err and "LLaVA" not in err
+    assert "(it includes executorch)" in err
     assert not (tmp_path / "o").exists()
 
 
