@@ -178,7 +178,7 @@ def exporter_for(target: str) -> Callable:
     return export_onnx
 
 
-def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
+def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, next_hint: bool = True) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"\n{payload['target']}: kept {payload['kept_image_tokens']} of {payload['num_image_tokens']} image tokens "
           f"({payload['pruner']['method']}, layer {payload['pruner']['layer']}, {payload['placement']}) "
@@ -187,7 +187,8 @@ def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
         print(f"  {str(path.relative_to(out)):<40} {human_size(path.stat().st_size):>12}", file=stream)
     methods = ", ".join(payload.get("methods", {}))
     print(f"  methods/graphs: {methods}", file=stream)
-    print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+    if next_hint:
+        print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
 
 
 def prepare_android(export_dir: Path, overwrite: bool, stream: TextIO) -> Path:
@@ -246,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
+def run(args: argparse.Namespace, stream: TextIO | None = None, next_hint: bool = True) -> list[Path]:
+    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix.
+    next_hint: end each export's summary with the pruner-run command that runs it."""
     from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
@@ -313,7 +316,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
-        summarise(out, payload, progress.finish(), stream)
+        summarise(out, payload, progress.finish(), stream, next_hint)
         written.append(out)
         if args.android and options.target == "executorch":
             written.append(prepare_android(out, args.overwrite, stream))
