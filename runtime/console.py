@@ -24,12 +24,13 @@ def quiet_libraries(verbose: bool = False) -> None:
     notices too, where they go through Python logging), unless ``verbose``."""
     if verbose:
         return
+    import importlib
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     try:  # importing torch resets the "torch" logger to WARNING (torch._logging): import it first, then set levels
-        import torch  # noqa: F401 - every command that gets here imports it anyway
+        importlib.import_module("torch")  # every command that gets here imports it anyway
     except ImportError:
         pass
     for name in ("torch", "torchao", "transformers", "onnxscript", "executorch", "root"):
