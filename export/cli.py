@@ -1,6 +1,8 @@
-"""`pruner-export`: prune a LLaVA model's image tokens and export it to ExecuTorch and/or ONNX.
+"""`pruner-export`: prune a vision-language model's image tokens and export it: LLaVA-1.5 to ExecuTorch and/or
+ONNX, Qwen2-VL / Qwen2.5-VL to ONNX.
 
     pruner-export --model llava-1.5-7b --keep 0.12 --target executorch
+    pruner-export --model qwen2-vl-2b --keep 0.12 --target onnx
 """
 
 from __future__ import annotations
@@ -219,9 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     pruning.add_argument("--prune-layer", type=int, default=2,
                          help="K: prune between decoder layers K-1 and K (0 = before the LLM, runs in stock runners)")
-    pruning.add_argument("--method", default="vlm_pruner", choices=method_names())
+    pruning.add_argument("--method", default="vlm_pruner", choices=method_names(),
+                         help="how the kept image tokens are chosen (pruner_core/methods)")
     target = parser.add_argument_group("target")
-    target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"])
+    target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
+                        help="executorch: a .pte program (LLaVA-1.5); onnx: onnxruntime graphs in transformers.js' "
+                             "layout (every family); all: both (LLaVA-1.5)")
     target.add_argument("--backend", default=None, choices=list(EXECUTORCH_BACKENDS),
                         help="ExecuTorch backend; default xnnpack")
     target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],
@@ -235,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "llava-hf 7B: never an fp32 copy of a half-precision checkpoint)")
     target.add_argument("--max-seq-len", type=int, default=768, help="KV-cache positions: prompt plus answer tokens")
     target.add_argument("--image-size", type=parse_image_size, default=None, metavar="HxW",
-                        help="the one image resolution the export takes (every image is resized to it): Qwen2-VL "
-                             "multiples of 28, default 672x672 (a tiny model's own); LLaVA-1.5: its CLIP size only")
+                        help="the one image resolution the export takes (every image is resized to it), HxW in "
+                             "pixels or a single N for a square NxN (448 = 448x448); default: the model family's "
+                             "own: LLaVA-1.5 its CLIP size (336x336, the only one it takes), Qwen2-VL / Qwen2.5-VL "
+                             "672x672 (a tiny build: its own; any size in multiples of 28)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

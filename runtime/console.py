@@ -13,8 +13,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
         default = action.default
-        if (default in (None, False, argparse.SUPPRESS) or action.required or "default" in help_text.lower()
-                or not action.option_strings):
+        if (default is None or default is False or default == argparse.SUPPRESS or action.required
+                or "default" in help_text.lower() or not action.option_strings):  # `is`: a default of 0 is shown
             return help_text
         return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
 

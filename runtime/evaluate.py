@@ -753,20 +753,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=Path, default=None,
                         help="JSONL of {image, question, answer} (default: the shipped scikit-image set)")
     parser.add_argument("--model", default=None, help="eager PyTorch: tiny-llava (default), tiny-llava-gqa, "
-                                                      "llava-1.5-7b, a cached hub id or a llava-hf directory")
+                                                      "llava-1.5-7b, llava-1.5-13b, tiny-qwen2-vl, tiny-qwen2.5-vl, "
+                                                      "qwen2-vl-2b/7b, qwen2.5-vl-3b/7b, a cached hub id or a "
+                                                      "checkpoint directory")
     parser.add_argument("--keep", default=None, help=f"comma-separated counts or fractions (default {DEFAULT_KEEPS})")
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
     parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
     parser.add_argument("--exported", type=Path, nargs="+", default=None, metavar="DIR",
                         help="evaluate folders written by pruner-export instead of eager settings")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"))
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"),
+                        help="for --exported folders: npu = the first NPU provider / delegate, else an error; auto = "
+                             "NPU if any, else CPU (eager models run on the CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=8,
+                        help="tokens generated per answer at most (short answers need few)")
     parser.add_argument("--prompt-suffix", default=DEFAULT_PROMPT_SUFFIX,
                         help="appended to every question (default: LLaVA-1.5's short-answer instruction)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N usable questions")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="answer cache folder (resumable runs)")
-    parser.add_argument("--model-cache-dir", type=Path, default=None, help="where tiny models are built")
+    parser.add_argument("--model-cache-dir", type=Path, default=None,
+                        help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_verbose(parser)
     return parser

@@ -31,3 +31,30 @@ def test_torch_log_warnings_quiet_unless_verbose():
     assert "probe" not in _stderr("quiet")
     verbose = _stderr("verbose")
     assert "probe: register_constant" in verbose and "probe: torch.export notice" in verbose
+
+
+def _parsers():
+    from export.cli import build_parser as export_parser
+    from pruner_core.viz import build_parser as viz_parser
+    from runtime.bench import build_parser as bench_parser
+    from runtime.cli import build_parser as run_parser
+    from runtime.evaluate import build_parser as eval_parser
+
+    return {"pruner-export": export_parser(), "pruner-run": run_parser(), "pruner-bench": bench_parser(),
+            "pruner-eval": eval_parser(), "pruner-viz": viz_parser()}
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parsers = _parsers()
+    bare = [f"{name} {action.option_strings[-1]}" for name, parser in parsers.items() for action in parser._actions
+            if action.option_strings and not (action.help or "").strip()]
+    assert not bare, f"options without help text: {bare}"
+    shown = {name: " ".join(parser.format_help().split()) for name, parser in parsers.items()}
+    assert "(default: vlm_pruner,dart,divprune,fastv,visionzip,random)" in shown["pruner-viz"]  # not a tuple
+    assert "(default: fp32)" in shown["pruner-viz"]
+    assert "sampling seed (with --temperature > 0) (default: 0)" in shown["pruner-run"]  # 0 is a default too
+    assert "(default: executorch,onnx)" in shown["pruner-bench"] and "(default: 5)" in shown["pruner-bench"]
+    assert "(default: 8)" in shown["pruner-eval"] and "tiny-qwen2-vl" in shown["pruner-eval"]
+    export = shown["pruner-export"]
+    assert "(default: executorch)" in export and "(default: vlm_pruner)" in export
+    assert "Qwen2-VL / Qwen2.5-VL to ONNX" in export and "448 = 448x448" in export and "672x672" in export
