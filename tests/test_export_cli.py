@@ -217,4 +217,11 @@ def test_pruner_run_refuses_pruning_flags_on_an_exported_folder(tmp_path, capsys
     folder.mkdir()
     (folder / "export_config.json").write_text("{}")
     code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--keep", "0.5"])
-    assert code == 2 and "--keep set how an eager model is pruned" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--keep sets how an eager model is pruned" in err and "drop it, or export again" in err
+    code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--keep", "0.5", "--method", "dart"])
+    assert code == 2 and "--keep / --method set how an eager model is pruned" in capsys.readouterr().err
+    code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cache-dir is where eager tiny models are built" in err and ": drop it" in err
+    assert "export again" not in err
