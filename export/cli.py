@@ -180,7 +180,9 @@ def exporter_for(target: str) -> Callable:
     return export_onnx
 
 
-def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, next_hint: bool = True) -> None:
+def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, notes: bool = True) -> None:
+    """What was written; with ``notes``, the pruner-run command that runs it and, for a tiny (random-weight) build,
+    a note saying its answers are gibberish."""
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"\n{payload['target']}: kept {payload['kept_image_tokens']} of {payload['num_image_tokens']} image tokens "
           f"({payload['pruner']['method']}, layer {payload['pruner']['layer']}, {payload['placement']}) "
@@ -189,8 +191,13 @@ def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, next_hin
         print(f"  {str(path.relative_to(out)):<40} {human_size(path.stat().st_size):>12}", file=stream)
     methods = ", ".join(payload.get("methods", {}))
     print(f"  methods/graphs: {methods}", file=stream)
-    if next_hint:
-        print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+    if not notes:
+        return
+    print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+    if payload.get("random_weights"):
+        from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
+
+        print(f"note: {RANDOM_WEIGHTS_NOTE}", file=stream)
 
 
 def prepare_android(export_dir: Path, overwrite: bool, stream: TextIO) -> Path:
@@ -254,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO | None = None, next_hint: bool = True) -> list[Path]:
+def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True) -> list[Path]:
     """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix.
-    next_hint: end each export's summary with the pruner-run command that runs it."""
+    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note)."""
     from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
@@ -323,7 +330,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, next_hint: bool 
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
-        summarise(out, payload, progress.finish(), stream, next_hint)
+        summarise(out, payload, progress.finish(), stream, notes)
         written.append(out)
         if args.android and options.target == "executorch":
             written.append(prepare_android(out, args.overwrite, stream))

@@ -109,8 +109,8 @@ def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cac
         argv += ["--quantize-vision", quantize_vision]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
-    try:  # the exporter itself: its summary without a "next:" hint per export (pruner-bench prints one at the end)
-        export_run(export_parser().parse_args(argv), next_hint=False)
+    try:  # the exporter itself: its summary without the closing notes per export (pruner-bench prints its own once)
+        export_run(export_parser().parse_args(argv), notes=False)
     except ExportError as error:
         raise RuntimeError(f"export of {model} keep={keep} target={target} failed: {error}") from None
     return folder

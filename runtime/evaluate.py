@@ -300,6 +300,7 @@ class Setting:
     group: str  # settings with the same group compare with each other (same model, backend, layer)
     identity: str  # the model part of the cache key
     pruner: dict[str, Any] = field(default_factory=dict)  # PrunerConfig.to_dict()
+    random_weights: bool = False  # a tiny (or benchmark) build: its answers are gibberish by design
 
     def config_json(self) -> str:
         return json.dumps(self.pruner, sort_keys=True)
@@ -333,6 +334,7 @@ def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], lay
         raise EvalError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
     local = Path(model).expanduser()
     identity = f"dir:{local.resolve()}" if local.is_dir() else f"model:{model}"
+    random = model_has_random_weights(model)
     settings: dict[tuple[str, Any], Setting] = {}
     for method in methods:
         for value in keeps:
@@ -345,10 +347,18 @@ def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], lay
             settings.setdefault((method, keep), Setting(
                 label=label, kind="eager", source=model, method=method, keep=keep, layer=layer,
                 full=keep.keeps_all, group=f"{identity} layer={layer}", identity=identity,
-                pruner=config.to_dict()))
+                pruner=config.to_dict(), random_weights=random))
     if not settings:
         raise EvalError("no setting to evaluate: give --keep and --methods (e.g. --keep 1.0,0.11 --methods vlm_pruner)")
     return list(settings.values())
+
+
+def model_has_random_weights(model: str) -> bool:
+    """A tiny model name, or a local build whose spec stamp says its weights are random (no model is built)."""
+    from pruner_core.adapters.hub import random_weights, tiny_models
+
+    local = Path(model).expanduser()
+    return model in tiny_models() or (local.is_dir() and random_weights(local))
 
 
 def exported_setting(folder: str | Path) -> Setting:
@@ -371,7 +381,8 @@ def exported_setting(folder: str | Path) -> Setting:
     group = json.dumps({name: config.get(name) for name in ("model_id", "target", "backend", "dtype", "quantization")}
                        | {"layer": layer}, sort_keys=True)
     return Setting(label=folder.name or str(folder), kind="exported", source=str(folder), method=method, keep=keep,
-                   layer=layer, full=full, group=group, identity=f"export_config:{text}", pruner=pruner)
+                   layer=layer, full=full, group=group, identity=f"export_config:{text}", pruner=pruner,
+                   random_weights=bool(config.get("random_weights")))
 
 
 def exported_settings(folders: Iterable[str | Path]) -> list[Setting]:
@@ -553,6 +564,7 @@ class EvalReport:
     generate_calls: int
     cache_hits: int
     settings: list[SettingResult]
+    random_weights: bool = False  # some setting's model is a tiny (or benchmark) build: scores mean nothing
 
     def to_dict(self) -> dict[str, Any]:
         payload = {"version": EVAL_VERSION, "reference_rule": REFERENCE_RULE, **asdict(self)}
@@ -630,7 +642,7 @@ def evaluate(options: EvalOptions, load: Loader = default_loader,
         questions_file=str(question_set.path), questions=len(question_set.questions),
         skipped_lines=list(question_set.skipped), max_new_tokens=options.max_new_tokens,
         prompt_suffix=options.prompt_suffix, cache_file=str(cache.path), generate_calls=counts["generate"],
-        cache_hits=counts["hits"], settings=results)
+        cache_hits=counts["hits"], settings=results, random_weights=any(s.random_weights for s in settings))
 
 
 def answer_setting(setting: Setting, questions: Iterable[Question], options: EvalOptions, cache: AnswerCache,
@@ -823,6 +835,10 @@ def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
               "command to continue", file=sys.stderr)
         return 130
     print(report.table())
+    if report.random_weights:
+        from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
+
+        print(f"note: {RANDOM_WEIGHTS_NOTE} (the scores test the plumbing, not the pruning)")
     if args.out is not None:
         print(f"wrote {args.out}")
     return 0

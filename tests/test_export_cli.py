@@ -225,3 +225,25 @@ def test_pruner_run_refuses_pruning_flags_on_an_exported_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--cache-dir is where eager tiny models are built" in err and ": drop it" in err
     assert "export again" not in err
+
+
+def test_summary_notes_random_weights_and_the_next_command(tmp_path):
+    from export.cli import summarise
+
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "model.pte").write_bytes(b"x" * 10)
+    payload = {"target": "executorch", "kept_image_tokens": 69, "num_image_tokens": 576, "placement": "in_llm",
+               "pruner": {"method": "vlm_pruner", "layer": 2}, "methods": {"forward": {}}}
+
+    def shown(payload, notes=True) -> str:
+        stream = io.StringIO()
+        summarise(out, payload, 1.0, stream, notes)
+        return stream.getvalue()
+
+    real = shown(payload)
+    assert f"next: pruner-run {out}" in real and "random weights" not in real
+    tiny = shown({**payload, "random_weights": True})
+    assert "note: random weights (a tiny test build)" in tiny
+    quiet = shown({**payload, "random_weights": True}, notes=False)  # pruner-bench prints its own notes once
+    assert "kept 69 of 576" in quiet and "next:" not in quiet and "random weights" not in quiet
