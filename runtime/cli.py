@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .devices import NoNpuError
-from .console import HelpFormatter, add_verbose, quiet_libraries
+from .console import HelpFormatter, add_verbose, escape_controls, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,13 @@ def refuse_eager_flags(args: argparse.Namespace) -> None:
                          + (", or export again with pruner-export" if pruning else ""))
 
 
+def token_printer(stream):
+    """on_token for Session.generate: each piece printed as it comes; on a terminal with its control characters
+    escaped (runtime.console.escape_controls), elsewhere (a pipe, a file) as generated."""
+    tty = stream.isatty() if hasattr(stream, "isatty") else False
+    return lambda piece: print(escape_controls(piece) if tty else piece, end="", flush=True, file=stream)
+
+
 def run(args: argparse.Namespace) -> int:
     from . import load
 
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{RANDOM_WEIGHTS_NOTE}]", file=sys.stderr)
     stream = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON object alone
     result = session.generate(resolve_image(args.image), args.prompt, max_new_tokens=args.max_new_tokens,
-                              on_token=lambda piece: print(piece, end="", flush=True, file=stream),
+                              on_token=token_printer(stream),
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(file=stream)
     if args.json:

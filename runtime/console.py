@@ -44,6 +44,24 @@ def quiet_libraries(verbose: bool = False) -> None:
         pass
 
 
+# Bidirectional overrides and isolates: they reorder what a terminal shows after them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (ESC, carriage return, backspace, bell, C1 controls, bidirectional overrides) as visible
+    escapes (``\\x1b``, ``\\r``, ``\\u202e``), newlines and tabs kept: model output shown on a terminal cannot move
+    the cursor, recolour or rewrite what is already there."""
+    import unicodedata
+
+    def show(char: str) -> str:
+        if char in "\n\t" or not (unicodedata.category(char) in ("Cc", "Cs") or char in _BIDI_CONTROLS):
+            return char
+        return char.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+    return "".join(show(char) for char in text)
+
+
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     """--verbose: keep the libraries' warnings, logs and progress bars."""
     parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings, logs and progress bars")

@@ -58,3 +58,34 @@ def test_every_option_has_help_and_shows_its_default():
     export = shown["pruner-export"]
     assert "(default: executorch)" in export and "(default: vlm_pruner)" in export
     assert "Qwen2-VL / Qwen2.5-VL to ONNX" in export and "448 = 448x448" in export and "672x672" in export
+
+
+def test_generated_text_on_a_terminal_cannot_drive_it():
+    """Control characters in a model's answer are shown escaped on a terminal (newlines and tabs kept), and passed
+    through unchanged to a pipe or file."""
+    import io
+
+    from runtime.cli import token_printer
+    from runtime.console import escape_controls
+
+    answer = "a\x1b[2Jb\rc\bd\x07\x9b\u202ee\nf\tg é 👨\u200d👩\u200d👧"
+    assert escape_controls(answer) == "a\\x1b[2Jb\\rc\\x08d\\x07\\x9b\\u202ee\nf\tg é 👨\u200d👩\u200d👧"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        show = token_printer(stream)
+        for piece in (answer[:3], answer[3:]):
+            show(piece)
+    assert terminal.getvalue() == escape_controls(answer) and pipe.getvalue() == answer
+
+
+def test_device_notes_say_what_runs_where():
+    from runtime.devices import resolve_executorch_backend, resolve_onnx_providers
+
+    assert resolve_onnx_providers("cpu").note == "running on the CPU (CPUExecutionProvider), as device cpu asks"
+    xnnpack = resolve_executorch_backend(["XnnpackBackend"], "cpu", registered={"XnnpackBackend": True})
+    assert xnnpack.note == "running on the CPU through XnnpackBackend (device cpu)"
