@@ -1,6 +1,8 @@
-"""`pruner-export`: prune a LLaVA model's image tokens and export it to ExecuTorch and/or ONNX.
+"""`pruner-export`: prune a vision-language model's image tokens and export it: LLaVA-1.5 to ExecuTorch and/or
+ONNX, Qwen2-VL / Qwen2.5-VL to ONNX.
 
     pruner-export --model llava-1.5-7b --keep 0.12 --target executorch
+    pruner-export --model qwen2-vl-2b --keep 0.12 --target onnx
 """
 
 from __future__ import annotations
@@ -141,6 +143,25 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
         raise ExportError(str(error)) from None
 
 
+def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]) -> None:
+    """Refuse a --target the model's family has no exporter for, naming the targets it has (adapter.export_targets)
+    and the command with one of them."""
+    missing = [target for target in targets if target not in adapter.export_targets]
+    if not missing:
+        return
+    family = f"{args.model} is a {adapter.family} checkpoint"
+    if not adapter.export_targets:
+        raise ExportError(f"{family}, which has no export yet; run it eagerly: `pruner-run {args.model} --keep "
+                          f"{args.keep} --image photo.jpg --prompt ...`")
+    supported = adapter.export_targets
+    flags = " or ".join(f"--target {target}" for target in supported)
+    asked = f"--target {args.target}" + (f" (it includes {', '.join(missing)})" if args.target == "all" else "")
+    raise ExportError(
+        f"{family}: this family exports with {flags} only, not {asked}; run `pruner-export --model {args.model} "
+        f"--keep {args.keep} --target {supported[0]}`"
+    )
+
+
 def human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -159,7 +180,9 @@ def exporter_for(target: str) -> Callable:
     return export_onnx
 
 
-def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
+def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, notes: bool = True) -> None:
+    """What was written; with ``notes``, the pruner-run command that runs it and, for a tiny (random-weight) build,
+    a note saying its answers are gibberish."""
     files = sorted(p for p in out.rglob("*") if p.is_file())
     print(f"\n{payload['target']}: kept {payload['kept_image_tokens']} of {payload['num_image_tokens']} image tokens "
           f"({payload['pruner']['method']}, layer {payload['pruner']['layer']}, {payload['placement']}) "
@@ -168,7 +191,13 @@ def summarise(out: Path, payload: dict, seconds: float, stream: TextIO) -> None:
         print(f"  {str(path.relative_to(out)):<40} {human_size(path.stat().st_size):>12}", file=stream)
     methods = ", ".join(payload.get("methods", {}))
     print(f"  methods/graphs: {methods}", file=stream)
+    if not notes:
+        return
     print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+    if payload.get("random_weights"):
+        from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
+
+        print(f"note: {RANDOM_WEIGHTS_NOTE}", file=stream)
 
 
 def prepare_android(export_dir: Path, overwrite: bool, stream: TextIO) -> Path:
@@ -199,9 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="token count (64) or fraction (0.12; 1.0 keeps every token)")
     pruning.add_argument("--prune-layer", type=int, default=2,
                          help="K: prune between decoder layers K-1 and K (0 = before the LLM, runs in stock runners)")
-    pruning.add_argument("--method", default="vlm_pruner", choices=method_names())
+    pruning.add_argument("--method", default="vlm_pruner", choices=method_names(),
+                         help="how the kept image tokens are chosen (pruner_core/methods)")
     target = parser.add_argument_group("target")
-    target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"])
+    target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
+                        help="executorch: a .pte program (LLaVA-1.5); onnx: onnxruntime graphs in transformers.js' "
+                             "layout (every family); all: both (LLaVA-1.5)")
     target.add_argument("--backend", default=None, choices=list(EXECUTORCH_BACKENDS),
                         help="ExecuTorch backend; default xnnpack")
     target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],
@@ -215,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "llava-hf 7B: never an fp32 copy of a half-precision checkpoint)")
     target.add_argument("--max-seq-len", type=int, default=768, help="KV-cache positions: prompt plus answer tokens")
     target.add_argument("--image-size", type=parse_image_size, default=None, metavar="HxW",
-                        help="the one image resolution the export takes (every image is resized to it): Qwen2-VL "
-                             "multiples of 28, default 672x672 (a tiny model's own); LLaVA-1.5: its CLIP size only")
+                        help="the one image resolution the export takes (every image is resized to it), HxW in "
+                             "pixels or a single N for a square NxN (448 = 448x448); default: the model family's "
+                             "own: LLaVA-1.5 its CLIP size (336x336, the only one it takes), Qwen2-VL / Qwen2.5-VL "
+                             "672x672 (a tiny build: its own; any size in multiples of 28)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -227,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
-    from pruner_core.adapters import adapter_for, registered_adapters, resolve_model
+def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True) -> list[Path]:
+    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix.
+    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note)."""
+    from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
     try:
@@ -270,13 +306,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
     except (ValueError, FileNotFoundError) as error:
         raise ExportError(str(error)) from None
     adapter = adapter_for(model_dir)
-    for options, _ in plans:
-        if options.target not in adapter.export_targets:
-            raise ExportError(
-                f"{args.model} is a {adapter.family} checkpoint, which has no {options.target} export yet (it runs "
-                f"eagerly: `pruner-run {args.model} --keep {args.keep} --image photo.jpg --prompt ...`); exports "
-                f"exist for {', '.join(a.family for a in registered_adapters() if a.export_targets)}"
-            )
+    check_target_supported(adapter, args, [options.target for options, _ in plans])
     check_model_fits(model_dir, pruner, args.image_size)
     resolved = []
     for options, out in plans:
@@ -300,7 +330,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None) -> list[Path]:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
-        summarise(out, payload, progress.finish(), stream)
+        summarise(out, payload, progress.finish(), stream, notes)
         written.append(out)
         if args.android and options.target == "executorch":
             written.append(prepare_android(out, args.overwrite, stream))

@@ -244,6 +244,28 @@ def check_runtime_fields(payload: dict[str, Any], path: Path | str) -> None:
     if wrong:
         raise ValueError(f"{path} has {', '.join(wrong)}: it was edited or is damaged; export the model again")
     eos_ids(payload["tokenizer"], str(path))
+    if payload.get("target") == "onnx":
+        complete_position_scheme(payload, path)
+
+
+def complete_position_scheme(payload: dict[str, Any], path: Path | str) -> None:
+    """decoder.position_scheme, which ONNX exports before Qwen2-VL support lack: LLaVA-1.5's image layout
+    (float_nchw) means its 1-D positions, filled in; any other export without it (or with an unknown scheme) cannot
+    be run with the right position_ids: ValueError naming the field and saying to export again."""
+    from runtime.positions import POSITION_SCHEMES
+
+    decoder = payload["decoder"]
+    layout = payload["image_preprocessing"].get("input_layout", "float_nchw")
+    if "position_scheme" not in decoder and layout == "float_nchw":  # LLaVA-1.5: position_ids [1, S]
+        decoder["position_scheme"] = "1d"
+    scheme = decoder.get("position_scheme")
+    if scheme is None:
+        raise ValueError(f"{path} lacks decoder.position_scheme, which an export with {layout!r} images needs (its "
+                         "decoder takes M-RoPE position_ids, \"mrope\"): it was written by an older pruner-export "
+                         "(or edited); export the model again")
+    if scheme not in POSITION_SCHEMES:
+        raise ValueError(f"{path} has decoder.position_scheme {scheme!r}, not one of {', '.join(POSITION_SCHEMES)}: "
+                         "it was edited or is damaged; export the model again")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -526,13 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny-llava, tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b, a hub id in the local cache, "
                              "or a local llava-hf directory")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where tiny models are built")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="the model's weights and activations while it selects (bf16 / fp16: half the memory "
+                             "for a 7B checkpoint)")
     parser.add_argument("--image", default="astronaut",
                         help=f"an image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)}")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about the image")
     parser.add_argument("--keep", type=parse_keep, default=Keep(64),
                         help="token count (64) or fraction (0.12; 1.0 keeps every token)")
-    parser.add_argument("--methods", type=parse_methods, default=DEFAULT_METHODS,
+    parser.add_argument("--methods", type=parse_methods, default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, one panel each (registered: {', '.join(method_names())})")
     parser.add_argument("--layer", type=int, default=2,
                         help="K: prune between decoder layers K-1 and K (0 = before the LLM)")

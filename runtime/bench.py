@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import threading
@@ -84,7 +85,7 @@ def parse_keeps(text: str) -> list:
 def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None,
                   quantize: str = "none", quantize_vision: str = "none") -> Path:
     """Export once; reuse a folder whose export_config.json records the same pruner and quantization settings."""
-    from export.cli import default_out, main as export_main
+    from export.cli import ExportError, build_parser as export_parser, default_out, run as export_run
 
     suffix = ("" if quantize == "none" else f"-{quantize}") + (
         "" if quantize_vision == "none" else f"-vision{quantize_vision}")
@@ -108,9 +109,31 @@ def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cac
         argv += ["--quantize-vision", quantize_vision]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
-    if export_main(argv) != 0:
-        raise RuntimeError(f"export of {model} keep={keep} target={target} failed (see the messages above)")
+    try:  # the exporter itself: its summary without the closing notes per export (pruner-bench prints its own once)
+        export_run(export_parser().parse_args(argv), notes=False)
+    except ExportError as error:
+        raise RuntimeError(f"export of {model} keep={keep} target={target} failed: {error}") from None
     return folder
+
+
+def supported_targets(model: str, targets: list[str], cache_dir: Path | None) -> list[str]:
+    """The requested targets the model's family exports to (adapter.export_targets), in the order asked; a one-line
+    note on stderr for each one skipped; ValueError when none is left."""
+    from export.cli import DEFAULT_CACHE
+    from pruner_core.adapters import adapter_for, resolve_model
+
+    adapter = adapter_for(resolve_model(model, cache_dir or DEFAULT_CACHE))
+    kept = [target for target in targets if target in adapter.export_targets]
+    skipped = [target for target in targets if target not in adapter.export_targets]
+    if not kept:
+        raise ValueError(f"{model} is a {adapter.family} checkpoint, which exports to "
+                         f"{', '.join(adapter.export_targets) or 'no target yet'}, none of --targets "
+                         f"{','.join(targets)}" + (f"; pass --targets {','.join(adapter.export_targets)}"
+                                                    if adapter.export_targets else ""))
+    if skipped:
+        print(f"pruner-bench: note: skipping {', '.join(skipped)} ({adapter.family} exports to "
+              f"{', '.join(adapter.export_targets)} only)", file=sys.stderr)
+    return kept
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +143,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     image = resolve_image(args.image)
     settings: list[Setting] = []
     sessions = []
-    for target in args.targets:
+    for target in supported_targets(args.model, args.targets, args.cache_dir):
         for keep in args.keeps:
             folder = ensure_export(args.model, target, keep, args.prune_layer, args.work_dir, args.cache_dir)
             settings.append(Setting(target=target, keep=keep, folder=str(folder)))
@@ -143,6 +166,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         setting.kv_cache_bytes = profile.kv_cache_bytes or 0
         setting.prompt_tokens = profile.prompt_tokens_after_pruning or 0
     report = summarise(settings, args)
+    report.update(image_fields(args.image))
     report["random_weights"] = any(bool(session.config.get("random_weights")) for session in sessions)
     return report
 
@@ -166,6 +190,14 @@ def summarise(settings: list[Setting], args: argparse.Namespace) -> dict[str, An
         })
     return {"model": args.model, "prune_layer": args.prune_layer, "repeats": args.repeats, "warmup": args.warmup,
             "max_new_tokens": args.max_new_tokens, "prompt": args.prompt, "rows": rows}
+
+
+def image_fields(name: str) -> dict[str, str]:
+    """Which image the report measured: a file's absolute path, or the bundled sample's name."""
+    path = Path(name)
+    if path.exists():
+        return {"image": str(path.resolve()), "image_source": "file"}
+    return {"image": name, "image_source": "scikit-image sample"}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -227,24 +259,44 @@ def _progress(total: int, disabled: bool):
     return lambda label: None
 
 
+TARGETS = ("executorch", "onnx")
+
+
+def parse_targets(text: str) -> list[str]:
+    """argparse type: 'executorch,onnx' -> ['executorch', 'onnx'] (known targets, each once)."""
+    targets = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of {', '.join(TARGETS)}")
+    return targets
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruner-bench", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="tiny-llava")
-    parser.add_argument("--targets", type=lambda s: s.split(","), default=["executorch", "onnx"])
+    parser.add_argument("--model", default="tiny-llava",
+                        help="a model name (tiny-llava, tiny-qwen2-vl, llava-1.5-7b, ...), a cached hub id or a "
+                             "checkpoint directory, as pruner-export takes it")
+    parser.add_argument("--targets", type=parse_targets, default=list(TARGETS), metavar="LIST",
+                        help="comma-separated runtimes to compare; targets the model's family does not export to "
+                             "are skipped with a note (default: executorch,onnx)")
     parser.add_argument("--keeps", type=parse_keeps, default="1.0,0.33,0.22,0.11",
                         help="comma-separated counts (64) or fractions (0.33); must include 1.0, the baseline "
                              "(default: %(default)s)")
-    parser.add_argument("--prune-layer", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--image", default="astronaut")
-    parser.add_argument("--prompt", default="What is in the picture?")
-    parser.add_argument("--work-dir", type=Path, default=Path("exported") / "bench")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where tiny models are built")
+    parser.add_argument("--prune-layer", type=int, default=2,
+                        help="K: prune between decoder layers K-1 and K (0 = before the LLM)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs per setting (the table shows medians)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per setting first")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per run")
+    parser.add_argument("--image", default="astronaut",
+                        help="image file (or astronaut / chelsea / coffee, the bundled scikit-image photographs)")
+    parser.add_argument("--prompt", default="What is in the picture?", help="the question asked on every run")
+    parser.add_argument("--work-dir", type=Path, default=Path("exported") / "bench",
+                        help="where the exports are written (and reused by later runs with the same settings)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where tiny models are built (default: pruner-export's, ~/.cache/vlm-pruner-edge/models)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report; the chart goes beside it")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_verbose(parser)
     return parser
 
@@ -269,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     chart(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    hint = ["pruner-run", report["rows"][-1]["folder"], "--image", args.image, "--prompt", args.prompt]
+    print(f"next: {shlex.join(hint)}")
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .devices import NoNpuError
-from .console import HelpFormatter, add_verbose, quiet_libraries
+from .console import HelpFormatter, add_verbose, escape_controls, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "PyTorch with --keep/--prune-layer")
     parser.add_argument("--image", required=True, help="image file (or astronaut / chelsea / coffee, the bundled "
                                                        "scikit-image photographs)")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="the question or instruction about the image")
     parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto"],
                         help="npu: the first NPU provider / delegate, else an error; auto: NPU if any, else CPU")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     eager = parser.add_argument_group("eager PyTorch (when MODEL is not an exported folder)")
     eager.add_argument("--keep", type=_keep, default=None,
                        help="token count (64) or fraction (0.12; 1.0 keeps every token); default 0.12")
-    eager.add_argument("--prune-layer", type=int, default=None, help="default 2 (the paper's)")
-    eager.add_argument("--method", default=None, help="default vlm_pruner")
-    eager.add_argument("--cache-dir", type=Path, default=None)
+    eager.add_argument("--prune-layer", type=int, default=None,
+                       help="K: prune between decoder layers K-1 and K (0 = before the LLM); default 2 (the paper's)")
+    eager.add_argument("--method", default=None, help="how the kept image tokens are chosen; default vlm_pruner")
+    eager.add_argument("--cache-dir", type=Path, default=None,
+                       help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
     add_verbose(parser)
     return parser
 
@@ -59,6 +61,30 @@ def resolve_image(name: str):
     return name
 
 
+def refuse_eager_flags(args: argparse.Namespace) -> None:
+    """The eager-only flags with an exported folder: ValueError naming them (they would be ignored)."""
+    pruning = [flag for flag, value in (("--keep", args.keep), ("--prune-layer", args.prune_layer),
+                                        ("--method", args.method)) if value is not None]
+    problems = []
+    if pruning:
+        problems.append(f"{' / '.join(pruning)} {'sets' if len(pruning) == 1 else 'set'} how an eager model is "
+                        f"pruned; {args.model} was exported with its own settings (export_config.json)")
+    if args.cache_dir is not None:
+        problems.append(f"--cache-dir is where eager tiny models are built; {args.model} is an exported folder, "
+                        "which reads nothing from it")
+    if problems:
+        flags = len(pruning) + (args.cache_dir is not None)
+        raise ValueError("; ".join(problems) + f": drop {'it' if flags == 1 else 'them'}"
+                         + (", or export again with pruner-export" if pruning else ""))
+
+
+def token_printer(stream):
+    """on_token for Session.generate: each piece printed as it comes; on a terminal with its control characters
+    escaped (runtime.console.escape_controls), elsewhere (a pipe, a file) as generated."""
+    tty = stream.isatty() if hasattr(stream, "isatty") else False
+    return lambda piece: print(escape_controls(piece) if tty else piece, end="", flush=True, file=stream)
+
+
 def run(args: argparse.Namespace) -> int:
     from . import load
 
@@ -70,11 +96,7 @@ def run(args: argparse.Namespace) -> int:
                               layer=2 if args.prune_layer is None else args.prune_layer,
                               method=args.method or "vlm_pruner")
     else:
-        given = [flag for flag, value in (("--keep", args.keep), ("--prune-layer", args.prune_layer),
-                                          ("--method", args.method)) if value is not None]
-        if given:
-            raise ValueError(f"{' / '.join(given)} set how an eager model is pruned; {args.model} was exported with "
-                             "its own (export_config.json): drop them, or export again with pruner-export")
+        refuse_eager_flags(args)
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)
@@ -84,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{RANDOM_WEIGHTS_NOTE}]", file=sys.stderr)
     stream = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON object alone
     result = session.generate(resolve_image(args.image), args.prompt, max_new_tokens=args.max_new_tokens,
-                              on_token=lambda piece: print(piece, end="", flush=True, file=stream),
+                              on_token=token_printer(stream),
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(file=stream)
     if args.json:

@@ -113,7 +113,8 @@ def resolve_onnx_providers(device: str = "auto") -> OnnxProviders:
     "auto" -> NPU when there is one, else CPU (``note`` says which and why)."""
     requested = _check_device(device)
     if requested == "cpu":
-        return OnnxProviders(requested, "cpu", (CPU_PROVIDER,), ({},), "CPU asked for")
+        return OnnxProviders(requested, "cpu", (CPU_PROVIDER,), ({},),
+                             f"running on the CPU ({CPU_PROVIDER}), as device cpu asks")
     available = available_onnx_providers()
     for name, options in NPU_ONNX_PROVIDERS:
         if name == "OpenVINOExecutionProvider" and _openvino_npu_present() is False:
@@ -124,7 +125,8 @@ def resolve_onnx_providers(device: str = "auto") -> OnnxProviders:
                 "npu",
                 (name, CPU_PROVIDER),
                 (dict(options), {}),
-                f"NPU through {name}; unsupported operators run on {CPU_PROVIDER}",
+                f"running on the NPU through {name} (operators it does not support run on the CPU, "
+                f"{CPU_PROVIDER})",
             )
     if requested == "npu":
         raise NoNpuError(
@@ -136,7 +138,8 @@ def resolve_onnx_providers(device: str = "auto") -> OnnxProviders:
         "cpu",
         (CPU_PROVIDER,),
         ({},),
-        f"auto: no NPU execution provider (available: {', '.join(available)}), using CPU",
+        f"running on the CPU: device auto found no NPU execution provider (this onnxruntime has: "
+        f"{', '.join(available)})",
     )
 
 
@@ -249,7 +252,7 @@ def resolve_executorch_backend(
         )
         raise NoNpuError(message) if any(backend_kind(b) == "npu" for b in missing) else RuntimeError(message)
     taken = "npu" if npu else ("gpu" if accelerated else "cpu")
-    note = f"{requested}: {taken} through {', '.join(needed) or 'portable kernels'}"
+    note = f"running on the {taken.upper()} through {', '.join(needed) or 'portable kernels'} (device {requested})"
     if "QnnBackend" in npu and platform.machine().lower() in ("x86_64", "amd64"):
         note += " (x86-64 host: QNN HTP runs in Qualcomm's simulator, not on an NPU)"
     return ExecutorchBackends(requested, taken, needed, note, names)

@@ -300,6 +300,7 @@ class Setting:
     group: str  # settings with the same group compare with each other (same model, backend, layer)
     identity: str  # the model part of the cache key
     pruner: dict[str, Any] = field(default_factory=dict)  # PrunerConfig.to_dict()
+    random_weights: bool = False  # a tiny (or benchmark) build: its answers are gibberish by design
 
     def config_json(self) -> str:
         return json.dumps(self.pruner, sort_keys=True)
@@ -333,6 +334,7 @@ def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], lay
         raise EvalError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
     local = Path(model).expanduser()
     identity = f"dir:{local.resolve()}" if local.is_dir() else f"model:{model}"
+    random = model_has_random_weights(model)
     settings: dict[tuple[str, Any], Setting] = {}
     for method in methods:
         for value in keeps:
@@ -345,10 +347,18 @@ def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], lay
             settings.setdefault((method, keep), Setting(
                 label=label, kind="eager", source=model, method=method, keep=keep, layer=layer,
                 full=keep.keeps_all, group=f"{identity} layer={layer}", identity=identity,
-                pruner=config.to_dict()))
+                pruner=config.to_dict(), random_weights=random))
     if not settings:
         raise EvalError("no setting to evaluate: give --keep and --methods (e.g. --keep 1.0,0.11 --methods vlm_pruner)")
     return list(settings.values())
+
+
+def model_has_random_weights(model: str) -> bool:
+    """A tiny model name, or a local build whose spec stamp says its weights are random (no model is built)."""
+    from pruner_core.adapters.hub import random_weights, tiny_models
+
+    local = Path(model).expanduser()
+    return model in tiny_models() or (local.is_dir() and random_weights(local))
 
 
 def exported_setting(folder: str | Path) -> Setting:
@@ -371,7 +381,8 @@ def exported_setting(folder: str | Path) -> Setting:
     group = json.dumps({name: config.get(name) for name in ("model_id", "target", "backend", "dtype", "quantization")}
                        | {"layer": layer}, sort_keys=True)
     return Setting(label=folder.name or str(folder), kind="exported", source=str(folder), method=method, keep=keep,
-                   layer=layer, full=full, group=group, identity=f"export_config:{text}", pruner=pruner)
+                   layer=layer, full=full, group=group, identity=f"export_config:{text}", pruner=pruner,
+                   random_weights=bool(config.get("random_weights")))
 
 
 def exported_settings(folders: Iterable[str | Path]) -> list[Setting]:
@@ -553,6 +564,7 @@ class EvalReport:
     generate_calls: int
     cache_hits: int
     settings: list[SettingResult]
+    random_weights: bool = False  # some setting's model is a tiny (or benchmark) build: scores mean nothing
 
     def to_dict(self) -> dict[str, Any]:
         payload = {"version": EVAL_VERSION, "reference_rule": REFERENCE_RULE, **asdict(self)}
@@ -630,7 +642,7 @@ def evaluate(options: EvalOptions, load: Loader = default_loader,
         questions_file=str(question_set.path), questions=len(question_set.questions),
         skipped_lines=list(question_set.skipped), max_new_tokens=options.max_new_tokens,
         prompt_suffix=options.prompt_suffix, cache_file=str(cache.path), generate_calls=counts["generate"],
-        cache_hits=counts["hits"], settings=results)
+        cache_hits=counts["hits"], settings=results, random_weights=any(s.random_weights for s in settings))
 
 
 def answer_setting(setting: Setting, questions: Iterable[Question], options: EvalOptions, cache: AnswerCache,
@@ -753,20 +765,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=Path, default=None,
                         help="JSONL of {image, question, answer} (default: the shipped scikit-image set)")
     parser.add_argument("--model", default=None, help="eager PyTorch: tiny-llava (default), tiny-llava-gqa, "
-                                                      "llava-1.5-7b, a cached hub id or a llava-hf directory")
+                                                      "llava-1.5-7b, llava-1.5-13b, tiny-qwen2-vl, tiny-qwen2.5-vl, "
+                                                      "qwen2-vl-2b/7b, qwen2.5-vl-3b/7b, a cached hub id or a "
+                                                      "checkpoint directory")
     parser.add_argument("--keep", default=None, help=f"comma-separated counts or fractions (default {DEFAULT_KEEPS})")
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
     parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
     parser.add_argument("--exported", type=Path, nargs="+", default=None, metavar="DIR",
                         help="evaluate folders written by pruner-export instead of eager settings")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"))
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"),
+                        help="for --exported folders: npu = the first NPU provider / delegate, else an error; auto = "
+                             "NPU if any, else CPU (eager models run on the CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=8,
+                        help="tokens generated per answer at most (short answers need few)")
     parser.add_argument("--prompt-suffix", default=DEFAULT_PROMPT_SUFFIX,
                         help="appended to every question (default: LLaVA-1.5's short-answer instruction)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N usable questions")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="answer cache folder (resumable runs)")
-    parser.add_argument("--model-cache-dir", type=Path, default=None, help="where tiny models are built")
+    parser.add_argument("--model-cache-dir", type=Path, default=None,
+                        help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_verbose(parser)
     return parser
@@ -817,6 +835,10 @@ def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
               "command to continue", file=sys.stderr)
         return 130
     print(report.table())
+    if report.random_weights:
+        from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
+
+        print(f"note: {RANDOM_WEIGHTS_NOTE} (the scores test the plumbing, not the pruning)")
     if args.out is not None:
         print(f"wrote {args.out}")
     return 0

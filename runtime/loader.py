@@ -30,7 +30,8 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     placement = "before_llm" if config.layer == 0 else "in_llm"
     return Session(backend=backend, encoder=encoder, image_spec=spec,
                    config={"placement": placement, "pruner": config.to_dict(),
-                           "random_weights": random_weights(model_dir)}, device_note="cpu (eager PyTorch)")
+                           "random_weights": random_weights(model_dir)},
+                   device_note="running on the CPU in eager PyTorch")
 
 
 def load(

@@ -212,7 +212,7 @@ def test_keep_one_agrees_with_itself_and_json_schema(tmp_path, model_cache, caps
     report = json.loads(out.read_text())
     assert list(report) == ["version", "reference_rule", "questions_file", "questions", "skipped_lines",
                             "max_new_tokens", "prompt_suffix", "cache_file", "generate_calls", "cache_hits",
-                            "settings"]
+                            "settings", "random_weights"]
     assert report["questions"] == 3 and report["skipped_lines"][0]["line"] == 3
     assert report["generate_calls"] == 12 and report["cache_hits"] == 0 and report["max_new_tokens"] == 4
     settings = {s["label"]: s for s in report["settings"]}
@@ -238,6 +238,7 @@ def test_keep_one_agrees_with_itself_and_json_schema(tmp_path, model_cache, caps
     # the table on stdout
     assert "accuracy" in captured.out and "agreement" in captured.out and "dart keep=0.11" in captured.out
     assert f"wrote {out}" in captured.out
+    assert report["random_weights"] is True and "note: random weights" in captured.out  # tiny-llava says so
 
 
 def test_second_run_is_free(tmp_path, model_cache) -> None:
@@ -358,9 +359,11 @@ def test_exported_folders(tmp_path, capsys) -> None:
     assert len(loader.calls) == 6
 
     assert main(args, load=loader) == 0 and len(loader.calls) == 6  # cached
+    assert report["random_weights"] is False and "random weights" not in capsys.readouterr().out
     config = json.loads((pruned / "export_config.json").read_text())
-    (pruned / "export_config.json").write_text(json.dumps({**config, "dtype": "fp16"}))  # a re-export
-    assert main(args, load=loader) == 0 and len(loader.calls) == 9  # only that folder runs again
+    (pruned / "export_config.json").write_text(json.dumps({**config, "dtype": "fp16", "random_weights": True}))
+    assert main(args, load=loader) == 0 and len(loader.calls) == 9  # only that folder (a re-export) runs again
+    assert "note: random weights" in capsys.readouterr().out
 
     assert main([*args, "--keep", "0.5"], load=loader) == 2
     assert "drop --keep" in capsys.readouterr().err

@@ -173,8 +173,12 @@ def test_path_like_names_and_folders_without_weights(tmp_path, monkeypatch):
     (config_only / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
     code, err = run_cli(["--model", str(config_only), "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and "no weights" in err and "Traceback" not in err
-    code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--out", str(tmp_path / "o")], tmp_path)
-    assert code == 2 and "no executorch export yet" in err and "pruner-run tiny-qwen2-vl" in err
+    for target in ("executorch", "all"):  # Qwen2-VL exports to ONNX only: say so and give the command
+        code, err = run_cli(["--model", "tiny-qwen2-vl", "--keep", "0.12", "--target", target,
+                             "--out", str(tmp_path / "o")], tmp_path)
+        assert code == 2 and "Qwen2-VL" in err and "exports with --target onnx only" in err
+        assert f"not --target {target}" in err and "--target onnx`" in err and "LLaVA" not in err
+    assert "(it includes executorch)" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -213,4 +217,33 @@ def test_pruner_run_refuses_pruning_flags_on_an_exported_folder(tmp_path, capsys
     folder.mkdir()
     (folder / "export_config.json").write_text("{}")
     code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--keep", "0.5"])
-    assert code == 2 and "--keep set how an eager model is pruned" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--keep sets how an eager model is pruned" in err and "drop it, or export again" in err
+    code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--keep", "0.5", "--method", "dart"])
+    assert code == 2 and "--keep / --method set how an eager model is pruned" in capsys.readouterr().err
+    code = run_main([str(folder), "--image", "astronaut", "--prompt", "hi", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cache-dir is where eager tiny models are built" in err and ": drop it" in err
+    assert "export again" not in err
+
+
+def test_summary_notes_random_weights_and_the_next_command(tmp_path):
+    from export.cli import summarise
+
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "model.pte").write_bytes(b"x" * 10)
+    payload = {"target": "executorch", "kept_image_tokens": 69, "num_image_tokens": 576, "placement": "in_llm",
+               "pruner": {"method": "vlm_pruner", "layer": 2}, "methods": {"forward": {}}}
+
+    def shown(payload, notes=True) -> str:
+        stream = io.StringIO()
+        summarise(out, payload, 1.0, stream, notes)
+        return stream.getvalue()
+
+    real = shown(payload)
+    assert f"next: pruner-run {out}" in real and "random weights" not in real
+    tiny = shown({**payload, "random_weights": True})
+    assert "note: random weights (a tiny test build)" in tiny
+    quiet = shown({**payload, "random_weights": True}, notes=False)  # pruner-bench prints its own notes once
+    assert "kept 69 of 576" in quiet and "next:" not in quiet and "random weights" not in quiet

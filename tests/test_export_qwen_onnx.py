@@ -82,3 +82,17 @@ def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
     image = Image.fromarray(data.chelsea())
     spec = ImagePreprocessing.from_dict(config["image_preprocessing"])
     assert np.array_equal(preprocess(image, spec), processor.pixels(image)["pixel_values"].numpy())
+
+
+def test_export_without_position_scheme_is_refused_naming_the_field(qwen_onnx, tmp_path):
+    """An M-RoPE export whose export_config.json lacks decoder.position_scheme cannot be run as a 1-D one: a clear
+    error naming the field, not onnxruntime's missing-input message."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(qwen_onnx["tiny-qwen2-vl", 0][1], folder)
+    config = json.loads((folder / "export_config.json").read_text())
+    del config["decoder"]["position_scheme"]
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks decoder.position_scheme.*mrope.*export the model again"):
+        load(folder)

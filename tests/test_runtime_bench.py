@@ -9,9 +9,7 @@ import pytest
 from PIL import Image
 
 from pruner_core.config import Keep
-from runtime.bench import PeakSampler, main, parse_keeps
-
-pytestmark = pytest.mark.slow
+from runtime.bench import PeakSampler, main, parse_keeps, parse_targets, supported_targets
 
 
 def test_parse_keeps():
@@ -34,6 +32,26 @@ def test_bench_needs_the_keep_1_baseline(capsys):
     assert "must include 1.0" in capsys.readouterr().err
 
 
+def test_targets_are_checked_and_unsupported_ones_skipped(tmp_path, capsys):
+    """--targets takes known names only; a Qwen2-VL model benches what it exports to (ONNX) with a note, and
+    refuses before any export when none of the requested targets is one."""
+    assert parse_targets("onnx,executorch,onnx") == ["onnx", "executorch"]
+    with pytest.raises(argparse.ArgumentTypeError, match="executorch, onnx"):
+        parse_targets("tflite")
+    zoo = tmp_path / "zoo"
+    assert supported_targets("tiny-qwen2-vl", ["executorch", "onnx"], zoo) == ["onnx"]
+    err = capsys.readouterr().err
+    assert "skipping executorch" in err and "onnx only" in err and len(err.strip().splitlines()) == 1
+    assert supported_targets("tiny-llava", ["executorch", "onnx"], zoo) == ["executorch", "onnx"]
+    assert capsys.readouterr().err == ""
+    code = main(["--model", "tiny-qwen2-vl", "--targets", "executorch", "--cache-dir", str(zoo),
+                 "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "bench.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pruner-bench: error:" in err and "--targets onnx" in err and "Traceback" not in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.slow
 def test_pruner_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "report" / "bench.json"
     code = main(["--model", "tiny-llava", "--cache-dir", str(tmp_path / "zoo"), "--targets", "onnx",
@@ -49,8 +67,12 @@ def test_pruner_bench_end_to_end(tmp_path, capsys):
     assert all(len(row["samples"]["ttft_ms"]) == 2 for row in report["rows"])
     with Image.open(out.with_suffix(".png")) as chart:
         assert chart.size[0] > 200 and chart.size[1] > 200
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "TTFT ms" in printed and "onnx" in printed
+    assert report["image"] == "astronaut" and report["image_source"] == "scikit-image sample"
+    assert (printed + captured.err).count("next:") == 1  # one hint, not one per export
+    assert f"next: pruner-run {rows[0.11]['folder']} --image astronaut" in printed
     assert report["random_weights"] is True and "random weights" in printed  # a tiny build says so
     # a second run reuses the exports (no new export folders, same report shape)
     before = sorted(p.name for p in (tmp_path / "work").iterdir())

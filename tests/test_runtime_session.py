@@ -175,6 +175,23 @@ def test_export_config_missing_a_runtime_field_names_it(onnx_exports, tmp_path, 
         load(folder)
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+def test_older_llava_export_without_position_scheme_runs_with_1d_positions(onnx_exports, eager_tokens, tmp_path,
+                                                                          layer):
+    """ONNX exports made before Qwen2-VL support have no decoder.position_scheme: LLaVA's is "1d", filled in."""
+    folder = copy_export(onnx_exports[layer], tmp_path)
+    config = json.loads((folder / "export_config.json").read_text())
+    del config["decoder"]["position_scheme"]
+    (folder / "export_config.json").write_text(json.dumps(config))
+    session = load(folder)
+    assert session.config["decoder"]["position_scheme"] == "1d"
+    assert session.generate(data.astronaut(), PROMPT, max_new_tokens=TOKENS).tokens == eager_tokens[layer]
+    config["decoder"]["position_scheme"] = "2d"
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="decoder.position_scheme '2d'.*export the model again"):
+        load(folder)
+
+
 def test_question_holding_the_image_placeholder_is_refused_as_such(onnx_exports):
     session = load(onnx_exports[0])
     with pytest.raises(ValueError, match="question contains the image placeholder '<image>'.*remove"):

@@ -1,0 +1,91 @@
+"""runtime/console.py: what every CLI prints besides its own output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A fresh interpreter (torch not imported yet, as in a CLI): quiet_libraries, then a warning on the logger torch's
+# pytree registrations use (torchao's `register_constant` notices come through it when it is imported).
+PROBE = """
+import logging, sys
+from runtime.console import quiet_libraries
+quiet_libraries(verbose=sys.argv[1] == "verbose")
+import torch
+logging.getLogger("torch.utils._pytree").warning("probe: register_constant is deprecated")
+logging.getLogger("torch.export").warning("probe: torch.export notice")
+"""
+
+
+def _stderr(mode: str) -> str:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_torch_log_warnings_quiet_unless_verbose():
+    """Importing torch resets its loggers to WARNING; quiet_libraries must still hold after that import."""
+    assert "probe" not in _stderr("quiet")
+    verbose = _stderr("verbose")
+    assert "probe: register_constant" in verbose and "probe: torch.export notice" in verbose
+
+
+def _parsers():
+    from export.cli import build_parser as export_parser
+    from pruner_core.viz import build_parser as viz_parser
+    from runtime.bench import build_parser as bench_parser
+    from runtime.cli import build_parser as run_parser
+    from runtime.evaluate import build_parser as eval_parser
+
+    return {"pruner-export": export_parser(), "pruner-run": run_parser(), "pruner-bench": bench_parser(),
+            "pruner-eval": eval_parser(), "pruner-viz": viz_parser()}
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parsers = _parsers()
+    bare = [f"{name} {action.option_strings[-1]}" for name, parser in parsers.items() for action in parser._actions
+            if action.option_strings and not (action.help or "").strip()]
+    assert not bare, f"options without help text: {bare}"
+    shown = {name: " ".join(parser.format_help().split()) for name, parser in parsers.items()}
+    assert "(default: vlm_pruner,dart,divprune,fastv,visionzip,random)" in shown["pruner-viz"]  # not a tuple
+    assert "(default: fp32)" in shown["pruner-viz"]
+    assert "sampling seed (with --temperature > 0) (default: 0)" in shown["pruner-run"]  # 0 is a default too
+    assert "(default: executorch,onnx)" in shown["pruner-bench"] and "(default: 5)" in shown["pruner-bench"]
+    assert "(default: 8)" in shown["pruner-eval"] and "tiny-qwen2-vl" in shown["pruner-eval"]
+    export = shown["pruner-export"]
+    assert "(default: executorch)" in export and "(default: vlm_pruner)" in export
+    assert "Qwen2-VL / Qwen2.5-VL to ONNX" in export and "448 = 448x448" in export and "672x672" in export
+
+
+def test_generated_text_on_a_terminal_cannot_drive_it():
+    """Control characters in a model's answer are shown escaped on a terminal (newlines and tabs kept), and passed
+    through unchanged to a pipe or file."""
+    import io
+
+    from runtime.cli import token_printer
+    from runtime.console import escape_controls
+
+    answer = "a\x1b[2Jb\rc\bd\x07\x9b\u202ee\nf\tg é 👨\u200d👩\u200d👧"
+    assert escape_controls(answer) == "a\\x1b[2Jb\\rc\\x08d\\x07\\x9b\\u202ee\nf\tg é 👨\u200d👩\u200d👧"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        show = token_printer(stream)
+        for piece in (answer[:3], answer[3:]):
+            show(piece)
+    assert terminal.getvalue() == escape_controls(answer) and pipe.getvalue() == answer
+
+
+def test_device_notes_say_what_runs_where():
+    from runtime.devices import resolve_executorch_backend, resolve_onnx_providers
+
+    assert resolve_onnx_providers("cpu").note == "running on the CPU (CPUExecutionProvider), as device cpu asks"
+    xnnpack = resolve_executorch_backend(["XnnpackBackend"], "cpu", registered={"XnnpackBackend": True})
+    assert xnnpack.note == "running on the CPU through XnnpackBackend (device cpu)"
