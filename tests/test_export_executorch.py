@@ -1,5 +1,6 @@
 """The ExecuTorch target: `.pte` files that generate what eager pruned PyTorch generates, in our runtime and (layer 0)
-in ExecuTorch's stock MultimodalRunner; export_config.json consistent with the program; clear backend errors.
+in ExecuTorch's stock MultimodalRunner; export_config.json consistent with the program; each weight stored once in
+the .pte (#15); clear backend errors.
 
 Tiny random LLaVA-1.5 models are built once per session (no downloads); the image is scikit-image's astronaut.
 Exports are shared by every test of this module (lowering dominates its runtime, mostly per XNNPACK partition):
@@ -25,8 +26,9 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions, checkpoint_dtype
-from export.executorch_llava import BackendUnavailableError, export_executorch
+from export.executorch_llava import BackendUnavailableError, export_executorch, quant_group_size
 from export.memory import estimate_export_memory
+from export.pte_weights import StoredConstant, duplicated, stored_constants
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, parameter_counts, resolve_model
 from runtime.executorch_backend import ExecuTorchModel
@@ -351,6 +353,97 @@ def test_export_config_matches_program(exports, layer):
     assert constants["get_num_image_tokens"] == payload["kept_image_tokens"]  # what vision_encoder returns
     removed = payload["num_image_tokens"] - payload["kept_image_tokens"] if layer else 0
     assert constants["get_max_seq_len"] == payload["executorch"]["runner_max_seq_len"] == MAX_SEQ_LEN - removed
+
+
+# ---------------------------------------------------------------- each weight stored once (#15)
+
+# The .pte files of this module's exports that the check reads (no export of its own): both placements, both places
+# ExecuTorch keeps weights (XNNPACK's named data, the portable kernels' constant segment), the layer-2 export lowered
+# one layer per pass (export/lowering.py), and the 8da4w (+ int8 vision) CLI export. (8da4w at layer 2 has no
+# export here; checked once by hand: the same 420,556 stored bytes as at layer 0, layers < 2 read by both methods.)
+PTE_CASES = {
+    "L0-xnnpack": ("tiny-llava", 0, 0.12),
+    "L2-xnnpack-sliced": ("tiny-llava-gqa", 2, 0.12),
+    "L2-portable": ("tiny-llava", 2, 0.12),
+    "L0-8da4w": QUANTISED,
+}
+# Blobs smaller than this may share content without being one weight stored twice: in these random tiny models the
+# per-channel vectors (norm weights all ones, biases all zeros; at most 512 B here, 8da4w's bf16 scale vectors at
+# most 988 B) coincide across tensors, and across the two stores (a zero [32] bias is in both the constant segment
+# and XNNPACK's named data). 1 KiB is the smallest weight matrix as stored (8da4w's 4-bit 32x64 k/v projections;
+# fp32 matrices start at 4 KiB), so every matrix, of every case, is hashed.
+MIN_DUPLICATE_BYTES = 1024
+STORED_BYTES_RANGE = (0.97, 1.03)  # stored / the parameters' bytes in the form the export stores them (measured 1.00)
+
+
+def stored_form_bytes(model, inputs, quantize: str, quantize_vision: str) -> dict[str, float]:
+    """Parameter name -> its bytes in the form an fp32 export stores it (8da4w decoder linears: 4-bit weights and a
+    bf16 scale per group, XNNPACK's layout; int8 vision linears: int8 weights and an fp32 scale per row; the rest
+    fp32), for the parameters the program reads: those that get a gradient from one forward pass of the full model
+    (torch.export drops the others: CLIP's last layer and post-layernorm, whose output LLaVA-1.5 does not use)."""
+    model.zero_grad(set_to_none=True)
+    model(**inputs).logits.float().sum().backward()
+    linears = {f"{fqn}.weight": module for fqn, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    out = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None:
+            continue
+        linear = linears.get(name)
+        if linear is not None and quantize == "8da4w" and name.startswith(("model.language_model.", "lm_head.")):
+            out[name] = parameter.numel() / 2 + parameter.numel() // quant_group_size(linear.in_features) * 2
+        elif linear is not None and quantize_vision == "int8" and name.startswith(
+                ("model.vision_tower.", "model.multi_modal_projector.")):
+            out[name] = parameter.numel() + linear.out_features * 4
+        else:
+            out[name] = parameter.numel() * parameter.element_size()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("case", list(PTE_CASES))
+def test_pte_stores_each_weight_once(exports, quantised_cli_export, et_zoo, prompts, case):
+    """No weight blob of at least MIN_DUPLICATE_BYTES is stored twice (SHA-256 of its bytes) anywhere in model.pte:
+    constant segment, named data, delegate payloads (export/pte_weights.py); and the blobs add up to the model's
+    parameters once, in their stored form, so no weight is held twice in another form either. At layer K >= 1
+    the decoder layers < K, which vision_encoder and text_decoder both run, are stored once for both."""
+    name, layer, keep = PTE_CASES[case]
+    folder = quantised_cli_export() if PTE_CASES[case] == QUANTISED else exports(name, layer, keep)[0]
+    payload = json.loads((folder / "export_config.json").read_text())
+    assert payload["dtype"] == "fp32"  # stored_form_bytes: 4 bytes for each parameter left unquantised
+    constants = stored_constants(folder / "model.pte")
+
+    assert duplicated(constants, MIN_DUPLICATE_BYTES) == {}
+    assert not [c.where for c in constants if c.kind == "unreferenced"]  # no segment written and never read
+    assert all(c.methods for c in constants if c.kind == "named_data")  # each key found in some delegate's graph
+    stored = sum(c.nbytes for c in constants)
+    hashed = sum(c.nbytes for c in constants if c.nbytes >= MIN_DUPLICATE_BYTES)
+    assert hashed >= 0.95 * stored  # the hash check covers the weights, not a remainder
+
+    model, _ = load_llava(et_zoo[name])
+    expected = stored_form_bytes(model, prompts[name], payload["quantization"], payload["vision_quantization"])
+    low, high = STORED_BYTES_RANGE
+    assert low * sum(expected.values()) <= stored <= high * sum(expected.values()), (stored, sum(expected.values()))
+
+    if layer:  # both methods read the layers below K: one copy, read by both
+        shared = sum(c.nbytes for c in constants if {"vision_encoder", "text_decoder"} <= set(c.methods))
+        below = sum(nbytes for parameter, nbytes in expected.items()
+                    if any(parameter.startswith(f"model.language_model.layers.{i}.") for i in range(layer)))
+        assert shared >= 0.95 * below, (shared, below)
+
+
+def test_duplicated_finds_a_blob_stored_twice(tmp_path):
+    """duplicated() reports content stored at two places from min_bytes up, and nothing else; a file that is not
+    a .pte is refused with a ValueError."""
+    blobs = [StoredConstant("named_data:a", "named_data", 4096, "aa"), StoredConstant("constant_segment[3]",
+             "constant", 4096, "aa"), StoredConstant("constant_segment[4]", "constant", 4096, "bb"),
+             StoredConstant("constant_segment[5]", "constant", 128, "cc"), StoredConstant("named_data:c",
+             "named_data", 128, "cc")]
+    assert duplicated(blobs, 1024) == {"aa": ["named_data:a", "constant_segment[3]"]}
+    assert duplicated(blobs, 0) == {"aa": ["named_data:a", "constant_segment[3]"],
+                                    "cc": ["constant_segment[5]", "named_data:c"]}
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07" + bytes(100))
+    with pytest.raises(ValueError, match="not an ExecuTorch program"):
+        stored_constants(tmp_path / "model.onnx")
 
 
 # ---------------------------------------------------------------- options
