@@ -14,7 +14,9 @@ set by token counts:
     T = prompt tokens with all N image tokens, T' = with R, L = decoder layers.
 
 Goals (issue #4): decoder prefill speed-up >= 80 % of the bound, pruning < 2 % of time to first token, peak memory of
-the pruned run below the unpruned run. Needs ~20 GiB of RAM for the ExecuTorch lowering at 4 decoder layers.
+the pruned run below the unpruned run. Each export's files (GB on disk) and the peak RSS of a fresh process that loads
+it and generates --decode-tokens tokens are recorded too (issue #15: the layer-K ONNX folder used to hold the
+decoder twice). Needs ~20 GiB of RAM for the ExecuTorch lowering at 4 decoder layers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ def llava_7b_widths(decoder_layers: int) -> TinyLlavaSpec:
 
 def bound(total: int, kept: int, layers: int, split: int) -> float:
     return total / kept if split == 0 else layers * total / (split * total + (layers - split) * kept)
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, VmHWM starts afresh
+PEAK_SCRIPT = """
+import re, sys
+from pathlib import Path
+from skimage import data
+from runtime import load
+session = load(sys.argv[1])
+session.generate(data.astronaut(), "What is in the picture?", max_new_tokens=int(sys.argv[2]))
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024)
+"""
+
+
+def run_peak_rss(folder: str | Path, new_tokens: int) -> int:
+    """Peak RSS in bytes of a fresh process that loads the export and generates ``new_tokens`` tokens."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(new_tokens)], cwd=root,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, keep, layer in settings:
             folder = ensure_export(str(model_dir.resolve()), target, keep, layer, args.work_dir / target, None,
                                    quantize=quantize, quantize_vision=vision)
-            runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "session": load(folder),
+            runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "folder": folder,
                          "quantization": f"{quantize}/vision {vision}"})
+    for run in runs:  # each export alone in a fresh process: its files and the memory a run of it needs
+        run["folder_bytes"] = sum(f.stat().st_size for f in Path(run["folder"]).rglob("*") if f.is_file())
+        run["run_peak_rss_bytes"] = run_peak_rss(run["folder"], args.decode_tokens)
+    for run in runs:
+        run["session"] = load(run["folder"])
     image, prompt = data.astronaut(), "What is in the picture?"
     for run in runs:  # warm-up
         run["session"].generate(image, prompt, max_new_tokens=1)
@@ -90,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         run["decode_tps"] = profile.decode_tokens_per_s
     report = []
     print(f"{'target':<11} {'setting':<9} {'T->T_':>10} {'TTFT ms':>9} {'prefill ms':>11} {'speed-up':>9} "
-          f"{'bound':>6} {'of bound':>9} {'decode t/s':>11} {'call +MiB':>10}")
+          f"{'bound':>6} {'of bound':>9} {'decode t/s':>11} {'call +MiB':>10} {'files GB':>9} {'run peak GB':>12}")
     for run in runs:
         base = next(r for r in runs if r["target"] == run["target"] and r["label"] == "unpruned")
         ttft, prefill = statistics.median(run["ttft"]), statistics.median(run["prefill"])
@@ -100,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         row = {k: run[k] for k in ("target", "label", "keep", "layer", "quantization", "decode_tps")} | {
             "tokens": run["tokens"], "ttft_ms": ttft, "prefill_ms": prefill, "vision_ms": statistics.median(run["vision"]),
             "decoder_prefill_speedup": speedup, "bound": limit, "share_of_bound": speedup / limit,
-            "ttft_speedup": statistics.median(base["ttft"]) / ttft, "call_peak_growth_bytes": max(run["peak"])}
+            "ttft_speedup": statistics.median(base["ttft"]) / ttft, "call_peak_growth_bytes": max(run["peak"]),
+            "folder_bytes": run["folder_bytes"], "run_peak_rss_bytes": run["run_peak_rss_bytes"]}
         report.append(row)
         print(f"{run['target']:<11} {run['label']:<9} {f'{total}->{kept}':>10} {ttft:>9.0f} {prefill:>11.0f} "
               f"{speedup:>8.2f}x {limit:>6.2f} {speedup / limit:>8.0%} {run['decode_tps'] or 0:>11.2f} "
-              f"{max(run['peak']) / 2**20:>10.0f}")
+              f"{max(run['peak']) / 2**20:>10.0f} {run['folder_bytes'] / 1e9:>9.2f} "
+              f"{run['run_peak_rss_bytes'] / 1e9:>12.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

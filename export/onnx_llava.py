@@ -4,8 +4,8 @@ What ``export_onnx`` writes into its output folder (graph contracts: export/READ
 
     onnx/vision_encoder{sfx}.onnx        pixel_values -> image_features ([1, R, D] pruned at layer 0, else [1, N, D])
     onnx/embed_tokens{sfx}.onnx          input_ids -> inputs_embeds
-    onnx/prefill_pruned{sfx}.onnx        layer >= 1 only: the prompt's prefill with pruning between layers K-1 and K
-    onnx/decoder_model_merged{sfx}.onnx  prefill (layer 0) and decoding steps over past_key_values
+    onnx/decoder_model_merged{sfx}.onnx  the prompt's prefill (pruned between layers K-1 and K at layer >= 1) and
+                                         decoding steps over past_key_values
     tokenizer / processor / model config files copied from the checkpoint, export_config.json
 
 ``{sfx}`` is onnx-community's: "" (fp32), "_fp16", "_quantized" (onnxruntime dynamic int8 weights), "_q4" (4-bit
@@ -13,8 +13,10 @@ weight-only MatMulNBits in the decoder graphs, the format of transformers.js' q4
 
 Layer 0 ("before_llm") is the layout stock runtimes run: the vision encoder returns the R kept tokens, so a prompt
 with exactly R image placeholders and the stock merged decoder reproduce the pruned model. Layer K >= 1 ("in_llm",
-the paper's placement) needs ``prefill_pruned``: layers < K cache the full prompt, layers >= K only the kept
-sequence, kept tokens keep their original RoPE positions, and decoding continues at the full prompt length.
+the paper's placement) prunes inside the decoder: called with ``image_start`` on the prompt, layers < K cache the
+full prompt, layers >= K only the kept sequence, kept tokens keep their original RoPE positions; called with
+``image_start = -1`` it decodes, continuing at the full prompt length. One graph for both (an ``If`` around the
+selection), so each decoder weight is stored and loaded once.
 
 Every graph is traced with ``torch.export`` (non-strict) and lowered with the dynamo ONNX exporter, which turns the
 selection's ``scan`` into an ONNX ``Scan``. Nothing here knows a grid, a layer count or a width: all come from the
@@ -62,7 +64,7 @@ PRUNED_PRESENT = "pruned_present_sequence_length"
 GRAPH_DIR = "onnx"
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16"}
 QUANTIZED_SUFFIX = {"int8": "_quantized", "int4": "_q4"}
-DECODER_GRAPHS = frozenset({"prefill_pruned", "decoder_model_merged"})  # the graphs holding the decoder's linears
+DECODER_GRAPHS = frozenset({"decoder_model_merged"})  # the graph holding the decoder's linears
 Q4_BLOCK_SIZE = 32  # weights per 4-bit block (one fp scale each), as transformers.js' q4 files
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPEC_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
