@@ -19,7 +19,8 @@ full prompt, layers >= K only the kept sequence, kept tokens keep their original
 selection), so each decoder weight is stored and loaded once.
 
 Every graph is traced with ``torch.export`` (non-strict) and lowered with the dynamo ONNX exporter, which turns the
-selection's ``scan`` into an ONNX ``Scan``. Nothing here knows a grid, a layer count or a width: all come from the
+selection's ``scan`` into an ONNX ``Scan``; ``export/onnx_compat.py`` then rewrites it into an equivalent ``Loop``
+whose body reads no outer value, which OpenVINO converts as well as onnxruntime runs it. Nothing here knows a grid, a layer count or a width: all come from the
 model's config through the LLaVA adapter.
 """
 
@@ -42,6 +43,7 @@ from pruner_core.adapters import KVRecorder, adapter_for, check_split_layer, dec
 from pruner_core.adapters.decoder import gather_positions, prune_sequence, run_layers
 from pruner_core.adapters.hub import random_weights
 
+from .onnx_compat import explicit_scan_inputs, scans_to_loops
 from .onnx_weights import share_duplicate_initializers
 from .common import (
     ExportOptions,
@@ -439,6 +441,8 @@ def save_graph(plan: GraphPlan, onnx_program, path: Path, external_bytes: int = 
     onnx_program.save(str(path), external_data=external)
     model = onnx.load(str(path), load_external_data=False)
     apply_contract(model, plan)
+    explicit_scan_inputs(model)  # the selection's loop in a form OpenVINO converts too (export/onnx_compat.py)
+    scans_to_loops(model)
     for name, default in plan.input_defaults.items():
         model.graph.initializer.append(onnx.numpy_helper.from_array(default, name))
     files = [path]

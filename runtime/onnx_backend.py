@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -108,7 +108,8 @@ class OnnxModel:
 
     folder: written by ``pruner-export --target onnx``; providers: onnxruntime execution providers
     (default CPU); config: the folder's export_config.json when the caller has read it already. Sessions are
-    created for the graph files ``config["graphs"]`` names.
+    created for the graph files ``config["graphs"]`` names; open_graph(name, path) replaces onnxruntime with another
+    engine whose sessions answer get_inputs / get_outputs / get_overridable_initializers / run as onnxruntime's do.
     """
 
     def __init__(
@@ -119,9 +120,8 @@ class OnnxModel:
         *,
         provider_options: Sequence[dict[str, str]] | None = None,
         profile_dir: str | Path | None = None,
+        open_graph: Callable[[str, Path], Any] | None = None,
     ):
-        import onnxruntime
-
         self.folder = Path(folder)
         if config is None:
             from export.common import read_export_config
@@ -139,6 +139,11 @@ class OnnxModel:
             raise ValueError(f"{self.folder}/export_config.json: graphs must map graph names to files, got {graphs!r}; "
                              "export the model again")
         for name, file in graphs.items():
+            if open_graph is not None:  # another engine (runtime/openvino_backend.py): same calls, its sessions
+                self.sessions[name] = open_graph(name, self._graph_path(file))
+                continue
+            import onnxruntime
+
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # the layer-0 encoder's overridable image_start initializer is intended
             if profile_dir is not None:  # onnxruntime's operator profiler, one JSON trace per graph

@@ -18,12 +18,19 @@ class OnnxBackend:
     kind = "onnxruntime"
 
     def __init__(
-        self, folder: str | Path, export_config: dict[str, Any], providers: OnnxProviders, profile_ops: bool = False
+        self, folder: str | Path, export_config: dict[str, Any], providers: OnnxProviders | None,
+        profile_ops: bool = False, *, engine: Any = None,
     ):
-        self._profile_dir = tempfile.mkdtemp(prefix="pruner-ort-profile-") if profile_ops else None
-        self.model = OnnxModel(folder, providers=list(providers.providers), config=export_config,
-                               provider_options=list(providers.provider_options), profile_dir=self._profile_dir)
-        self.device = providers.device
+        """providers: onnxruntime's choice; or engine: another engine's graph opener with ``device`` and ``kind``
+        attributes (runtime/openvino_backend.py)."""
+        self._profile_dir = tempfile.mkdtemp(prefix="pruner-ort-profile-") if profile_ops and not engine else None
+        if engine is not None:
+            self.model = OnnxModel(folder, config=export_config, open_graph=engine)
+            self.device, self.kind = engine.device, engine.kind
+        else:
+            self.model = OnnxModel(folder, providers=list(providers.providers), config=export_config,
+                                   provider_options=list(providers.provider_options), profile_dir=self._profile_dir)
+            self.device = providers.device
         self.num_image_tokens = int(export_config["num_image_tokens"])
         self.kept_image_tokens = int(export_config["kept_image_tokens"])
         self.max_seq_len = int(export_config["max_seq_len"])

@@ -273,6 +273,45 @@ def test_int4_equals_eager_with_its_4bit_weights(exports, eager, zoo, astronaut)
     assert max(np.abs(a - b[0].float().numpy()).max() for a, b in zip(got_logits, out.logits)) <= 1e-3
 
 
+# ---------------------------------------------------------------- OpenVINO (issue #16)
+
+
+@pytest.mark.parametrize("case", [Case("tiny-llava", 0, 0.12), Case("tiny-llava-gqa", 2, 0.12), INT8], ids=str)
+def test_openvino_runs_the_graphs_like_onnxruntime(exports, eager, case):
+    """Every graph file reads and compiles in plain OpenVINO (``Core().read_model(path)``, as a new user tries it),
+    and the OpenVINO engine on its CPU device generates the same greedy tokens and keeps the same image tokens as
+    onnxruntime, at both placements."""
+    import openvino
+
+    from runtime.openvino_backend import OpenVinoEngine
+
+    model, (before, pixels, after), _ = run_case(exports, eager, case)
+    core = openvino.Core()
+    for file in model.config["graphs"].values():
+        core.compile_model(core.read_model(str(model.folder / file)), "CPU")
+    engine = OpenVinoEngine("cpu")
+    ov_model = OnnxModel(model.folder, open_graph=engine)
+    assert engine.note.startswith("running on OpenVINO's CPU")
+    tokens, logits, kept = onnx_greedy(model, before, pixels, after, TOKENS)
+    ov_tokens, ov_logits, ov_kept = onnx_greedy(ov_model, before, pixels, after, TOKENS)
+    assert ov_tokens == tokens
+    assert np.array_equal(ov_kept, kept)
+    tolerance = 1e-2 if case.quantize == "int8" else 1e-4  # OpenVINO quantizes activations its own way at int8
+    assert max(np.abs(a - b).max() for a, b in zip(logits, ov_logits)) <= tolerance
+
+
+def test_openvino_devices_are_checked():
+    from runtime.openvino_backend import NoDeviceError, resolve_openvino_device
+
+    assert resolve_openvino_device("auto", ["CPU"])[0] == "CPU"
+    assert resolve_openvino_device("auto", ["CPU", "GPU.0", "NPU"])[0] == "NPU"
+    assert resolve_openvino_device("gpu", ["CPU", "GPU.0"])[0] == "GPU"
+    with pytest.raises(NoDeviceError, match="no NPU on this machine .it has: CPU.*driver"):
+        resolve_openvino_device("npu", ["CPU"])
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_openvino_device("tpu", ["CPU"])
+
+
 # ---------------------------------------------------------------- files and export_config.json
 
 
