@@ -11,14 +11,14 @@ from .profile import OpTime, Profile, Stopwatch, timed
 
 
 
-def load(path, device="cpu", *, config=None, cache_dir=None, profile_ops=False):
+def load(path, device="cpu", *, config=None, cache_dir=None, profile_ops=False, engine="onnxruntime"):
     """Load an exported folder (ExecuTorch / ONNX) or a model for eager PyTorch -> a reusable Session.
 
     See runtime.loader.load; imported lazily so that `import runtime` stays light.
     """
     from .loader import load as _load
 
-    return _load(path, device, config=config, cache_dir=cache_dir, profile_ops=profile_ops)
+    return _load(path, device, config=config, cache_dir=cache_dir, profile_ops=profile_ops, engine=engine)
 
 
 __all__ = [

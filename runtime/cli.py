@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .devices import NoNpuError
+from .openvino_backend import NoDeviceError
 from .console import HelpFormatter, add_verbose, escape_controls, quiet_libraries
 
 
@@ -23,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, help="image file (or astronaut / chelsea / coffee, the bundled "
                                                        "scikit-image photographs)")
     parser.add_argument("--prompt", required=True, help="the question or instruction about the image")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto"],
+    parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                        help="what runs an ONNX export: onnxruntime, or OpenVINO (Intel CPU, GPU and NPU; "
+                             "--device gpu too)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto", "gpu"],
                         help="npu: the first NPU provider / delegate, else an error; auto: NPU if any, else CPU")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                               method=args.method or "vlm_pruner")
     else:
         refuse_eager_flags(args)
-    session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops)
+    session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops,
+                   engine=args.engine)
     if session.device_note:
         print(f"[{session.device_note}]", file=sys.stderr)
     if session.config.get("random_weights"):
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(args.verbose)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, NoNpuError) as error:
+    except (ValueError, FileNotFoundError, NoNpuError, NoDeviceError) as error:
         print(f"pruner-run: error: {error}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ from .prompt import PromptEncoder
 from .session import Session
 
 DEVICES = ("cpu", "npu", "auto")
+ENGINES = ("onnxruntime", "openvino")
 
 
 def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None) -> Session:
@@ -41,19 +42,27 @@ def load(
     config=None,
     cache_dir: str | Path | None = None,
     profile_ops: bool = False,
+    engine: str = "onnxruntime",
 ) -> Session:
     """A folder written by pruner-export (ExecuTorch or ONNX, chosen by its contents), or a model for eager PyTorch.
 
     device: "cpu", "npu" (an NPU execution provider / delegate; a clear error when this machine has none) or "auto"
-    (NPU when available, else CPU; `session.device_note` says which was taken).
+    (NPU when available, else CPU; `session.device_note` says which was taken); with engine "openvino" also "gpu".
+    engine: what runs an ONNX folder: "onnxruntime" or "openvino" (runtime/openvino_backend.py: OpenVINO's CPU, GPU
+    or NPU); ValueError for any other, or for "openvino" with another kind of folder.
     profile_ops: also record an operator-level breakdown (onnxruntime profiler / ExecuTorch ETDump in timing-only
     mode) into the first call's `profile.ops`.
     """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if device not in (DEVICES + ("gpu",) if engine == "openvino" else DEVICES):
+        raise ValueError(f"device must be one of {DEVICES}{' or gpu' if engine == 'openvino' else ''}, got {device!r}")
     folder = Path(path)
     if not (folder / "export_config.json").is_file():
         if folder.is_dir() and (folder / "config.json").is_file() or not folder.exists():
+            if engine != "onnxruntime" or device == "gpu":
+                raise ValueError(f"engine {engine} / device {device} run ONNX exports; {path} is a model for eager "
+                                 "PyTorch: export it with pruner-export --target onnx first")
             return load_eager(path, config, device, cache_dir)
         raise FileNotFoundError(
             f"{folder} has no export_config.json: pass a folder written by pruner-export, or a model name / "
@@ -63,7 +72,16 @@ def load(
 
     export_config = read_export_config(folder)
     target = export_config.get("target")
-    if target == "executorch":
+    if engine == "openvino" and target != "onnx":
+        raise ValueError(f"engine openvino runs ONNX exports; {folder} holds a {target!r} export (export it with "
+                         "--target onnx, or leave engine at onnxruntime)")
+    if engine == "openvino":
+        from .onnx_session import OnnxBackend
+        from .openvino_backend import OpenVinoEngine
+
+        opener = OpenVinoEngine(device)
+        backend, note = OnnxBackend(folder, export_config, None, engine=opener), opener.note
+    elif target == "executorch":
         backend, note = _executorch_backend(folder, export_config, device, profile_ops)
     elif target == "onnx":
         backend, note = _onnx_backend(folder, export_config, device, profile_ops)

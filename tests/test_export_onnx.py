@@ -300,6 +300,21 @@ def test_openvino_runs_the_graphs_like_onnxruntime(exports, eager, case):
     assert max(np.abs(a - b).max() for a, b in zip(logits, ov_logits)) <= tolerance
 
 
+def test_load_with_the_openvino_engine(exports, astronaut):
+    """runtime.load(folder, engine="openvino"): the Session, its profile and tokens as with onnxruntime."""
+    from runtime import load as load_session
+
+    folder, _, _ = exports.get(Case("tiny-llava", 2, 0.12))
+    reference = load_session(folder).generate(astronaut, QUESTION, max_new_tokens=4)
+    result = load_session(folder, engine="openvino").generate(astronaut, QUESTION, max_new_tokens=4)
+    assert result.tokens == reference.tokens
+    assert (result.profile.backend, result.profile.device) == ("openvino", "cpu")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        load_session(folder, engine="tensorrt")
+    with pytest.raises(ValueError, match="export it with pruner-export --target onnx"):
+        load_session("tiny-llava", engine="openvino")
+
+
 def test_openvino_devices_are_checked():
     from runtime.openvino_backend import NoDeviceError, resolve_openvino_device
 
