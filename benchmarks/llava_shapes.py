@@ -1,6 +1,6 @@
 """Time to first token at LLaVA-1.5-7B's real widths, pruned vs unpruned, against the token-count bound.
 
-    .venv/bin/python benchmarks/llava_shapes.py [--decoder-layers 4] [--targets onnx,executorch] [--repeats 3]
+    .venv/bin/python benchmarks/llava_shapes.py [--decoder-layers 4] [--targets onnx,openvino,executorch] [--repeats 3]
         [--quantize 8da4w] [--quantize-vision int8] [--onnx-quantize int4]
 
 Builds a LLaVA with LLaVA-1.5-7B's widths (CLIP ViT-L/14-336: 1024 hidden, 24 layers, 16 heads, 4096 FFN; Llama:
@@ -48,18 +48,18 @@ import re, sys
 from pathlib import Path
 from skimage import data
 from runtime import load
-session = load(sys.argv[1])
+session = load(sys.argv[1], engine=sys.argv[3])
 session.generate(data.astronaut(), "What is in the picture?", max_new_tokens=int(sys.argv[2]))
 print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024)
 """
 
 
-def run_peak_rss(folder: str | Path, new_tokens: int) -> int:
+def run_peak_rss(folder: str | Path, new_tokens: int, engine: str = "onnxruntime") -> int:
     """Peak RSS in bytes of a fresh process that loads the export and generates ``new_tokens`` tokens."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(new_tokens)], cwd=root,
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(new_tokens), engine], cwd=root,
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -67,7 +67,8 @@ def run_peak_rss(folder: str | Path, new_tokens: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decoder-layers", type=int, default=4)
-    parser.add_argument("--targets", default="onnx,executorch")
+    parser.add_argument("--targets", default="onnx,executorch",
+                        help="onnx (onnxruntime), openvino (OpenVINO's CPU on the ONNX folders), executorch")
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantize", default="none", choices=["none", "8da4w"], help="ExecuTorch decoder")
@@ -90,18 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = [("unpruned", 1.0, 2), ("layer 2", args.keep, 2), ("layer 0", args.keep, 0)]
     runs = []
     for target in args.targets.split(","):
+        exported = "onnx" if target == "openvino" else target  # OpenVINO runs the ONNX folders
         quantize = args.quantize if target == "executorch" else args.onnx_quantize
         vision = args.quantize_vision if target == "executorch" else "none"
         for label, keep, layer in settings:
-            folder = ensure_export(str(model_dir.resolve()), target, keep, layer, args.work_dir / target, None,
+            folder = ensure_export(str(model_dir.resolve()), exported, keep, layer, args.work_dir / exported, None,
                                    quantize=quantize, quantize_vision=vision)
             runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "folder": folder,
-                         "quantization": f"{quantize}/vision {vision}"})
+                         "quantization": f"{quantize}/vision {vision}",
+                         "engine": "openvino" if target == "openvino" else "onnxruntime"})
     for run in runs:  # each export alone in a fresh process: its files and the memory a run of it needs
         run["folder_bytes"] = sum(f.stat().st_size for f in Path(run["folder"]).rglob("*") if f.is_file())
-        run["run_peak_rss_bytes"] = run_peak_rss(run["folder"], args.decode_tokens)
+        run["run_peak_rss_bytes"] = run_peak_rss(run["folder"], args.decode_tokens, run["engine"])
     for run in runs:
-        run["session"] = load(run["folder"])
+        run["session"] = load(run["folder"], engine=run["engine"])
     image, prompt = data.astronaut(), "What is in the picture?"
     for run in runs:  # warm-up
         run["session"].generate(image, prompt, max_new_tokens=1)
