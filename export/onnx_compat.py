@@ -230,3 +230,26 @@ def _loops(graph, types: dict[str, Any]) -> int:
         graph.node.insert(index, loop)
         count += 1
     return count
+
+
+def drop_unused_initializers(model) -> int:
+    """Remove initializers nothing reads (after ``explicit_scan_inputs`` copied small constants into loop bodies,
+    their outer originals may be left unread; onnxruntime warns about each at every session). Overridable ones
+    (also graph inputs) stay. Returns how many were removed."""
+    graphs = [model.graph]
+    read: set[str] = set()
+    while graphs:
+        graph = graphs.pop()
+        read.update(value.name for value in graph.output)
+        for node in graph.node:
+            read.update(name for name in node.input if name)
+            graphs.extend(_subgraphs(node))
+
+    def prune(graph) -> int:
+        keep = {value.name for value in graph.input} | read
+        unused = [tensor for tensor in graph.initializer if tensor.name not in keep]
+        for tensor in unused:
+            graph.initializer.remove(tensor)
+        return len(unused) + sum(prune(body) for node in graph.node for body in _subgraphs(node))
+
+    return prune(model.graph)

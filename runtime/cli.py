@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what runs an ONNX export: onnxruntime, or OpenVINO (Intel CPU, GPU and NPU; "
                              "--device gpu too)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "npu", "auto", "gpu"],
-                        help="npu: the first NPU provider / delegate, else an error; auto: NPU if any, else CPU")
+                        help="npu: the first NPU provider / delegate, else an error; auto: NPU if any, else CPU; "
+                             "gpu: with --engine openvino")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")

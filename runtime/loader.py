@@ -56,13 +56,23 @@ def load(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if device not in (DEVICES + ("gpu",) if engine == "openvino" else DEVICES):
-        raise ValueError(f"device must be one of {DEVICES}{' or gpu' if engine == 'openvino' else ''}, got {device!r}")
+        hint = "; gpu is OpenVINO's: add engine openvino (--engine openvino)" if device == "gpu" else ""
+        raise ValueError(f"device must be one of {DEVICES}{' or gpu' if engine == 'openvino' else ''}, got {device!r}"
+                         f"{hint}")
+    if profile_ops and engine == "openvino":
+        raise ValueError("the operator breakdown (profile_ops / --profile-ops) comes from onnxruntime's and "
+                         "ExecuTorch's profilers; OpenVINO has none here: drop it, or use engine onnxruntime")
     folder = Path(path)
     if not (folder / "export_config.json").is_file():
         if folder.is_dir() and (folder / "config.json").is_file() or not folder.exists():
             if engine != "onnxruntime" or device == "gpu":
-                raise ValueError(f"engine {engine} / device {device} run ONNX exports; {path} is a model for eager "
-                                 "PyTorch: export it with pruner-export --target onnx first")
+                what = f"engine {engine}" if engine != "onnxruntime" else f"device {device}"
+                path_like = any(sep in str(path) for sep in ("/", "\\")) or str(path).startswith(".")
+                if not folder.exists() and path_like:
+                    raise FileNotFoundError(f"{path} does not exist: pass a folder written by pruner-export "
+                                            "--target onnx")
+                raise ValueError(f"{what} runs ONNX exports, and {path} is a model, not an exported folder: export "
+                                 "it with pruner-export --target onnx first and pass that folder")
             return load_eager(path, config, device, cache_dir)
         raise FileNotFoundError(
             f"{folder} has no export_config.json: pass a folder written by pruner-export, or a model name / "
