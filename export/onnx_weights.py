@@ -94,6 +94,9 @@ def duplicated(tensors: list[StoredTensor], min_bytes: int = 1024) -> dict[str, 
 
     The floor skips the small constants every graph carries (shape vectors, scalars, norm epsilons); weights are
     far larger (a tiny test model's smallest weight matrix is 64 x 64 float32 = 16 KiB)."""
+    if isinstance(tensors, (str, Path)):
+        raise TypeError(f"duplicated() takes stored_tensors(folder)'s list, got the path {tensors!r}: call "
+                        "duplicated(stored_tensors(folder))")
     groups: dict[str, list[StoredTensor]] = defaultdict(list)
     for tensor in tensors:
         if tensor.nbytes >= min_bytes:

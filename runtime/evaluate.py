@@ -772,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
     parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
     parser.add_argument("--exported", type=Path, nargs="+", default=None, metavar="DIR",
-                        help="evaluate folders written by pruner-export instead of eager settings")
+                        help="evaluate folders written by pruner-export instead of eager settings (default: none, eager)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"),
                         help="for --exported folders: npu = the first NPU provider / delegate, else an error; auto = "
                              "NPU if any, else CPU (eager models run on the CPU)")
@@ -780,8 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens generated per answer at most (short answers need few)")
     parser.add_argument("--prompt-suffix", default=DEFAULT_PROMPT_SUFFIX,
                         help="appended to every question (default: LLaVA-1.5's short-answer instruction)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N usable questions")
-    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N usable questions (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here (default: none, the table only)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="answer cache folder (resumable runs)")
     parser.add_argument("--model-cache-dir", type=Path, default=None,
                         help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
