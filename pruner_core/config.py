@@ -1,4 +1,5 @@
-"""Typed configuration of the pruner (every hyperparameter of ALGORITHM.md, authors' defaults)."""
+"""Typed configuration of the pruner (every hyperparameter of the algorithm as pruner_core/reference.py
+states it, with the authors' defaults)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The eager reference: VLM-Pruner as plain Python loops over sets, the readable statement of ALGORITHM.md.
+"""The eager reference: VLM-Pruner as plain Python loops over sets, the readable statement of the algorithm
+(the VLM-Pruner paper, Sec. 3, with the quirks of the authors' code, github.com/Casey-bit/VLMPruner).
 
 Slow and data-dependent on purpose; `select_tokens` (the static form) must pick the same tokens.
 """

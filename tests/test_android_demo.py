@@ -92,7 +92,7 @@ def json_path(root: dict, dotted: str):
     return node
 
 
-# What ExecuTorch's LLM runner calls (extension/llm/runner/constants.h, v1.4.1 and main; CONTEXT.md).
+# What ExecuTorch's LLM runner calls (pytorch/executorch extension/llm/runner/constants.h, v1.4.1 and main).
 RUNNER_METHODS = {"vision_encoder", "token_embedding", "text_decoder"}
 RUNNER_METADATA = {"get_max_seq_len", "get_max_context_len", "get_bos_id", "get_eos_ids", "use_kv_cache",
                    "enable_dynamic_shape"}

@@ -281,9 +281,9 @@ def test_stable_argsort_matches_a_stable_sort_with_ties(seed):
 
 def authors_stage2(similarity: torch.Tensor, distance: torch.Tensor, pivots: list[int], budget: int,
                    config: PrunerConfig) -> tuple[list[int], int]:
-    """An independent statement of the authors' Stage 2 (their get_retained_image_token, restated from
-    ALGORITHM.md with tensors and masks instead of the reference's sets): -> (selection order, number of capped
-    chunks whose top-k order differs from chunk order).
+    """An independent statement of the authors' Stage 2 (their get_retained_image_token in Casey-bit/VLMPruner,
+    restated with tensors and masks instead of the reference's sets): -> (selection order, number of capped chunks
+    whose top-k order differs from chunk order).
 
     Each chunk is judged against the current S; when the passing members would overflow the budget, a top-k of the
     negated redundancy takes the (R - |S|) lowest, lowest first, ties by chunk position."""
