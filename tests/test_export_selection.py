@@ -31,7 +31,8 @@ def inputs_for_export() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 def assert_states_close(regime: str, exported: np.ndarray, eager: np.ndarray) -> None:
     """Fused states agree to float tolerance.  In the highly similar regime a discarded token can sit within ~1e-6
     of two kept tokens; another runtime's cosine may then assign it to the other one (fusion's nearest-kept rule,
-    pruner_core/reference.py), which moves those two fused states: allow that for at most a few kept tokens there, never elsewhere."""
+    pruner_core/reference.py), which moves those two fused states: allow that for at most a few kept tokens there,
+    never elsewhere."""
     error = np.abs(exported - eager).max(-1)  # [B, R]
     allowed = 0 if regime != "similar" else max(1, error.size // 16)
     assert int((error > 1e-4).sum()) <= allowed, f"{regime}: {int((error > 1e-4).sum())} kept states differ"
