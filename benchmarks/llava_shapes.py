@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pruner_core.adapters import TinyLlavaSpec, build_tiny_llava  # noqa: E402
 from runtime.bench import PeakSampler, ensure_export  # noqa: E402
+from runtime.memory import files_size_bytes  # noqa: E402
 
 
 def llava_7b_widths(decoder_layers: int) -> TinyLlavaSpec:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                          "quantization": f"{quantize}/vision {vision}",
                          "engine": "openvino" if target == "openvino" else "onnxruntime"})
     for run in runs:  # each export alone in a fresh process: its files and the memory a run of it needs
-        run["folder_bytes"] = sum(f.stat().st_size for f in Path(run["folder"]).rglob("*") if f.is_file())
+        run["folder_bytes"] = files_size_bytes(run["folder"])
         run["run_peak_rss_bytes"] = run_peak_rss(run["folder"], args.decode_tokens, run["engine"])
     for run in runs:
         run["session"] = load(run["folder"], engine=run["engine"])

@@ -90,12 +90,7 @@ def explicit_scan_inputs(model) -> int:
     reads no outer-scope value: each one becomes an extra loop-carried state (node input, body input, body output
     through an ``Identity``, node output) inserted after the existing states. Returns the number of values made
     explicit. Raises ValueError when a value's type is unknown (the graph lacks value_info for it)."""
-    import onnx
-
-    types = _value_types(model)
-    if any(value.name not in types for value in model.graph.value_info):
-        types = _value_types(onnx.shape_inference.infer_shapes(model))
-    return _rewrite_graph(model.graph, types, _constants(model.graph))
+    return _rewrite_graph(model.graph, _value_types(model), _constants(model.graph))
 
 
 # outer constants up to this many elements are copied into the body (axes, shapes, scalars: OpenVINO infers ranks
@@ -103,15 +98,19 @@ def explicit_scan_inputs(model) -> int:
 COPIED_CONSTANT_ELEMENTS = 16
 
 
-def _constants(graph) -> dict[str, Any]:
-    """name -> TensorProto of every initializer and Constant node value in graph and its subgraphs."""
-    found = {tensor.name: tensor for tensor in graph.initializer}
+def constant_tensors(graph) -> Iterator[tuple[str, Any]]:
+    """(name, TensorProto) of every initializer and Constant node value in graph and its subgraphs."""
+    for tensor in graph.initializer:
+        yield tensor.name, tensor
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            found[node.output[0]] = node.attribute[0].t
+            yield node.output[0], node.attribute[0].t
         for body in _subgraphs(node):
-            found.update(_constants(body))
-    return found
+            yield from constant_tensors(body)
+
+
+def _constants(graph) -> dict[str, Any]:
+    return dict(constant_tensors(graph))
 
 
 def _rewrite_graph(graph, types: dict[str, Any], constants: dict[str, Any]) -> int:
@@ -253,3 +252,13 @@ def drop_unused_initializers(model) -> int:
         return len(unused) + sum(prune(body) for node in graph.node for body in _subgraphs(node))
 
     return prune(model.graph)
+
+
+def portable_loops(model) -> int:
+    """The rewrite the exporter applies to every graph (``model``: an ``onnx.ModelProto``, changed in place):
+    ``explicit_scan_inputs``, then ``scans_to_loops``, then ``drop_unused_initializers`` for the outer constants
+    the loop bodies now carry copies of. Returns the number of Scans rewritten into Loops."""
+    explicit_scan_inputs(model)
+    loops = scans_to_loops(model)
+    drop_unused_initializers(model)
+    return loops

@@ -43,7 +43,7 @@ from pruner_core.adapters import KVRecorder, adapter_for, check_split_layer, dec
 from pruner_core.adapters.decoder import gather_positions, prune_sequence, run_layers
 from pruner_core.adapters.hub import random_weights
 
-from .onnx_compat import drop_unused_initializers, explicit_scan_inputs, scans_to_loops
+from .onnx_compat import portable_loops
 from .onnx_weights import share_duplicate_initializers
 from .common import (
     ExportOptions,
@@ -441,9 +441,7 @@ def save_graph(plan: GraphPlan, onnx_program, path: Path, external_bytes: int = 
     onnx_program.save(str(path), external_data=external)
     model = onnx.load(str(path), load_external_data=False)
     apply_contract(model, plan)
-    explicit_scan_inputs(model)  # the selection's loop in a form OpenVINO converts too (export/onnx_compat.py)
-    scans_to_loops(model)
-    drop_unused_initializers(model)
+    portable_loops(model)  # the selection's loop in a form OpenVINO converts too (export/onnx_compat.py)
     for name, default in plan.input_defaults.items():
         model.graph.initializer.append(onnx.numpy_helper.from_array(default, name))
     files = [path]

@@ -12,7 +12,8 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from .onnx_compat import constant_tensors
 
 
 @dataclass(frozen=True)
@@ -27,23 +28,6 @@ class StoredTensor:
     nbytes: int
     sha256: str
     storage: str
-
-
-def _subgraph_tensors(graph) -> Iterator[tuple[str, object]]:
-    """(name, TensorProto) of a graph's initializers and Constant nodes, its subgraphs' included."""
-    import onnx
-
-    for tensor in graph.initializer:
-        yield tensor.name, tensor
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
-                yield node.output[0], attribute.t
-            elif attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _subgraph_tensors(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for body in attribute.graphs:
-                    yield from _subgraph_tensors(body)
 
 
 def _storage(tensor, file: str) -> str:
@@ -75,7 +59,7 @@ def stored_tensors(folder: str | Path) -> list[StoredTensor]:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as error:  # noqa: BLE001 - protobuf raises its own DecodeError
             raise ValueError(f"{path} cannot be read as ONNX ({error}); export the model again") from None
-        for name, tensor in _subgraph_tensors(model.graph):
+        for name, tensor in constant_tensors(model.graph):
             storage = _storage(tensor, relative)
             place = (str(path.parent / storage) if storage != "inline" else f"{relative}:{name}")
             if place in seen:  # another graph points at the same stored bytes
@@ -90,7 +74,8 @@ def stored_tensors(folder: str | Path) -> list[StoredTensor]:
 
 
 def duplicated(tensors: list[StoredTensor], min_bytes: int = 1024) -> dict[str, list[StoredTensor]]:
-    """Contents stored more than once among tensors of at least ``min_bytes`` bytes: sha256 -> the copies.
+    """Contents stored more than once among tensors of at least ``min_bytes`` bytes: sha256 -> the copies. Any
+    record with ``nbytes`` and ``sha256`` works (``export.pte_weights.StoredConstant`` too).
 
     The floor skips the small constants every graph carries (shape vectors, scalars, norm epsilons); weights are
     far larger (a tiny test model's smallest weight matrix is 64 x 64 float32 = 16 KiB)."""

@@ -258,8 +258,7 @@ def _list_blobs(path: Path, handle, size: int, base: int, program) -> list[Store
 def duplicated(constants: Iterable[StoredConstant], min_bytes: int = 1024) -> dict[str, list[str]]:
     """sha256 -> the places (``where``) of each content stored more than once among ``constants`` of at least
     ``min_bytes`` bytes; empty when every such blob is stored once."""
-    places: dict[str, list[str]] = defaultdict(list)
-    for constant in constants:
-        if constant.nbytes >= min_bytes:
-            places[constant.sha256].append(constant.where)
-    return {sha: where for sha, where in places.items() if len(where) > 1}
+    from .onnx_weights import duplicated as duplicated_contents  # the one grouping by digest, for both targets
+
+    copies = duplicated_contents(list(constants), min_bytes)
+    return {sha: [constant.where for constant in group] for sha, group in copies.items()}

@@ -85,16 +85,10 @@ def load(
     if engine == "openvino" and target != "onnx":
         raise ValueError(f"engine openvino runs ONNX exports; {folder} holds a {target!r} export (export it with "
                          "--target onnx, or leave engine at onnxruntime)")
-    if engine == "openvino":
-        from .onnx_session import OnnxBackend
-        from .openvino_backend import OpenVinoEngine
-
-        opener = OpenVinoEngine(device)
-        backend, note = OnnxBackend(folder, export_config, None, engine=opener), opener.note
-    elif target == "executorch":
+    if target == "executorch":
         backend, note = _executorch_backend(folder, export_config, device, profile_ops)
     elif target == "onnx":
-        backend, note = _onnx_backend(folder, export_config, device, profile_ops)
+        backend, note = _onnx_backend(folder, export_config, device, profile_ops, engine)
     else:
         raise ValueError(f"{folder}/export_config.json names an unknown target {target!r}; export the model again")
     encoder = PromptEncoder(folder, export_config["tokenizer"])
@@ -117,8 +111,14 @@ def _executorch_backend(folder: Path, export_config: dict, device: str, profile_
     return ExecuTorchBackend(folder, export_config, chosen.device, profile_ops=profile_ops), chosen.note
 
 
-def _onnx_backend(folder: Path, export_config: dict, device: str, profile_ops: bool = False):
+def _onnx_backend(folder: Path, export_config: dict, device: str, profile_ops: bool = False,
+                  engine: str = "onnxruntime"):
     from .onnx_session import OnnxBackend
 
+    if engine == "openvino":
+        from .openvino_backend import OpenVinoEngine
+
+        opener = OpenVinoEngine(device)
+        return OnnxBackend(folder, export_config, None, engine=opener), opener.note
     providers = resolve_onnx_providers(device)
     return OnnxBackend(folder, export_config, providers, profile_ops=profile_ops), providers.note
