@@ -41,7 +41,9 @@ class OpTime:
     name: str
     total_ms: float
     calls: int
-    share: float  # fraction of all profiled operator time, 0..1
+    share: float  # fraction of all profiled operator time (summary rows: of all summary time), 0..1
+    kind: str = "operator"  # "operator": one operator / delegated op; "summary": a total over many (OPERATOR_CALL,
+    # DELEGATE_CALL in ExecuTorch, model_run in onnxruntime), shown apart so nothing is counted twice
 
 
 @dataclass
@@ -141,10 +143,12 @@ class Profile:
         lines.append(_row("peak RSS", *_bytes(self.peak_rss_bytes)))
         lines.append(_row("model files", *_bytes(self.model_files_bytes)))
         lines.append(_row("KV cache", *_bytes(self.kv_cache_bytes)))
-        if self.ops:
-            lines.append(f"{'top operators':<40}{'total ms':>12}{'calls':>8}{'share':>9}")
-            for op in self.ops:
-                lines.append(f"  {op.name[:38]:<38}{op.total_ms:>12.2f}{op.calls:>8d}{100.0 * op.share:>7.1f} %")
+        for kind, title in (("summary", "profiled totals"), ("operator", "top operators")):
+            rows = [op for op in self.ops or () if op.kind == kind]
+            if rows:
+                lines.append(f"{title:<40}{'total ms':>12}{'calls':>8}{'share':>9}")
+                lines += [f"  {op.name[:38]:<38}{op.total_ms:>12.2f}{op.calls:>8d}{100.0 * op.share:>7.1f} %"
+                          for op in rows]
         return "\n".join(lines)
 
 

@@ -108,8 +108,14 @@ def test_operator_profile_lists_top_operators(onnx_exports):
     session = load(onnx_exports[0], profile_ops=True)
     profile = session.generate(data.coffee(), PROMPT, max_new_tokens=4).profile
     assert profile.ops and all(op.total_ms >= 0 and op.calls >= 1 for op in profile.ops)
-    assert {op.name for op in profile.ops} & {"MatMul", "FusedMatMul", "Scan"}
-    assert sum(op.share for op in profile.ops) <= 1.0 + 1e-6
+    operators = [op for op in profile.ops if op.kind == "operator"]
+    assert {op.name for op in operators} & {"MatMul", "FusedMatMul", "Scan"}
+    assert sum(op.share for op in operators) <= 1.0 + 1e-6
+    summary = [op for op in profile.ops if op.kind == "summary"]
+    assert [op.name for op in summary] == ["model_run"] and summary[0].calls >= 4  # one per graph run at least
+    assert summary[0].total_ms > max(op.total_ms for op in operators)  # a whole run holds each operator's time
+    table = profile.table()
+    assert table.index("profiled totals") < table.index("model_run") < table.index("top operators")
 
 
 def test_sampling_is_seeded(onnx_exports):
@@ -290,6 +296,22 @@ def test_executorch_session_equals_eager(executorch_exports, eager_tokens, layer
 def test_executorch_operator_profile_does_not_abort(executorch_exports):
     profile = load(executorch_exports[2], profile_ops=True).generate(data.coffee(), PROMPT, max_new_tokens=3).profile
     assert profile.ops and all(op.total_ms >= 0 for op in profile.ops)
+    summary = {op.name: op for op in profile.ops if op.kind == "summary"}
+    operators = [op for op in profile.ops if op.kind == "operator"]
+    assert "OPERATOR_CALL" in summary and summary["OPERATOR_CALL"].calls > 0  # portable kernels: operator calls
+    assert operators and not {"OPERATOR_CALL", "DELEGATE_CALL"} & {op.name for op in operators}
+    assert abs(sum(op.share for op in summary.values()) - 1.0) < 1e-6
+
+
+def test_operator_summary_rows_are_kept_apart_from_operator_rows():
+    from runtime.op_profile import top_operators
+
+    totals = {"OPERATOR_CALL": 600.0, "DELEGATE_CALL": 400.0, "aten::add": 500.0, "GEMM": 300.0, "Softmax": 200.0}
+    calls = {name: 2 for name in totals}
+    rows = top_operators(totals, calls, limit=2, summary=("OPERATOR_CALL", "DELEGATE_CALL"))
+    assert [(op.name, op.kind) for op in rows] == [
+        ("OPERATOR_CALL", "summary"), ("DELEGATE_CALL", "summary"), ("aten::add", "operator"), ("GEMM", "operator")]
+    assert [round(op.share, 3) for op in rows] == [0.6, 0.4, 0.5, 0.3]  # operator shares over operators only
 
 
 def test_executorch_missing_and_corrupt_program(executorch_exports, tmp_path):
