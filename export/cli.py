@@ -18,7 +18,7 @@ from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
-from runtime.console import HelpFormatter, add_verbose, quiet_libraries
+from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     try:
-        run(args)
+        with native_notices_filtered(args.verbose):
+            run(args)
     except ExportError as error:
         print(f"pruner-export: error: {error}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import current_rss_bytes
-from .console import HelpFormatter, add_verbose, quiet_libraries
+from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
 
 
 class PeakSampler:
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
               "one token)", file=sys.stderr)
         return 2
     try:
-        report = run_bench(args)
+        with native_notices_filtered(args.verbose):
+            report = run_bench(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"pruner-bench: error: {error}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .devices import NoNpuError
 from .openvino_backend import NoDeviceError
-from .console import HelpFormatter, add_verbose, escape_controls, quiet_libraries
+from .console import HelpFormatter, add_verbose, escape_controls, native_notices_filtered, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     try:
-        return run(args)
+        with native_notices_filtered(args.verbose):
+            return run(args)
     except (ValueError, FileNotFoundError, NoNpuError, NoDeviceError) as error:
         print(f"pruner-run: error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,12 @@ quiet_libraries, which runs after argument parsing: `--help` stays instant)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import sys
+import threading
+from typing import Iterator
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -65,3 +71,76 @@ def escape_controls(text: str) -> str:
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     """--verbose: keep the libraries' warnings, logs and progress bars."""
     parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings, logs and progress bars")
+
+
+# Notices native libraries write straight to the process's stderr (file descriptor 2), below Python's logging:
+# ExecuTorch's info log of its OpenVINO backend loading, and of cpuinfo probing ARM-only files on x86; torchao's
+# optional CUDA kernels that cannot load on a CPU build. Anything else a native library writes is passed through.
+NATIVE_NOTICES = (
+    re.compile(rb"\[OpenvinoBackend\.cpp:\d+\] OpenVINO: runtime loaded"),
+    re.compile(rb"\[cpuinfo_utils\.cpp:\d+\] "),
+    re.compile(rb"Failed to load \S*torchao\S*: Could not load this library"),
+)
+_NOTICE_PREFIXES = (b"[OpenvinoBackend.cpp:", b"[cpuinfo_utils.cpp:", b"Failed to load ")
+
+
+def _without_notice(line: bytes) -> bytes:
+    """A whole line (no newline) -> what precedes a notice in it (a notice runs to the end of its line; a streamed
+    answer may precede it on the same line), or the line itself."""
+    starts = [match.start() for pattern in NATIVE_NOTICES if (match := pattern.search(line))]
+    return line[: min(starts)] if starts else line + b"\n"
+
+
+def _hold_from(partial: bytes) -> int:
+    """Where, in a line still being written, a notice could start: the text before it can be passed on now."""
+    for index in range(len(partial)):
+        tail = partial[index:]
+        if any(prefix.startswith(tail[: len(prefix)]) for prefix in _NOTICE_PREFIXES):
+            return index
+    return len(partial)
+
+
+def _forward_without_notices(read_fd: int, write_fd: int) -> None:
+    """Copy what arrives on read_fd to write_fd until EOF, dropping the native notices (from where one starts to the
+    end of its line). Partial lines (a streamed answer) are passed on at once, up to where a notice could start."""
+    pending = b""
+    while chunk := os.read(read_fd, 65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        out = b"".join(_without_notice(line) for line in lines)
+        held = _hold_from(pending)
+        out, pending = out + pending[:held], pending[held:]
+        if out:
+            os.write(write_fd, out)
+    if pending:
+        os.write(write_fd, _without_notice(pending).removesuffix(b"\n"))
+
+
+@contextlib.contextmanager
+def native_notices_filtered(verbose: bool = False) -> Iterator[None]:
+    """Within the block, the native notices of ``NATIVE_NOTICES`` are dropped from file descriptor 2 (what C++
+    libraries write to); every other byte still reaches stderr, in order. A no-op with ``verbose`` or when stderr has
+    no file descriptor (an in-memory capture)."""
+    try:
+        sys.stderr.flush()
+        original = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    if verbose:
+        os.close(original)
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    forwarder = threading.Thread(target=_forward_without_notices, args=(read_fd, original), daemon=True)
+    forwarder.start()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the forwarder reads EOF and ends
+        forwarder.join(timeout=5.0)
+        os.close(read_fd)
+        os.close(original)

@@ -69,7 +69,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from .console import HelpFormatter, add_verbose, quiet_libraries
+from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
 
 EVAL_VERSION = 1
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs
@@ -824,7 +824,8 @@ def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
         options = options_from_args(args)
         question_set = read_questions(options.questions, options.limit)
         report_skipped(str(question_set.path), question_set.skipped)
-        report = evaluate(options, load, question_set)
+        with native_notices_filtered(args.verbose):
+            report = evaluate(options, load, question_set)
         if args.out is not None:
             write_report(report, args.out)
     except EvalError as error:

@@ -89,3 +89,35 @@ def test_device_notes_say_what_runs_where():
     assert resolve_onnx_providers("cpu").note == "running on the CPU (CPUExecutionProvider), as device cpu asks"
     xnnpack = resolve_executorch_backend(["XnnpackBackend"], "cpu", registered={"XnnpackBackend": True})
     assert xnnpack.note == "running on the CPU through XnnpackBackend (device cpu)"
+
+
+# A fresh interpreter writes, straight to file descriptor 2 as C++ libraries do, two native notices, a native error
+# and a streamed answer in pieces without a newline, inside native_notices_filtered; then one notice after it.
+NATIVE_PROBE = """
+import os, sys
+from runtime.console import native_notices_filtered
+with native_notices_filtered(verbose=sys.argv[1] == "verbose"):
+    os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\\n")
+    os.write(2, b"[OpenvinoBackend.cpp:98] OpenVINO: runtime loaded successfully from 'x.so'\\n")
+    os.write(2, b"[method.cpp:12] Error: something real\\n")
+    for piece in ("one", " [two]", " three"):
+        sys.stderr.write(piece)
+        sys.stderr.flush()
+    os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file")
+os.write(2, b"\\n[cpuinfo_utils.cpp:99] after the block\\n")
+"""
+
+
+def _native_stderr(mode: str) -> str:
+    done = subprocess.run([sys.executable, "-c", NATIVE_PROBE, mode], cwd=ROOT, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.decode()
+
+
+def test_native_notices_are_dropped_and_everything_else_kept_in_order():
+    shown = _native_stderr("quiet")
+    assert "Reading file" not in shown and "runtime loaded" not in shown and "Failed to open midr" not in shown
+    assert shown.index("[method.cpp:12] Error: something real\n") < shown.index("one [two] three")
+    assert "[cpuinfo_utils.cpp:99] after the block" in shown  # only inside the block
+    verbose = _native_stderr("verbose")
+    assert "Reading file" in verbose and "runtime loaded" in verbose and "one [two] three" in verbose
