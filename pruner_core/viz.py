@@ -29,11 +29,11 @@ from .config import Keep, PrunerConfig, parse_keep
 from .coverage import Coverage, coverage
 from .methods import get_method, method_names
 from runtime.console import HelpFormatter, add_verbose, quiet_libraries
+from runtime.preprocess import SAMPLE_IMAGES
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 DEFAULT_METHODS = ("vlm_pruner", "dart", "divprune", "fastv", "visionzip", "random")
 DEFAULT_PROMPT = "What is shown in this image?"
-SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Pure colours no dimmed pixel can take (dimmed pixels stay <= DIM * 255), so outlines are countable in the PNG.
@@ -114,14 +114,12 @@ def load_image(source: str):
         except ValueError as error:
             raise VizError(str(error)) from None
     if source in SAMPLE_IMAGES:
+        from runtime.preprocess import sample_image
+
         try:
-            from skimage import data
-        except ImportError:
-            raise VizError(
-                f"--image {source} is a scikit-image sample, but scikit-image is not installed; "
-                "`pip install scikit-image` or pass the path of an image file"
-            ) from None
-        return Image.fromarray(getattr(data, source)()).convert("RGB")
+            return Image.fromarray(sample_image(source)).convert("RGB")
+        except ValueError as error:  # scikit-image missing
+            raise VizError(f"--image {source}: {error}") from None
     what = "a directory, not an image file" if path.is_dir() else "not found"
     raise VizError(f"image {source!r} is {what}; pass the path of an image file or one of {', '.join(SAMPLE_IMAGES)}")
 

@@ -58,11 +58,12 @@ def _keep(text: str):
 
 
 def resolve_image(name: str):
-    """A path, or the name of a bundled scikit-image photograph."""
-    if not Path(name).exists() and name in ("astronaut", "chelsea", "coffee"):
-        from skimage import data
+    """A path, or the name of a bundled scikit-image photograph (an existing file of that name wins): what
+    ``runtime.preprocess.load_image`` takes."""
+    from .preprocess import SAMPLE_IMAGES, sample_image
 
-        return getattr(data, name)()
+    if not Path(name).exists() and name in SAMPLE_IMAGES:
+        return sample_image(name)
     return name
 
 

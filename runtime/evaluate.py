@@ -70,9 +70,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
+from .preprocess import SAMPLE_IMAGES
 
 EVAL_VERSION = 1
-SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs
 DEFAULT_CACHE = Path(".pruner-eval-cache")
 CACHE_FILE = "answers.jsonl"
 DEFAULT_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's eval prompts
@@ -238,7 +238,7 @@ def resolve_image(image: str, folder: Path) -> str:
     """A path (relative to folder, or absolute) -> its absolute path; a sample name -> "skimage:<name>"."""
     path = Path(image).expanduser()
     path = path if path.is_absolute() else folder / path
-    if path.exists() and image not in SAMPLE_IMAGES:  # a file, or a directory: the runtime's decoder says which
+    if path.exists():  # a file (it wins over a sample of the same name), or a directory: the decoder says which
         _check_readable(str(path.resolve()))
         return str(path.resolve())
     if image in SAMPLE_IMAGES:
@@ -269,9 +269,9 @@ def _have_skimage() -> bool:
 
 @lru_cache(maxsize=len(SAMPLE_IMAGES))
 def _sample_image(name: str) -> Any:
-    from skimage import data
+    from .preprocess import sample_image
 
-    return getattr(data, name)()
+    return sample_image(name)
 
 
 def image_input(image_ref: str) -> Any:

@@ -317,13 +317,36 @@ def _resample_id(resample: Any) -> int:
 
 
 # ---- input -------------------------------------------------------------------------------------------
+SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photographs (skimage.data)
+
+
+def sample_image(name: str) -> np.ndarray:
+    """A bundled photograph by name -> H x W x 3 uint8 (scikit-image's ``skimage.data.<name>()``).
+
+    The one rule every entry point follows (pruner-run, pruner-bench, pruner-viz, pruner-eval, ``Session.generate``):
+    an existing file of that name wins; otherwise these names are the samples. Raises ValueError for other names
+    and when scikit-image is not installed.
+    """
+    if name not in SAMPLE_IMAGES:
+        raise ValueError(f"{name!r} is not a bundled photograph; use one of {', '.join(SAMPLE_IMAGES)} or a file path")
+    try:
+        from skimage import data
+    except ImportError:
+        raise ValueError(f"{name!r} is a scikit-image sample, but scikit-image is not installed; "
+                         "`pip install scikit-image` or pass the path of an image file") from None
+    return getattr(data, name)()
+
+
 def load_image(image: Any) -> Image.Image:
-    """An RGB PIL image from a path (str / Path), a PIL image, or an H x W x 3 uint8 array.
+    """An RGB PIL image from a path (str / Path), a sample name (``SAMPLE_IMAGES``, where no such file exists), a
+    PIL image, or an H x W x 3 uint8 array.
 
     Transparency is composited onto white and other modes (L, P, CMYK, I;16, ...) converted to RGB, as transformers'
     processor does. Files are turned upright by their EXIF orientation (transformers' ``load_image`` does the same);
     a PIL image or array is taken as given.
     """
+    if isinstance(image, str) and image in SAMPLE_IMAGES and not Path(image).exists():
+        return Image.fromarray(sample_image(image), mode="RGB")
     if isinstance(image, (str, Path)):
         return _to_rgb(open_image_file(Path(image)))
     if isinstance(image, Image.Image):

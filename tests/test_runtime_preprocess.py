@@ -288,3 +288,29 @@ def test_thin_image_keeps_the_middle_of_the_image() -> None:
     as_is = preprocess(strip, ImagePreprocessing(input_layout="uint8_chw"))  # 336 x 50400 intermediate
     bounded = preprocess(strip, ImagePreprocessing(input_layout="uint8_chw"), max_pixels=1_000_000)
     assert int(np.abs(as_is.astype(int) - bounded).max()) <= 4
+
+
+def test_sample_names_mean_the_same_in_the_api_and_every_cli(tmp_path, monkeypatch):
+    """pruner-run / pruner-bench (runtime.cli.resolve_image), pruner-viz, pruner-eval and Session.generate
+    (load_image) share one rule: an existing file of that name wins, otherwise the name is the bundled photograph."""
+    from skimage import data
+
+    from pruner_core.viz import load_image as load_source_image
+    from runtime.cli import resolve_image
+    from runtime.evaluate import resolve_image as eval_image
+    from runtime.preprocess import SAMPLE_IMAGES, load_image
+
+    monkeypatch.chdir(tmp_path)
+    for name in SAMPLE_IMAGES:
+        expected = np.asarray(getattr(data, name)())
+        assert np.array_equal(np.asarray(load_image(name)), expected)
+        assert np.array_equal(np.asarray(load_image(resolve_image(name))), expected)
+        assert np.array_equal(np.asarray(load_source_image(name)), expected)
+        assert eval_image(name, tmp_path) == f"skimage:{name}"
+    Image.new("RGB", (5, 4), (9, 9, 9)).save(tmp_path / "coffee", format="PNG")  # a file named like a sample
+    assert load_image("coffee").size == (5, 4)
+    assert load_image(resolve_image("coffee")).size == (5, 4)
+    assert load_source_image("coffee").size == (5, 4)
+    assert eval_image("coffee", tmp_path) == str((tmp_path / "coffee").resolve())
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image("astronat")
