@@ -65,30 +65,30 @@ def run_peak_rss(folder: str | Path, new_tokens: int, engine: str = "onnxruntime
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--decoder-layers", type=int, default=4)
+def add_measure_options(parser: argparse.ArgumentParser, keep: int, work_dir: Path, out: Path) -> None:
+    """The options every shapes benchmark shares (targets, keep, repeats, quantization, decode tokens, folders)."""
     parser.add_argument("--targets", default="onnx,executorch",
                         help="onnx (onnxruntime), openvino (OpenVINO's CPU on the ONNX folders), executorch")
-    parser.add_argument("--keep", type=int, default=64)
+    parser.add_argument("--keep", type=int, default=keep)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantize", default="none", choices=["none", "8da4w"], help="ExecuTorch decoder")
     parser.add_argument("--quantize-vision", default="none", choices=["none", "int8"], help="ExecuTorch vision tower")
     parser.add_argument("--onnx-quantize", default="none", choices=["none", "int8", "int4"], help="ONNX decoder")
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated to measure decode speed")
-    parser.add_argument("--work-dir", type=Path, default=Path("exported") / "llava_shapes")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "llava_shapes.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--work-dir", type=Path, default=work_dir)
+    parser.add_argument("--out", type=Path, default=out)
 
-    from runtime.console import quiet_libraries
+
+def measure(model_dir: Path, decoder_layers: int, args: argparse.Namespace) -> list[dict]:
+    """Export ``model_dir`` unpruned, pruned at layer 2 and at layer 0 (``args.keep`` tokens) to each of
+    ``args.targets``, run every export side by side in one process, print the table and write ``args.out``.
+
+    Rows: time to first token and decoder prefill (median of ``args.repeats``, ms), the prefill speed-up against the
+    token-count bound, the selection's share of time to first token, decode tokens/s, files (bytes) and the peak RSS
+    of a fresh process running the export (bytes)."""
     from runtime import load
     from skimage import data
 
-    quiet_libraries()
-    model_dir = args.work_dir / f"llava7b-widths-{args.decoder_layers}l"
-    if not (model_dir / "config.json").is_file():
-        print(f"building {model_dir} ...", file=sys.stderr)
-        build_tiny_llava(model_dir, spec=llava_7b_widths(args.decoder_layers))
     settings = [("unpruned", 1.0, 2), ("layer 2", args.keep, 2), ("layer 0", args.keep, 0)]
     runs = []
     for target in args.targets.split(","):
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         ttft, prefill = statistics.median(run["ttft"]), statistics.median(run["prefill"])
         speedup = statistics.median(base["prefill"]) / prefill
         total, kept = run["tokens"]
-        limit = bound(total, kept, args.decoder_layers, run["layer"]) if run["label"] != "unpruned" else 1.0
+        limit = bound(total, kept, decoder_layers, run["layer"]) if run["label"] != "unpruned" else 1.0
         row = {k: run[k] for k in ("target", "label", "keep", "layer", "quantization", "decode_tps")} | {
             "tokens": run["tokens"], "ttft_ms": ttft, "prefill_ms": prefill, "vision_ms": statistics.median(run["vision"]),
             "decoder_prefill_speedup": speedup, "bound": limit, "share_of_bound": speedup / limit,
@@ -143,6 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder-layers", type=int, default=4)
+    add_measure_options(parser, keep=64, work_dir=Path("exported") / "llava_shapes",
+                        out=Path("benchmarks") / "out" / "llava_shapes.json")
+    args = parser.parse_args(argv)
+
+    from runtime.console import quiet_libraries
+
+    quiet_libraries()
+    model_dir = args.work_dir / f"llava7b-widths-{args.decoder_layers}l"
+    if not (model_dir / "config.json").is_file():
+        print(f"building {model_dir} ...", file=sys.stderr)
+        build_tiny_llava(model_dir, spec=llava_7b_widths(args.decoder_layers))
+    measure(model_dir, args.decoder_layers, args)
     return 0
 
 

@@ -42,3 +42,28 @@ def test_l1_topk_baseline_keeps_the_largest_key_norms_ascending():
     indices, states = bench.L1TopK(3)(hidden, keys)
     assert indices.tolist() == [[1, 4, 5]]
     assert states[0, :, 0].tolist() == [1.0, 4.0, 5.0]
+
+
+def test_qwen_shapes_builds_qwen25_vl_3b_widths_at_the_benchmark_resolution():
+    """The Qwen benchmark's model is Qwen2.5-VL-3B-Instruct's architecture at its published widths (few decoder
+    layers), and 896 x 896 gives the 1,024 merged image tokens the issue names."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    bench = load_script("qwen_shapes")
+    from pruner_core.adapters.qwen2_vl_tiny import build_tokenizer, tiny_config
+
+    spec = bench.qwen25_vl_3b_widths(2, bench.parse_size("896x896"))
+    config = tiny_config(spec, build_tokenizer(spec))
+    vision, text = config.vision_config, config.text_config
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.intermediate_size) == (32, 1280, 16, 3420)
+    assert (vision.out_hidden_size, vision.window_size, list(vision.fullatt_block_indexes)) == (2048, 112,
+                                                                                               [7, 15, 23, 31])
+    assert (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads) == (
+        2048, 11008, 16, 2)
+    assert text.num_hidden_layers == 2 and list(text.rope_parameters["mrope_section"]) == [16, 24, 24]
+    rows, cols = (side // bench.MERGED_PATCH for side in spec.image_size)
+    assert rows * cols == 1024
+    for bad in ("900x896", "896", "0x28"):
+        with pytest.raises(Exception, match="image-size"):
+            bench.parse_size(bad)

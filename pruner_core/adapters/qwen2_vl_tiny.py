@@ -71,6 +71,7 @@ class TinyQwen2VLSpec:
     vision_hidden: int = 32
     vision_layers: int = 2
     vision_heads: int = 4
+    vision_ffn: int | None = None  # vision MLP width; None: 2 * vision_hidden (Qwen2.5-VL-3B: 3420 for 1280)
     text_hidden: int = 64
     text_layers: int = 4
     text_heads: int = 4
@@ -92,6 +93,9 @@ class TinyQwen2VLSpec:
                 f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2} "
                 f"(text_hidden {self.text_hidden} / text_heads {self.text_heads} / 2)"
             )
+        if self.variant == "qwen2_vl" and self.vision_ffn is not None and self.vision_ffn % self.vision_hidden:
+            raise ValueError(f"Qwen2-VL's vision MLP is an integer multiple of its width (mlp_ratio): vision_ffn "
+                             f"{self.vision_ffn} is not a multiple of vision_hidden {self.vision_hidden}")
         if self.text_heads % self.kv_heads:
             raise ValueError(f"text_heads {self.text_heads} is not a multiple of kv_heads {self.kv_heads}")
 
@@ -131,13 +135,15 @@ def tiny_config(spec: TinyQwen2VLSpec, tokenizer: Any):
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(spec.mrope_section)},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
+    vision_ffn = spec.vision_ffn or 2 * spec.vision_hidden
     common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=spec.vision_heads,
                   depth=spec.vision_layers)
     if spec.variant == "qwen2_vl":
-        vision = dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden, mlp_ratio=2)
+        vision = dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
+                      mlp_ratio=vision_ffn // spec.vision_hidden)  # an int in Qwen2VLVisionConfig
         config_class = Qwen2VLConfig
     else:
-        vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+        vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=vision_ffn,
                       out_hidden_size=spec.text_hidden, window_size=spec.window_size,
                       fullatt_block_indexes=list(spec.full_attention_blocks))
         config_class = Qwen2_5_VLConfig
