@@ -247,3 +247,11 @@ def test_summary_notes_random_weights_and_the_next_command(tmp_path):
     assert "note: random weights (a tiny test build)" in tiny
     quiet = shown({**payload, "random_weights": True}, notes=False)  # pruner-bench prints its own notes once
     assert "kept 69 of 576" in quiet and "next:" not in quiet and "random weights" not in quiet
+
+
+def test_authors_grid_is_refused_for_llava(tmp_path):
+    """--authors-grid reproduces the authors' Qwen2-VL grid placement: LLaVA-1.5 has no merged grid, say so."""
+    code, err = run_cli(["--model", "tiny-llava", "--authors-grid", "--target", "onnx", "--out", str(tmp_path / "o")],
+                        tmp_path)
+    assert code == 2 and "drop authors_grid" in err and "LLaVA-1.5" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -294,6 +294,8 @@ def test_apply_rejects_bad_configs(zoo):
         apply_pruner(model, PrunerConfig(layer=layers))
     with pytest.raises(ValueError, match="unknown method"):
         apply_pruner(model, PrunerConfig(method="no-such-method"))
+    with pytest.raises(ValueError, match="not merged patches.*LLaVA-1.5.*drop authors_grid"):  # a Qwen2-VL option
+        apply_pruner(model, PrunerConfig(authors_grid=True))
     assert not isinstance(model.model, _PrunedLlavaForward)
 
 
