@@ -247,8 +247,9 @@ def select_before_llm(model: nn.Module, features: torch.Tensor, image_start: int
 
 
 def embed_prompt(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                 image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """input_ids [B, T] with N ``<|image_pad|>`` + pixels -> (embeds [B, T, D], image_start [B], N)."""
+                 image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids [B, T] with N ``<|image_pad|>`` + pixels [P, 1176] (image_grid_thw [1, 3]; default: the loaded
+    model's export size, as ``ModelAdapter.embed_prompt`` is called) -> (embeds [B, T, D], image_start [B], N)."""
     inner = _inner(model)
     embeds = inner.get_input_embeddings()(input_ids)
     features = encode_image(model, pixel_values, image_grid_thw)[0].to(embeds.dtype)  # [N, D]
