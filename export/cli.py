@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_argument("--method", default="vlm_pruner", choices=method_names(),
                          help="how the kept image tokens are chosen (pruner_core/methods)")
     pruning.add_argument("--authors-grid", action="store_true",
-                         help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / Qwen2.5-VL only (recorded in export_config.json)")
+                         help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                              " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                              "Qwen2.5-VL only (recorded in export_config.json)")
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
                         help="executorch: a .pte program (LLaVA-1.5); onnx: onnxruntime graphs in transformers.js' "

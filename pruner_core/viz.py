@@ -31,9 +31,8 @@ import torch
 from .config import Keep, PrunerConfig, parse_keep
 from .coverage import coverage
 from .methods import get_method, method_names
-from .viz_render import (  # noqa: F401  (re-exported: the drawing's names are part of pruner_core.viz)
-    DIM, KEPT_RGB, PIVOT_RGB, Layout, ModelView, PanelBox, PanelSelection, atomic_write, cell_size, plan_layout,
-    render,
+from .viz_render import (  # noqa: F401  (the colours: re-exported, the sidecar and tests name them)
+    DIM, KEPT_RGB, PIVOT_RGB, Layout, ModelView, PanelSelection, atomic_write, render,
 )
 from runtime.console import HelpFormatter, add_verbose, quiet_libraries
 

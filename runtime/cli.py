@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="K: prune between decoder layers K-1 and K (0 = before the LLM); default 2 (the paper's)")
     eager.add_argument("--method", default=None, help="how the kept image tokens are chosen; default vlm_pruner")
     eager.add_argument("--authors-grid", action="store_true",
-                       help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / Qwen2.5-VL only")
+                       help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                            " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                            "Qwen2.5-VL only")
     eager.add_argument("--cache-dir", type=Path, default=None,
                        help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
     add_verbose(parser)

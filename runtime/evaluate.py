@@ -775,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
     parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
     parser.add_argument("--authors-grid", action="store_true",
-                        help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / Qwen2.5-VL only")
+                        help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                             " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                             "Qwen2.5-VL only")
     parser.add_argument("--exported", type=Path, nargs="+", default=None, metavar="DIR",
                         help="evaluate folders written by pruner-export instead of eager settings (default: none, eager)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"),

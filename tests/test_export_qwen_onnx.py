@@ -21,9 +21,9 @@ EXPORTS = [("tiny-qwen2-vl", 0), ("tiny-qwen2.5-vl", 2)]  # both variants, both 
 IMAGE_SIZE = {("tiny-qwen2-vl", 0): None, ("tiny-qwen2.5-vl", 2): (280, 196)}  # the tiny default (224 x 336) and
 # an --image-size with more rows than columns (10 x 7 merged tokens)
 AUTHORS_GRID = {("tiny-qwen2-vl", 0): False, ("tiny-qwen2.5-vl", 2): True}  # the authors' grid placement option
+KEEP = {("tiny-qwen2-vl", 0): 0.12, ("tiny-qwen2.5-vl", 2): 0.25}  # 0.25: where the authors' grid keeps other tokens
 QUESTIONS = ("What is in the picture?", "Describe the photo in detail.")
 NEW_TOKENS = 6
-KEEP = 0.12
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def qwen_onnx(tmp_path_factory):
     for name, layer in EXPORTS:
         model_dir = resolve_model(name, cache)
         folder = tmp_path_factory.mktemp(f"{name}-L{layer}")
-        pruner = PrunerConfig(keep=KEEP, layer=layer, authors_grid=AUTHORS_GRID[name, layer])
+        pruner = PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=AUTHORS_GRID[name, layer])
         options = ExportOptions(model=name, target="onnx", pruner=pruner, max_seq_len=256,
                                 image_size=IMAGE_SIZE[name, layer])
         export_onnx(model_dir, folder, options, model_id=name)
@@ -47,7 +47,7 @@ def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
     model_dir, folder = qwen_onnx[name, layer]
     session = load(folder)
     model, processor = load_qwen2_vl(model_dir, image_size=IMAGE_SIZE[name, layer])
-    apply_pruner(model, PrunerConfig(keep=KEEP, layer=layer, authors_grid=AUTHORS_GRID[name, layer]))
+    apply_pruner(model, PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=AUTHORS_GRID[name, layer]))
     eos = set(model.generation_config.eos_token_id)
     image = Image.fromarray(data.astronaut())
     for question in QUESTIONS:
@@ -59,7 +59,7 @@ def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
         assert result.tokens == generated[: len(result.tokens)]
         assert len(result.tokens) == NEW_TOKENS or generated[len(result.tokens)] in eos
         n_image = int(processor(images=image, text=qwen_prompt(question))["mm_token_type_ids"].sum())
-        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP).budget(n_image)
+        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP[name, layer]).budget(n_image)
 
 
 @pytest.mark.parametrize("name, layer", EXPORTS)
@@ -117,7 +117,7 @@ def test_onnx_keeps_the_authors_grid_selection(qwen_onnx):
         embeds, starts, n_image = QWEN2_VL.embed_prompt(model, ids, inputs["pixel_values"], grid_thw)
         positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], grid_thw)
         for authors in (False, True):
-            config = PrunerConfig(keep=KEEP, layer=layer, authors_grid=authors)
+            config = PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=authors)
             out = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(grid_thw), config,
                                                 position_ids=positions)
             kept[authors] = out.selection.indices[0].tolist()

@@ -411,8 +411,9 @@ def option_selection(model, inputs, config):
     with torch.no_grad():
         embeds, starts, n_image = QWEN2_VL.embed_prompt(model, ids, inputs["pixel_values"], inputs["image_grid_thw"])
         positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
-        out = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(inputs["image_grid_thw"]),
-                                            config, position_ids=positions)
+        grid = merged_grid(inputs["image_grid_thw"])
+        out = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, grid, config,
+                                            position_ids=positions)
     return out.selection
 
 

@@ -321,7 +321,8 @@ def test_qwen_panels_are_the_merged_grid_on_the_resized_photograph(qwen_panels, 
     assert [panel["method"] for panel in sidecar["panels"]] == ["vlm_pruner", "dart", "divprune", "fastv", "random"]
     assert "note: visionzip left out" in stdout and "[CLS]" in stdout and "random weights" in stdout
     resized = np.asarray(load_image("astronaut").resize((width, height), Image.Resampling.BICUBIC))
-    expected = resized.reshape(height // 28, 28, width // 28, 28, 3).transpose(0, 2, 1, 3, 4)  # [rows, cols, 28, 28, 3]
+    # each merged token's 28 x 28 pixels: [rows, cols, 28, 28, 3]
+    expected = resized.reshape(height // 28, 28, width // 28, 28, 3).transpose(0, 2, 1, 3, 4)
     png = read_rgb(out)
     for panel in sidecar["panels"]:
         cells = panel_cells(png, panel["box"])
@@ -350,8 +351,8 @@ def test_qwen_panels_are_the_model_path(qwen_panels, cache_dir):
             positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], grid_thw)
             for panel in sidecar["panels"]:
                 config = PrunerConfig(keep=24, method=panel["method"], layer=2, authors_grid=authors)
-                selection = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image,
-                                                          merged_grid(grid_thw), config, position_ids=positions).selection
+                selection = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(grid_thw),
+                                                          config, position_ids=positions).selection
                 assert selection.order[0].tolist() == panel["order"], (panel["method"], authors)
     assert qwen_panels[True][1]["panels"][0]["order"] != qwen_panels[False][1]["panels"][0]["order"]
 
