@@ -129,6 +129,7 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
     from transformers import AutoConfig
 
     from pruner_core.adapters import adapter_for, check_split_layer
+    from pruner_core.primitives import placement_lattice
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config)
@@ -139,6 +140,7 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
     try:
         pruner.budget(geometry.num_image_tokens)
         check_split_layer(pruner, geometry.num_layers)
+        placement_lattice(*geometry.grid, geometry.merge, pruner.authors_grid)
     except ValueError as error:
         raise ExportError(str(error)) from None
 
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="K: prune between decoder layers K-1 and K (0 = before the LLM, runs in stock runners)")
     pruning.add_argument("--method", default="vlm_pruner", choices=method_names(),
                          help="how the kept image tokens are chosen (pruner_core/methods)")
+    pruning.add_argument("--authors-grid", action="store_true",
+                         help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                              " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                              "Qwen2.5-VL only (recorded in export_config.json)")
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
                         help="executorch: a .pte program (LLaVA-1.5); onnx: onnxruntime graphs in transformers.js' "
@@ -268,7 +274,8 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
 
     stream = stream or sys.stderr
     try:
-        pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
+        pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method,
+                              authors_grid=args.authors_grid)
     except ValueError as error:
         raise ExportError(str(error)) from None
     targets = ["executorch", "onnx"] if args.target == "all" else [args.target]

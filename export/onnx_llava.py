@@ -101,6 +101,7 @@ class LlavaShapes:
     prompt_image_start: int  # where the model's prompt format puts the image span
     dtype: torch.dtype
     position_scheme: str = "1d"  # "1d": position_ids [1, S]; "mrope": [3, 1, S] (Qwen2-VL)
+    merge: int = 1  # patches per image token along each side (Qwen2-VL 2): PrunerConfig.authors_grid reads it
 
     @property
     def n_image(self) -> int:  # N
@@ -135,6 +136,7 @@ def read_shapes(model: nn.Module, processor: Any, config: PrunerConfig, dtype: t
         prompt_image_start=adapter.prompt_image_start(processor.tokenizer, geometry.image_token_id),
         dtype=dtype,
         position_scheme=geometry.position_scheme,
+        merge=geometry.merge,
     )
 
 
@@ -223,10 +225,10 @@ class PrunedDecoder(_Decoder):
     The mask is causal over each cache (no padding at batch 1).
     """
 
-    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int]):
+    def __init__(self, model: nn.Module, config: PrunerConfig, grid: tuple[int, int], merge: int = 1):
         super().__init__(model, split_layer=config.layer)
         self.config = config
-        self.grid = grid
+        self.grid, self.merge = grid, merge
 
     def forward(self, inputs_embeds, position_ids, image_start, past):
         language_model, split = self.language_model, self.split_layer
@@ -241,7 +243,8 @@ class PrunedDecoder(_Decoder):
         # cond branches return flat tensors: their lengths differ (S - N + R or S), and flat ones have plain strides
         def prune(hidden, probe_in, positions, image_start):
             pruned, kept_index, selection = prune_sequence(
-                language_model, probe_in, hidden, positions, image_start.reshape(1), n_image, self.grid, self.config
+                language_model, probe_in, hidden, positions, image_start.reshape(1), n_image, self.grid, self.config,
+                merge=self.merge,
             )
             return pruned.reshape(-1), gather_positions(positions, kept_index).reshape(-1), selection.indices.clone()
 
@@ -372,7 +375,7 @@ def decoder_plan(model: nn.Module, shapes: LlavaShapes, config: PrunerConfig, ge
     names = [PAST] * split + [PRUNED_PAST] * (layers - split)
     example = (embeds, positions, start, _example_kv(shapes, lengths, generator))
     return GraphPlan(
-        name="decoder_model_merged", module=PrunedDecoder(model, config, shapes.grid), example=example,
+        name="decoder_model_merged", module=PrunedDecoder(model, config, shapes.grid, shapes.merge), example=example,
         dynamic_shapes=({1: _dyn()}, {positions.dim() - 1: _dyn()}, None, [({2: _dyn()}, {2: _dyn()})] * layers),
         inputs=head + [position_spec, tensor_spec("image_start", [1], "int64")]
         + _kv_specs("past_key_values", shapes, names, dtype),

@@ -109,9 +109,15 @@ class PrunerConfig:
     chunk: int = 16  # B, candidate batch
     fusion_beta: float = 0.3  # beta, SWA keep weight (1.0 disables fusion)
     seed: int = 0  # only the `random` method uses it
+    # VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (``placement_lattice``): merged tokens laid on the
+    # unmerged patch grid. Off: the true image-token grid. Only for models whose image tokens merge patches
+    # (Qwen2-VL / Qwen2.5-VL); selection refuses it elsewhere. Methods without a spatial term ignore it.
+    authors_grid: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", Keep.of(self.keep))
+        if not isinstance(self.authors_grid, bool):
+            raise ValueError(f"authors_grid must be True or False, got {self.authors_grid!r}")
         self._check_int("layer", minimum=0)
         self._check_int("pivots", minimum=1)
         self._check_int("feature_channels", minimum=1)

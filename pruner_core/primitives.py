@@ -11,10 +11,34 @@ import math
 import torch
 
 
-def grid_positions(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
-    """(x, y) of every image token, row-major: token i sits at (i mod cols, i div cols).  -> [N, 2] float32"""
+def grid_positions(rows: int, cols: int, device: torch.device | None = None, lattice_cols: int | None = None
+                   ) -> torch.Tensor:
+    """(x, y) of every one of the N = rows * cols image tokens, row-major on a lattice ``lattice_cols`` wide
+    (default: the grid's own cols): token i sits at (i mod lattice_cols, i div lattice_cols).  -> [N, 2] float32"""
+    width = lattice_cols or cols
     index = torch.arange(rows * cols, device=device)
-    return torch.stack([index % cols, index // cols], dim=-1).to(torch.float32)
+    return torch.stack([index % width, index // width], dim=-1).to(torch.float32)
+
+
+def placement_lattice(rows: int, cols: int, merge: int = 1, authors_grid: bool = False) -> tuple[int, int]:
+    """(rows, cols) of the lattice image tokens are placed on for the spatial distance: its cols are the row width
+    of ``grid_positions`` and its diagonal is ``grid_diameter``.
+
+    Default: the image-token grid (rows, cols) itself. ``authors_grid``: the authors' Qwen2-VL placement
+    (``Qwen2-VL/Qwen2VL_VLMPruner/modeling_qwen2_vl_self.py``, github.com/Casey-bit/VLMPruner), whose height and
+    width come from ``image_grid_thw``, the patch grid BEFORE the vision tower's merge x merge patch merge:
+    (rows * merge, cols * merge); merged token i then sits at (i mod cols * merge, i div cols * merge) and distances
+    are divided by that grid's diagonal. Raises ValueError for ``authors_grid`` with merge = 1 (image tokens that
+    are not merged patches, e.g. LLaVA-1.5: there is no unmerged grid to reproduce).
+    """
+    if not authors_grid:
+        return rows, cols
+    if merge < 2:
+        raise ValueError(
+            "authors_grid reproduces the authors' Qwen2-VL placement on the patch grid before the vision tower's "
+            "patch merge; these image tokens are not merged patches (merge=1, e.g. LLaVA-1.5): drop authors_grid"
+        )
+    return rows * merge, cols * merge
 
 
 def grid_diameter(rows: int, cols: int) -> float:

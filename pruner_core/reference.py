@@ -17,6 +17,7 @@ from .primitives import (
     key_distance,
     key_l1_norm,
     key_sq_norm,
+    placement_lattice,
     similarity_for,
 )
 from .selection import Selection
@@ -117,17 +118,21 @@ def reference_fusion(
 
 
 def select_tokens_reference(
-    hidden: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], config: PrunerConfig | None = None
+    hidden: torch.Tensor, keys: torch.Tensor, grid: tuple[int, int], config: PrunerConfig | None = None,
+    merge: int = 1,
 ) -> Selection:
-    """VLM-Pruner, eager.  hidden [B, N, D], keys [B, N, Dk] -> Selection of exactly R tokens per item."""
+    """VLM-Pruner, eager.  hidden [B, N, D], keys [B, N, Dk] -> Selection of exactly R tokens per item.
+
+    merge: patches per image token along each side, read for ``config.authors_grid`` (``placement_lattice``)."""
     config = config or PrunerConfig()
     rows, cols = check_inputs(hidden, keys, grid)
     batch, num_tokens, _ = hidden.shape
     budget = config.budget(num_tokens)
     hidden32, keys32 = hidden.float(), keys.float()
     similarity = similarity_for(hidden32, config.feature_channels)  # [B, N, N]
-    positions = grid_positions(rows, cols, hidden.device)
-    distance = grid_distance(positions, positions, grid_diameter(rows, cols))  # [N, N]
+    lattice = placement_lattice(rows, cols, merge, config.authors_grid)
+    positions = grid_positions(rows, cols, hidden.device, lattice[1])
+    distance = grid_distance(positions, positions, grid_diameter(*lattice))  # [N, N]
     indices, states, orders = [], [], []
     for b in range(batch):
         pivots = reference_pivots(keys32[b : b + 1], min(config.pivots, budget))

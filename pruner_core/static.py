@@ -23,6 +23,7 @@ from .primitives import (
     key_distance,
     key_l1_norm,
     key_sq_norm,
+    placement_lattice,
     similarity_for,
     similarity_weighted_fusion,
     stable_argsort,
@@ -43,13 +44,23 @@ class StaticPlan:
     strength: float  # lambda
     thresholds: tuple[float, ...]  # tau_r for every round
     beta: float
+    lattice: tuple[int, int] | None = None  # (rows, cols) the tokens are placed on (placement_lattice); None: grid
+
+    @property
+    def lattice_cols(self) -> int:
+        return (self.lattice or (self.rows, self.cols))[1]
+
+    @property
+    def diameter(self) -> float:
+        return grid_diameter(*(self.lattice or (self.rows, self.cols)))
 
     @property
     def steps(self) -> int:
         return self.budget - self.pivots + len(self.thresholds) - 1
 
     @classmethod
-    def build(cls, config: PrunerConfig, rows: int, cols: int, budget: int) -> "StaticPlan":
+    def build(cls, config: PrunerConfig, rows: int, cols: int, budget: int, merge: int = 1) -> "StaticPlan":
+        """merge: patches per image token along each side (Qwen2-VL 2, LLaVA 1); read for config.authors_grid."""
         rounds = num_rounds(config)
         return cls(
             rows=rows,
@@ -60,6 +71,7 @@ class StaticPlan:
             strength=config.bss_lambda,
             thresholds=tuple(round_threshold(config, r) for r in range(rounds)),
             beta=config.fusion_beta,
+            lattice=placement_lattice(rows, cols, merge, config.authors_grid),
         )
 
 
@@ -156,7 +168,7 @@ def centrifugal_step(
     new_sim = torch.where(accepted.unsqueeze(-1), take_rows(similarity, members), float("-inf"))  # [B, C, N]
     max_sim = torch.maximum(max_sim, new_sim.amax(1))
     member_xy = positions.index_select(0, members.reshape(-1)).reshape(batch, -1, 2)  # [B, C, 2]
-    new_dist = grid_distance(member_xy, positions, grid_diameter(plan.rows, plan.cols))  # [B, C, N]
+    new_dist = grid_distance(member_xy, positions, plan.diameter)  # [B, C, N]
     new_dist = torch.where(accepted.unsqueeze(-1), new_dist, float("inf"))
     min_dist = torch.minimum(min_dist, new_dist.amin(1))
 
@@ -175,10 +187,10 @@ def centrifugal_select(
     device = keys.device
     pivots = static_pivots(keys, plan.pivots)  # [B, P]
     selected = one_hot_any(pivots, torch.ones_like(pivots, dtype=torch.bool), num_tokens)
-    positions = grid_positions(plan.rows, plan.cols, device)
+    positions = grid_positions(plan.rows, plan.cols, device, plan.lattice_cols)  # [N, 2]
     max_sim = take_rows(similarity, pivots).amax(1)  # [B, N]
     pivot_xy = positions.index_select(0, pivots.reshape(-1)).reshape(batch, -1, 2)
-    min_dist = grid_distance(pivot_xy, positions, grid_diameter(plan.rows, plan.cols)).amin(1)  # [B, N]
+    min_dist = grid_distance(pivot_xy, positions, plan.diameter).amin(1)  # [B, N]
     picked = torch.cat([pivots, pivots.new_zeros(batch, plan.budget - plan.pivots)], dim=1)  # [B, R]
     if plan.steps <= 0 or plan.budget == plan.pivots:
         return picked, selected

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     eager.add_argument("--prune-layer", type=int, default=None,
                        help="K: prune between decoder layers K-1 and K (0 = before the LLM); default 2 (the paper's)")
     eager.add_argument("--method", default=None, help="how the kept image tokens are chosen; default vlm_pruner")
+    eager.add_argument("--authors-grid", action="store_true",
+                       help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                            " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                            "Qwen2.5-VL only")
     eager.add_argument("--cache-dir", type=Path, default=None,
                        help="where tiny models are built; default ~/.cache/vlm-pruner-edge/models")
     add_verbose(parser)
@@ -70,7 +74,8 @@ def resolve_image(name: str):
 def refuse_eager_flags(args: argparse.Namespace) -> None:
     """The eager-only flags with an exported folder: ValueError naming them (they would be ignored)."""
     pruning = [flag for flag, value in (("--keep", args.keep), ("--prune-layer", args.prune_layer),
-                                        ("--method", args.method)) if value is not None]
+                                        ("--method", args.method),
+                                        ("--authors-grid", args.authors_grid or None)) if value is not None]
     problems = []
     if pruning:
         problems.append(f"{' / '.join(pruning)} {'sets' if len(pruning) == 1 else 'set'} how an eager model is "
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
         config = PrunerConfig(keep=_keep("0.12") if args.keep is None else args.keep,
                               layer=2 if args.prune_layer is None else args.prune_layer,
-                              method=args.method or "vlm_pruner")
+                              method=args.method or "vlm_pruner", authors_grid=args.authors_grid)
     else:
         refuse_eager_flags(args)
     session = load(args.model, args.device, config=config, cache_dir=args.cache_dir, profile_ops=args.profile_ops,

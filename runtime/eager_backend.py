@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pruner_core import PrunerConfig
+from pruner_core.primitives import placement_lattice
 from pruner_core.adapters import KVRecorder, adapter_for, decode_step
 from pruner_core.methods import get_method
 
@@ -31,6 +32,7 @@ class EagerBackend:
         self.config = config
         geometry = self.adapter.geometry(self.model)
         self.grid, self.position_scheme = geometry.grid, geometry.position_scheme
+        placement_lattice(*self.grid, geometry.merge, config.authors_grid)  # authors_grid off Qwen2-VL: fail now
         self.num_image_tokens = self.grid[0] * self.grid[1]
         self.kept_image_tokens = config.budget(self.num_image_tokens)
         self.max_seq_len = None

@@ -322,9 +322,11 @@ def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], layer: int) -> list[Setting]:
+def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], layer: int,
+                   authors_grid: bool = False) -> list[Setting]:
     """Every (method, keep) pair for the eager backend, methods outer; duplicates dropped (keeps are Keep values,
-    or ints / floats made into them: 1 and 1.0 stay two settings)."""
+    or ints / floats made into them: 1 and 1.0 stay two settings). authors_grid: ``PrunerConfig.authors_grid`` for
+    every setting (labels say so)."""
     from pruner_core import PrunerConfig, method_names
     from pruner_core.config import Keep
 
@@ -340,10 +342,10 @@ def eager_settings(model: str, keeps: Iterable[Any], methods: Iterable[str], lay
         for value in keeps:
             try:
                 keep = Keep.of(value)
-                config = PrunerConfig(keep=keep, method=method, layer=layer)
+                config = PrunerConfig(keep=keep, method=method, layer=layer, authors_grid=authors_grid)
             except ValueError as error:
                 raise EvalError(str(error)) from None
-            label = f"{method} keep={keep}"
+            label = f"{method} keep={keep}" + (" authors-grid" if authors_grid else "")
             settings.setdefault((method, keep), Setting(
                 label=label, kind="eager", source=model, method=method, keep=keep, layer=layer,
                 full=keep.keeps_all, group=f"{identity} layer={layer}", identity=identity,
@@ -487,6 +489,7 @@ class EvalOptions:
     keeps: tuple[Any, ...] = (1.0, 0.33, 0.11)  # Keep values (or ints / floats made into them)
     methods: tuple[str, ...] = ("vlm_pruner",)
     layer: int = 2
+    authors_grid: bool = False  # PrunerConfig.authors_grid for the eager settings
     exported: tuple[Path, ...] = ()
     max_new_tokens: int = 8
     cache_dir: Path = DEFAULT_CACHE
@@ -505,7 +508,7 @@ class EvalOptions:
     def settings(self) -> list[Setting]:
         if self.exported:
             return exported_settings(self.exported)
-        return eager_settings(self.model, self.keeps, self.methods, self.layer)
+        return eager_settings(self.model, self.keeps, self.methods, self.layer, self.authors_grid)
 
 
 @dataclass
@@ -771,6 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", default=None, help=f"comma-separated counts or fractions (default {DEFAULT_KEEPS})")
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
     parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
+    parser.add_argument("--authors-grid", action="store_true",
+                        help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
+                             " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "
+                             "Qwen2.5-VL only")
     parser.add_argument("--exported", type=Path, nargs="+", default=None, metavar="DIR",
                         help="evaluate folders written by pruner-export instead of eager settings (default: none, eager)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "npu", "auto"),
@@ -792,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     eager_flags = [name for name in ("model", "keep", "methods", "layer") if getattr(args, name) is not None]
+    eager_flags += ["authors-grid"] if args.authors_grid else []
     if args.exported and eager_flags:
         raise EvalError(f"--exported evaluates exported folders, whose settings are in their export_config.json; "
                         f"drop --{', --'.join(eager_flags)}")
@@ -799,6 +807,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         questions=args.questions or shipped_questions(), model=args.model or "tiny-llava",
         keeps=tuple(parse_keeps(DEFAULT_KEEPS if args.keep is None else args.keep)),
         methods=tuple(parse_list(args.methods or DEFAULT_METHODS)), layer=2 if args.layer is None else args.layer,
+        authors_grid=args.authors_grid,
         exported=tuple(args.exported or ()), max_new_tokens=args.max_new_tokens, cache_dir=args.cache,
         model_cache_dir=args.model_cache_dir, device=args.device, prompt_suffix=args.prompt_suffix,
         limit=args.limit, progress=not args.no_progress)

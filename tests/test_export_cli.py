@@ -167,7 +167,7 @@ def test_path_like_names_and_folders_without_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(["--model", "exported/tiny-llava-keep0.21", "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and "no such folder: exported/tiny-llava-keep0.21" in err and "keep0.12" in err
-    assert "download" not in err
+    assert err.index("no such folder") < err.index("not in the local Hugging Face cache")  # the path reading first
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     (config_only / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
@@ -247,3 +247,11 @@ def test_summary_notes_random_weights_and_the_next_command(tmp_path):
     assert "note: random weights (a tiny test build)" in tiny
     quiet = shown({**payload, "random_weights": True}, notes=False)  # pruner-bench prints its own notes once
     assert "kept 69 of 576" in quiet and "next:" not in quiet and "random weights" not in quiet
+
+
+def test_authors_grid_is_refused_for_llava(tmp_path):
+    """--authors-grid reproduces the authors' Qwen2-VL grid placement: LLaVA-1.5 has no merged grid, say so."""
+    code, err = run_cli(["--model", "tiny-llava", "--authors-grid", "--target", "onnx", "--out", str(tmp_path / "o")],
+                        tmp_path)
+    assert code == 2 and "drop authors_grid" in err and "LLaVA-1.5" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -20,9 +20,10 @@ from runtime import load
 EXPORTS = [("tiny-qwen2-vl", 0), ("tiny-qwen2.5-vl", 2)]  # both variants, both placements; GQA (2 KV heads of 4)
 IMAGE_SIZE = {("tiny-qwen2-vl", 0): None, ("tiny-qwen2.5-vl", 2): (280, 196)}  # the tiny default (224 x 336) and
 # an --image-size with more rows than columns (10 x 7 merged tokens)
+AUTHORS_GRID = {("tiny-qwen2-vl", 0): False, ("tiny-qwen2.5-vl", 2): True}  # the authors' grid placement option
+KEEP = {("tiny-qwen2-vl", 0): 0.12, ("tiny-qwen2.5-vl", 2): 0.25}  # 0.25: where the authors' grid keeps other tokens
 QUESTIONS = ("What is in the picture?", "Describe the photo in detail.")
 NEW_TOKENS = 6
-KEEP = 0.12
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,9 @@ def qwen_onnx(tmp_path_factory):
     for name, layer in EXPORTS:
         model_dir = resolve_model(name, cache)
         folder = tmp_path_factory.mktemp(f"{name}-L{layer}")
-        options = ExportOptions(model=name, target="onnx", pruner=PrunerConfig(keep=KEEP, layer=layer),
-                                max_seq_len=256, image_size=IMAGE_SIZE[name, layer])
+        pruner = PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=AUTHORS_GRID[name, layer])
+        options = ExportOptions(model=name, target="onnx", pruner=pruner, max_seq_len=256,
+                                image_size=IMAGE_SIZE[name, layer])
         export_onnx(model_dir, folder, options, model_id=name)
         out[name, layer] = model_dir, folder
     return out
@@ -45,7 +47,7 @@ def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
     model_dir, folder = qwen_onnx[name, layer]
     session = load(folder)
     model, processor = load_qwen2_vl(model_dir, image_size=IMAGE_SIZE[name, layer])
-    apply_pruner(model, PrunerConfig(keep=KEEP, layer=layer))
+    apply_pruner(model, PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=AUTHORS_GRID[name, layer]))
     eos = set(model.generation_config.eos_token_id)
     image = Image.fromarray(data.astronaut())
     for question in QUESTIONS:
@@ -57,7 +59,7 @@ def test_onnx_equals_eager_pruned_generate(qwen_onnx, name, layer):
         assert result.tokens == generated[: len(result.tokens)]
         assert len(result.tokens) == NEW_TOKENS or generated[len(result.tokens)] in eos
         n_image = int(processor(images=image, text=qwen_prompt(question))["mm_token_type_ids"].sum())
-        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP).budget(n_image)
+        assert result.profile.image_tokens_kept == PrunerConfig(keep=KEEP[name, layer]).budget(n_image)
 
 
 @pytest.mark.parametrize("name, layer", EXPORTS)
@@ -68,6 +70,7 @@ def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
         "image_size"]
     assert config["decoder"]["position_scheme"] == "mrope" and config["positions"] == "original"
     assert config["random_weights"] is True  # a tiny build
+    assert config["pruner"]["authors_grid"] is AUTHORS_GRID[name, layer]  # the grid placement the graphs hold
     assert config["grid"] == [height // 28, width // 28] and config["num_image_tokens"] == height * width // 784
     assert config["image_preprocessing"]["input_layout"] == "flat_patches"
     pixels = next(s for s in config["methods"]["vision_encoder"]["inputs"] if s["name"] == "pixel_values")
@@ -96,3 +99,29 @@ def test_export_without_position_scheme_is_refused_naming_the_field(qwen_onnx, t
     (folder / "export_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="lacks decoder.position_scheme.*mrope.*export the model again"):
         load(folder)
+
+
+def test_onnx_keeps_the_authors_grid_selection(qwen_onnx):
+    """The export with authors_grid keeps, in its layer-K decoder graph, the tokens the eager option keeps, which
+    are not those of the true merged grid (the static selection in the graph uses the same placement)."""
+    from pruner_core.adapters import QWEN2_VL
+    from pruner_core.adapters.qwen2_vl import merged_grid, rope_positions
+
+    name, layer = next(key for key, authors in AUTHORS_GRID.items() if authors)
+    model_dir, folder = qwen_onnx[name, layer]
+    model, processor = load_qwen2_vl(model_dir, image_size=IMAGE_SIZE[name, layer])
+    inputs = processor(images=Image.fromarray(data.astronaut()), text=qwen_prompt(QUESTIONS[0]))
+    ids, grid_thw = inputs["input_ids"], inputs["image_grid_thw"]
+    kept = {}
+    with torch.no_grad():
+        embeds, starts, n_image = QWEN2_VL.embed_prompt(model, ids, inputs["pixel_values"], grid_thw)
+        positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], grid_thw)
+        for authors in (False, True):
+            config = PrunerConfig(keep=KEEP[name, layer], layer=layer, authors_grid=authors)
+            out = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(grid_thw), config,
+                                                position_ids=positions)
+            kept[authors] = out.selection.indices[0].tolist()
+    start = int(starts[0])
+    graphs = load(folder).backend.model
+    prefill = graphs.prefill(ids[0, :start].tolist(), inputs["pixel_values"].numpy(), ids[0, start + n_image:].tolist())
+    assert prefill.kept_image_indices.tolist() == kept[True] != kept[False]

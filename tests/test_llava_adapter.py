@@ -294,6 +294,8 @@ def test_apply_rejects_bad_configs(zoo):
         apply_pruner(model, PrunerConfig(layer=layers))
     with pytest.raises(ValueError, match="unknown method"):
         apply_pruner(model, PrunerConfig(method="no-such-method"))
+    with pytest.raises(ValueError, match="not merged patches.*LLaVA-1.5.*drop authors_grid"):  # a Qwen2-VL option
+        apply_pruner(model, PrunerConfig(authors_grid=True))
     assert not isinstance(model.model, _PrunedLlavaForward)
 
 
@@ -470,3 +472,27 @@ def test_resolve_model_errors(tmp_path):
         resolve_model("gpt-nine", tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         resolve_model(str(tmp_path), tmp_path)
+
+
+def test_hub_id_shadowed_by_a_local_folder(tmp_path, monkeypatch):
+    """'Qwen/...' is a hub id even when a folder 'Qwen/' (e.g. of exports) is in the working directory: the local
+    Hugging Face cache is used; when it is neither a folder nor cached, the error says both and how to fetch it."""
+    hf_cache = tmp_path / "hf"
+    repo = "Qwen/Qwen2-VL-2B-Instruct"
+    work = tmp_path / "work"
+    (work / "Qwen" / "qwen2-vl-2b-keep0.12-onnx").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(FileNotFoundError) as missing:
+        resolve_model(repo, tmp_path, hf_cache_dir=hf_cache)
+    message = str(missing.value)
+    assert f"no such folder: {repo}" in message and "qwen2-vl-2b-keep0.12-onnx" in message
+    assert "not in the local Hugging Face cache as a hub id" in message and f"hf download {repo}" in message
+    snapshot = fake_hub_snapshot(hf_cache, repo, {"model_type": "qwen2_vl"})
+    assert resolve_model(repo, tmp_path, hf_cache_dir=hf_cache) == snapshot
+    assert resolve_model("qwen2-vl-2b", tmp_path, hf_cache_dir=hf_cache) == snapshot
+    local = work / "Qwen" / "Qwen2-VL-2B-Instruct"  # a real folder of that name wins over the cache
+    local.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(repo, tmp_path, hf_cache_dir=hf_cache)
+    with pytest.raises(FileNotFoundError, match="no such folder: Qwen/a/b"):  # three parts: a path, never a hub id
+        resolve_model("Qwen/a/b", tmp_path, hf_cache_dir=hf_cache)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -106,11 +107,18 @@ def _stack(language_model, layers, norm: bool):
     return stack
 
 
-def independent_pruned_generation(model, inputs, config, tokens=NEW_TOKENS):
+def merged_selection(hidden, keys, image_grid_thw, config):
+    """The project's selection on the true merged grid (grid_h / 2, grid_w / 2)."""
+    _, h, w = image_grid_thw.tolist()
+    return select_tokens(hidden, keys, (h // 2, w // 2), config)
+
+
+def independent_pruned_generation(model, inputs, config, tokens=NEW_TOKENS, select=merged_selection):
     """The pruned prefill and greedy decoding stated with the stock modules: layers < K on the full prompt at the stock
-    M-RoPE positions, the selection from layer K-1's output and post-RoPE keys at the image tokens, layers >= K on
-    [text before] + [R fused tokens] + [text after] at the kept tokens' ORIGINAL positions, decoding at the
-    unpruned positions (rope deltas). -> (tokens [tokens], logits [tokens, V])."""
+    M-RoPE positions, the selection (``select(hidden [1, N, D], keys [1, N, Dk], image_grid_thw [3], config)``) from
+    layer K-1's output and post-RoPE keys at the image tokens, layers >= K on [text before] + [R fused tokens] +
+    [text after] at the kept tokens' ORIGINAL positions, decoding at the unpruned positions (rope deltas).
+    -> (tokens [tokens], logits [tokens, V])."""
     inner = model.model
     language_model = inner.language_model
     split = config.layer
@@ -132,8 +140,7 @@ def independent_pruned_generation(model, inputs, config, tokens=NEW_TOKENS):
                                                  past_key_values=lower_cache, use_cache=True).last_hidden_state
         cos, sin = language_model.rotary_emb(embeds, positions[:, :, where])
         keys = _keys(language_model.layers[max(split - 1, 0)], probe_in[:, where], cos, sin)
-        _, h, w = inputs["image_grid_thw"][0].tolist()
-        selection = select_tokens(hidden[:, where], keys, (h // 2, w // 2), config)
+        selection = select(hidden[:, where], keys, inputs["image_grid_thw"][0], config)
         start, n_image = int(where[0]), len(where)
         kept = selection.indices[0]  # [R] ascending
         pruned = torch.cat([hidden[:, :start], selection.states.to(hidden.dtype), hidden[:, start + n_image:]], 1)
@@ -309,13 +316,13 @@ def test_closed_form_positions_equal_get_rope_index(qwen_zoo, stock):
     assert torch.equal(mrope_positions(3, (2, 5), 1)[:, 0, -1], torch.tensor([8, 8, 8]))  # 3 + max(2, 5)
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_runtime_eager_session_equals_apply_pruner(qwen_zoo, astronaut, layer):
+@pytest.mark.parametrize("layer, authors_grid", [(0, False), (2, False), (2, True)])
+def test_runtime_eager_session_equals_apply_pruner(qwen_zoo, astronaut, layer, authors_grid):
     """pruner-run's eager path (runtime.load: the runtime's own preprocessing, prompt encoding and positions) gives
-    the tokens of apply_pruner + the stock generate."""
+    the tokens of apply_pruner + the stock generate (with the authors' grid placement too)."""
     from runtime import load
 
-    config = PrunerConfig(keep=0.12, layer=layer)
+    config = PrunerConfig(keep=0.12, layer=layer, authors_grid=authors_grid)
     session = load("tiny-qwen2-vl", config=config, cache_dir=qwen_zoo["tiny-qwen2-vl"].parent)
     result = session.generate(astronaut, QUESTION, max_new_tokens=NEW_TOKENS)
     model, processor = load_qwen2_vl(qwen_zoo["tiny-qwen2-vl"])
@@ -326,6 +333,7 @@ def test_runtime_eager_session_equals_apply_pruner(qwen_zoo, astronaut, layer):
     assert result.tokens == generated[: len(result.tokens)] and (len(result.tokens) == NEW_TOKENS
                                                                  or generated[len(result.tokens)] in eos)
     assert result.profile.image_tokens_total == QWEN2_VL.geometry(model).num_image_tokens
+    assert session.config["pruner"]["authors_grid"] is authors_grid
 
 
 def test_tiny_build_is_reused_and_inputs_check_images(qwen_zoo, stock):
@@ -364,3 +372,135 @@ def test_pruner_eval_runs_qwen_eagerly(qwen_zoo, tmp_path, monkeypatch):
     settings = json.loads(out.read_text())["settings"]
     assert code == 0 and [s["keep"] for s in settings] == [1.0, 0.25]
     assert settings[0]["agreement"] == 1.0 and all(s["total"] == 2 and s["computed"] == 2 for s in settings)
+
+
+# ---------------------------------------------------------------- the authors' grid placement (authors_grid)
+
+
+def authors_distance(n_image: int, image_grid_thw) -> torch.Tensor:
+    """The authors' Qwen2-VL placement restated (their modeling_qwen2_vl_self.py): height and width come straight
+    from image_grid_thw, the patch grid BEFORE the 2x2 merge; merged token i sits at (i mod width, i div width);
+    distances are divided by sqrt(height^2 + width^2). -> [N, N] float32"""
+    _, height, width = (int(v) for v in image_grid_thw)
+    xy = [(i % width, i // width) for i in range(n_image)]
+    squared = [[(xa - xb) ** 2 + (ya - yb) ** 2 for xb, yb in xy] for xa, ya in xy]
+    return torch.tensor(squared, dtype=torch.float32).sqrt() / math.sqrt(height * height + width * width)
+
+
+def authors_selection(hidden, keys, image_grid_thw, config):
+    """pruner_core/reference.py's stages (pivots, centrifugal rounds, fusion) over ``authors_distance``."""
+    from pruner_core.primitives import similarity_for
+    from pruner_core.reference import reference_centrifugal, reference_fusion, reference_pivots
+    from pruner_core.selection import Selection
+
+    n_image = hidden.shape[1]
+    budget = config.budget(n_image)
+    similarity = similarity_for(hidden.float(), config.feature_channels)[0]  # [N, N]
+    pivots = reference_pivots(keys.float(), min(config.pivots, budget))
+    order = reference_centrifugal(similarity, authors_distance(n_image, image_grid_thw), pivots, budget, config)
+    kept = sorted(order)
+    states = reference_fusion(hidden[0].float(), similarity, kept, config.fusion_beta)
+    return Selection(indices=torch.tensor([kept]), states=states[None].to(hidden.dtype), order=torch.tensor([order]))
+
+
+def option_selection(model, inputs, config):
+    """The option's selection through the adapter's exporter entry point (prefill_with_pruning)."""
+    from pruner_core.adapters.qwen2_vl import merged_grid, rope_positions
+
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embeds, starts, n_image = QWEN2_VL.embed_prompt(model, ids, inputs["pixel_values"], inputs["image_grid_thw"])
+        positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+        grid = merged_grid(inputs["image_grid_thw"])
+        out = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, grid, config,
+                                            position_ids=positions)
+    return out.selection
+
+
+@pytest.mark.parametrize("grid_thw, keep", [((1, 12, 16), 0.25), ((1, 20, 14), 20), ((1, 8, 8), 7)])
+def test_authors_grid_equals_an_independent_statement_on_synthetic_features(grid_thw, keep):
+    """select_tokens(authors_grid) == the restated placement driving the reference stages; the true merged grid
+    (default) is another selection on at least one of the seeds (the option matters)."""
+    rows, cols = grid_thw[1] // 2, grid_thw[2] // 2
+    differs = False
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        shared = torch.randn(1, 1, 48, generator=generator)  # similar tokens: redundancy near the thresholds
+        hidden = shared + 0.6 * torch.randn(1, rows * cols, 48, generator=generator)
+        keys = torch.randn(1, rows * cols, 32, generator=generator)
+        config = PrunerConfig(keep=keep, feature_channels=16, authors_grid=True)
+        option = select_tokens(hidden, keys, (rows, cols), config, merge=2)
+        expected = authors_selection(hidden, keys, torch.tensor(grid_thw), config)
+        assert option.order.tolist() == expected.order.tolist()
+        assert torch.equal(option.indices, expected.indices)
+        assert torch.allclose(option.states, expected.states, atol=1e-5)
+        default = select_tokens(hidden, keys, (rows, cols), PrunerConfig(keep=keep, feature_channels=16))
+        differs |= default.order.tolist() != option.order.tolist()
+    assert differs
+    with pytest.raises(ValueError, match="not merged patches.*drop authors_grid"):  # no merge, nothing to reproduce
+        select_tokens(hidden, keys, (rows, cols), config)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_authors_grid_on_the_tiny_models_equals_an_independent_statement(qwen_zoo, stock, name):
+    """apply_pruner and prefill_with_pruning with authors_grid keep what the restated placement keeps (layer 2:
+    the same tokens, logits and answer), and other tokens than the default grid; at layer 0 select_before_llm
+    (the ONNX encoder's selection) too."""
+    inputs, _ = stock[name]
+    model, _ = load_qwen2_vl(qwen_zoo[name])
+    config = PrunerConfig(keep=0.25, layer=2, authors_grid=True)
+    chosen = []
+
+    def recorded(*args):
+        chosen.append(authors_selection(*args))
+        return chosen[-1]
+
+    tokens, logits = independent_pruned_generation(model, inputs, config, select=recorded)
+    kept = option_selection(model, inputs, config).indices
+    assert torch.equal(kept, chosen[0].indices)
+    assert not torch.equal(kept, option_selection(model, inputs, PrunerConfig(keep=0.25, layer=2)).indices)
+    apply_pruner(model, config)
+    result = generate(model, inputs)
+    assert result.sequences[0, -NEW_TOKENS:].tolist() == tokens
+    assert (torch.stack([x[0] for x in result.logits]) - logits).abs().max().item() <= 1e-5
+    remove_pruner(model)
+    layer0 = PrunerConfig(keep=0.25, layer=0, authors_grid=True)
+    chosen.clear()
+    independent_pruned_generation(model, inputs, layer0, tokens=1, select=recorded)
+    with torch.no_grad():
+        features = QWEN2_VL.encode_image(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
+        grid = QWEN2_VL.geometry(model).grid
+        selection = QWEN2_VL.select_before_llm(model, features, start, grid, layer0)
+    assert torch.equal(selection.indices, chosen[0].indices)
+    assert torch.equal(option_selection(model, inputs, layer0).indices, chosen[0].indices)
+
+
+def test_authors_grid_is_a_typed_recorded_option():
+    config = PrunerConfig(authors_grid=True)
+    assert PrunerConfig.from_json(config.to_json()) == config and config.to_dict()["authors_grid"] is True
+    assert PrunerConfig.from_dict({"keep": 64}).authors_grid is False  # configs written before the option
+    with pytest.raises(ValueError, match="authors_grid must be True or False"):
+        PrunerConfig(authors_grid="yes")
+
+
+def test_authors_grid_flags_reach_the_pruner_config(qwen_zoo, tmp_path):
+    """pruner-export, pruner-run (eager) and pruner-eval take --authors-grid, say what it does in --help, and put it
+    in the PrunerConfig; pruner-run refuses it for an exported folder (whose graphs hold their own placement)."""
+    from export.cli import build_parser as export_parser
+    from runtime.cli import build_parser as run_parser
+    from runtime.cli import refuse_eager_flags
+    from runtime.evaluate import build_parser as eval_parser
+    from runtime.evaluate import options_from_args
+
+    for parser in (export_parser(), run_parser(), eval_parser()):
+        shown = " ".join(parser.format_help().split())
+        assert "--authors-grid" in shown and "unmerged patch grid" in shown and "Qwen2-VL / Qwen2.5-VL only" in shown
+    assert export_parser().parse_args(["--authors-grid"]).authors_grid is True
+    args = eval_parser().parse_args(["--model", str(qwen_zoo["tiny-qwen2-vl"]), "--keep", "0.25", "--authors-grid"])
+    settings = options_from_args(args).settings()
+    assert all(s.pruner["authors_grid"] is True and s.label.endswith("authors-grid") for s in settings)
+    (tmp_path / "export_config.json").write_text("{}")
+    args = run_parser().parse_args([str(tmp_path), "--image", "x", "--prompt", "p", "--authors-grid"])
+    with pytest.raises(ValueError, match="--authors-grid sets how an eager model is pruned"):
+        refuse_eager_flags(args)

@@ -1,7 +1,8 @@
 """`pruner-viz` and the coverage figures: hand-computed grids, a real PNG read back pixel by pixel, clear errors.
 
 The model is tiny-llava (24 x 24 grid) built once per session into a tmp cache; tiny-llava-gqa (16 x 16) checks a
-second grid size. Images are scikit-image's photographs.
+second grid size, tiny-qwen2-vl (8 x 12 merged tokens of 28 px) a second family. Images are scikit-image's
+photographs.
 """
 
 from __future__ import annotations
@@ -287,3 +288,80 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "pruner-viz: error: unknown method 'nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- Qwen2-VL: the merged grid at the export resolution
+
+
+@pytest.fixture(scope="session")
+def qwen_panels(cache_dir, tmp_path_factory):
+    """pruner-viz on tiny-qwen2-vl with the default methods (VisionZip cannot run: left out with a note), and once
+    more with --authors-grid -> {authors_grid: (png path, sidecar dict, stdout)}."""
+    runs = {}
+    for authors in (False, True):
+        out = tmp_path_factory.mktemp("viz-qwen") / "viz.png"
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = main(["--model", "tiny-qwen2-vl", "--image", "astronaut", "--keep", "24", "--out", str(out),
+                         "--cache-dir", str(cache_dir), *(["--authors-grid", "--methods", "vlm_pruner"] if authors
+                                                          else [])])
+        assert code == 0
+        runs[authors] = out, json.loads(out.with_suffix(".json").read_text()), stdout.getvalue()
+    return runs
+
+
+def test_qwen_panels_are_the_merged_grid_on_the_resized_photograph(qwen_panels, cache_dir):
+    """Tiny Qwen2-VL (224 x 336 px): an 8 x 12 grid of merged tokens, 28 x 28 px each; kept cells show the
+    photograph resized to the export size (the processor's bicubic resize), outlines match the selection."""
+    from pruner_core.adapters.qwen2_vl_inputs import default_image_size
+
+    out, sidecar, stdout = qwen_panels[False]
+    height, width = default_image_size(cache_dir / "tiny-qwen2-vl")
+    assert sidecar["grid"] == [height // 28, width // 28] and sidecar["patch_px"] == 28
+    assert [panel["method"] for panel in sidecar["panels"]] == ["vlm_pruner", "dart", "divprune", "fastv", "random"]
+    assert "note: visionzip left out" in stdout and "[CLS]" in stdout and "random weights" in stdout
+    resized = np.asarray(load_image("astronaut").resize((width, height), Image.Resampling.BICUBIC))
+    # each merged token's 28 x 28 pixels: [rows, cols, 28, 28, 3]
+    expected = resized.reshape(height // 28, 28, width // 28, 28, 3).transpose(0, 2, 1, 3, 4)
+    png = read_rgb(out)
+    for panel in sidecar["panels"]:
+        cells = panel_cells(png, panel["box"])
+        assert panel["box"]["cell"] == 28 and panel["pivots"] == (4 if panel["method"] in ("vlm_pruner", "dart") else 0)
+        assert outlined(cells, KEPT_RGB) | outlined(cells, PIVOT_RGB) == set(panel["indices"]), panel["method"]
+        rings, photo = inner_ring(cells, 3), inner_ring(expected, 3)  # [rows, cols, P, 3]
+        kept = np.zeros(cells.shape[:2], dtype=bool).reshape(-1)
+        kept[panel["indices"]] = True
+        assert np.array_equal(rings.reshape(kept.size, -1, 3)[kept], photo.reshape(kept.size, -1, 3)[kept])
+        assert panel["coverage"] == coverage(panel["indices"], tuple(sidecar["grid"])).to_dict()
+
+
+def test_qwen_panels_are_the_model_path(qwen_panels, cache_dir):
+    """The panels' picks equal the adapter's prefill_with_pruning on the processor's own inputs (its prompt ids,
+    pixels and the stock M-RoPE positions), with and without the authors' grid placement."""
+    from pruner_core.adapters import QWEN2_VL, load_qwen2_vl, qwen_prompt
+    from pruner_core.adapters.qwen2_vl import merged_grid, rope_positions
+
+    model, processor = load_qwen2_vl(cache_dir / "tiny-qwen2-vl")
+    for authors, (_, sidecar, _) in qwen_panels.items():
+        inputs = processor(images=load_image("astronaut"), text=qwen_prompt(sidecar["prompt"]))
+        ids, grid_thw = inputs["input_ids"], inputs["image_grid_thw"]
+        assert sidecar["authors_grid"] is authors
+        with torch.no_grad():
+            embeds, starts, n_image = QWEN2_VL.embed_prompt(model, ids, inputs["pixel_values"], grid_thw)
+            positions, _ = rope_positions(model, ids, inputs["mm_token_type_ids"], grid_thw)
+            for panel in sidecar["panels"]:
+                config = PrunerConfig(keep=24, method=panel["method"], layer=2, authors_grid=authors)
+                selection = QWEN2_VL.prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(grid_thw),
+                                                          config, position_ids=positions).selection
+                assert selection.order[0].tolist() == panel["order"], (panel["method"], authors)
+    assert qwen_panels[True][1]["panels"][0]["order"] != qwen_panels[False][1]["panels"][0]["order"]
+
+
+def test_qwen_and_llava_refusals(tmp_path, cache_dir):
+    """VisionZip named for a Qwen2-VL model, and --authors-grid for LLaVA-1.5, are clear errors (no PNG)."""
+    code, err = run_main(["--model", "tiny-qwen2-vl", "--methods", "vlm_pruner,visionzip", "--keep", "8",
+                          "--out", str(tmp_path / "v.png")], cache_dir)
+    assert code == 2 and "visionzip" in err and "[CLS]" in err and "drop it from --methods" in err
+    code, err = run_main(["--authors-grid", "--methods", "random", "--out", str(tmp_path / "v.png")], cache_dir)
+    assert code == 2 and "drop authors_grid" in err and "LLaVA-1.5" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))

@@ -35,6 +35,8 @@ class ModelGeometry:
     num_layers:      decoder layers L (the pruning layer K is in 0..L-1)
     num_heads / num_kv_heads / head_dim / hidden_size: the decoder's attention layout (H, Hkv, d) and width D
     position_scheme: "1d" (one RoPE position per token, [B, T]) or "mrope" (3-D (t, h, w) positions, [3, B, T])
+    merge:           vision patches per image token along each side (Qwen2-VL's spatial merge 2; LLaVA-1.5 1),
+                     what ``PrunerConfig.authors_grid`` needs (``select_tokens(..., merge=)``)
     """
 
     image_size: tuple[int, int]
@@ -46,6 +48,7 @@ class ModelGeometry:
     head_dim: int
     hidden_size: int
     position_scheme: str = "1d"
+    merge: int = 1
 
     def __post_init__(self) -> None:
         if self.position_scheme not in POSITION_SCHEMES:

@@ -310,6 +310,7 @@ def prune_and_prefill(
     position_ids: torch.Tensor | None = None,
     cls_attention: torch.Tensor | None = None,
     original_positions: bool = False,
+    merge: int = 1,
 ) -> PrunedPrefill:
     """Prefill the stock decoder layers on a prompt, keeping R of its N image tokens from layer K on.
 
@@ -326,7 +327,8 @@ def prune_and_prefill(
     ``original_positions`` (M-RoPE families, whose runners pass positions explicitly), at the kept tokens' original
     positions as for K >= 1. position_ids may be M-RoPE's [3, B, T]; every position output then has the 3 in front.
     Signals for FastV (last token's head-mean attention at layer K-1; layer 0 for K = 0) are computed when the
-    method needs them; VisionZip's ``cls_attention`` [B, N] must be passed in (see ``clip_cls_attention``).
+    method needs them; VisionZip's ``cls_attention`` [B, N] must be passed in (see ``clip_cls_attention``). merge:
+    patches per image token along each side (Qwen2-VL 2), which ``config.authors_grid`` reads (``select_tokens``).
 
     All shapes are fixed by (B, T, N, R), the loops run over layers only: callable under ``torch.export`` with
     int ``image_start`` / ``n_image``.
@@ -345,7 +347,7 @@ def prune_and_prefill(
 
     pruned, kept_index, selection = prune_sequence(
         language_model, probe_in, hidden, positions, starts, n_image, grid, config, valid=valid,
-        cls_attention=cls_attention,
+        cls_attention=cls_attention, merge=merge,
     )  # [B, T', D], [B, T']
     kept_valid = torch.ones_like(kept_index, dtype=torch.bool) if valid is None else valid.gather(1, kept_index)
     if split == 0 and not original_positions:  # an ordinary shorter prompt
@@ -379,6 +381,7 @@ def prune_sequence(
     *,
     valid: torch.Tensor | None = None,
     cls_attention: torch.Tensor | None = None,
+    merge: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
     """The selection between layers K-1 and K (``prune_and_prefill``'s middle step, paper Sec. 3).
 
@@ -395,7 +398,7 @@ def prune_sequence(
     )
     selection = select_tokens(
         _gather_tokens(hidden, image_index), keys, grid, config,
-        text_attention=text_attention, cls_attention=cls_attention,
+        text_attention=text_attention, cls_attention=cls_attention, merge=merge,
     )
     pruned, kept_index = _pruned_sequence(hidden, starts, selection, n_image)
     return pruned, kept_index, selection
@@ -499,6 +502,7 @@ def prefill_recorded(
     position_ids: torch.Tensor | None = None,
     cls_attention: torch.Tensor | None = None,
     original_positions: bool = False,
+    merge: int = 1,
 ) -> PrefillOutput:
     """``prune_and_prefill`` into a ``KVRecorder`` -> logits after the prompt and the per-layer K/V as plain tensors.
 
@@ -509,7 +513,7 @@ def prefill_recorded(
     result = prune_and_prefill(
         language_model, embeds, image_start, n_image, grid, config,
         cache=recorder, attention_mask=attention_mask, position_ids=position_ids, cls_attention=cls_attention,
-        original_positions=original_positions,
+        original_positions=original_positions, merge=merge,
     )
     logits = lm_head(result.hidden[:, -1:])[:, 0]  # [B, V] (a 3-D matmul: ONNX keeps it a MatMul, not a Gemm)
     return PrefillOutput(

@@ -88,6 +88,10 @@ def check_model_directory(path: Path) -> Path:
     return adapter.check_directory(path)
 
 
+def _fetch_command(repo_id: str) -> str:
+    return f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`)"
+
+
 def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -97,9 +101,35 @@ def _from_hub_cache(repo_id: str, hf_cache_dir: str | Path | None) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as error:
         raise FileNotFoundError(
             f"{repo_id} is not in the local Hugging Face cache and models are never downloaded here; fetch it once "
-            f"with `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), or pass "
-            f"the path of a local copy ({type(error).__name__}: {error})"
+            f"with {_fetch_command(repo_id)}, or pass the path of a local copy ({type(error).__name__}: {error})"
         ) from None
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` is spelled like a hub repo id, 'owner/name' (huggingface_hub's own rules)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or not all(name.split("/")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _folder_or_hub_id(name: str, hf_cache_dir: str | Path | None) -> Path:
+    """'owner/name' that is no folder here although ``owner`` is (e.g. ``Qwen/`` holding exports): the hub id's
+    cached snapshot if there is one; else FileNotFoundError naming both readings (no such folder, not cached: the
+    command that fetches it)."""
+    try:
+        return _from_hub_cache(name, hf_cache_dir)
+    except FileNotFoundError:
+        missing = _missing_folder(name)
+    raise FileNotFoundError(
+        f"{missing}; and {name} is not in the local Hugging Face cache as a hub id either: if it is one, fetch it "
+        f"once with {_fetch_command(name)} (models are never downloaded here), else fix the path"
+    ) from None
 
 
 def _is_built(target: Path, spec: Any, stamp_file: str) -> bool:
@@ -135,8 +165,10 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
 
     Tiny names (``tiny-llava`` / ``tiny-llava-gqa``, ...) are built into ``cache_dir/<name>`` on first use and reused
     after; aliases (``llava-1.5-7b`` / ``llava-1.5-13b``, ...) and any ``owner/name`` hub id are looked up in the
-    local Hugging Face cache (``hf_cache_dir``, default: the standard one); a path to a directory is used as is.
-    Anything whose config ``model_type`` no registered adapter supports raises ``ValueError``; a hub id that is not
+    local Hugging Face cache (``hf_cache_dir``, default: the standard one); a path to a directory is used as is. An
+    ``owner/name`` that is no directory is looked up in that cache even when a folder ``owner/`` exists here (e.g.
+    exports written under ``Qwen/``); when it is neither, the error names both (no such folder, not cached). Anything
+    whose config ``model_type`` no registered adapter supports raises ``ValueError``; a hub id that is not
     cached raises ``FileNotFoundError`` saying how to fetch it.
     """
     if not isinstance(name, str) or not name:
@@ -150,8 +182,10 @@ def resolve_model(name: str, cache_dir: str | Path, *, hf_cache_dir: str | Path 
     if local.is_dir():
         return check_model_directory(local)
     parts = name.split("/")
-    if name.startswith((".", "~", "/")) or (len(parts) >= 2 and Path(parts[0]).expanduser().is_dir()):
+    if name.startswith((".", "~", "/")) or (len(parts) > 2 and Path(parts[0]).expanduser().is_dir()):
         raise _missing_folder(name)  # a path (its first folder exists here), not a hub id
+    if _is_hub_id(name) and Path(parts[0]).expanduser().is_dir():  # a folder 'owner/' here may shadow the hub id
+        return check_model_directory(_folder_or_hub_id(name, hf_cache_dir))
     if len(parts) == 2 and all(parts):
         return check_model_directory(_from_hub_cache(name, hf_cache_dir))
     raise ValueError(f"unknown model {name!r} (not a directory either); supported: {_supported_names()}")

@@ -29,6 +29,7 @@ from torch import nn
 from ..api import select_tokens
 from ..config import PrunerConfig
 from ..methods import get_method
+from ..primitives import placement_lattice
 from ..selection import Selection
 from .base import (
     DecoderAdapter, ImageEncoder, ModelGeometry, ParameterCounts, meta_parameter_counts, register_adapter,
@@ -416,7 +417,7 @@ def apply_pruner(model: nn.Module, config: PrunerConfig | None = None) -> nn.Mod
     language_model = inner.language_model
     get_method(config.method)  # unknown method: fail now, not at the first generate
     check_split_layer(config, len(language_model.layers))
-    image_grid(inner.config)  # a non-grid feature strategy: fail now
+    placement_lattice(*image_grid(inner.config), 1, config.authors_grid)  # non-grid features, authors_grid: fail now
     implementation = language_model.config._attn_implementation
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(

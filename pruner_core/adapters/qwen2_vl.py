@@ -11,8 +11,14 @@ and decoding continue from the unpruned positions.
 Static shapes: dynamic resolution becomes a resolution fixed per export, (H, W) pixels, multiples of 28; every
 image is resized (bicubic, aspect not kept) to exactly (H, W) before the stock image processor, which then leaves
 it as is (``qwen2_vl_inputs.QwenVLInputs``: what ``Qwen2VLProcessor``, which cannot be built here, does for one
-image). The authors' grid quirk (their distances on the unmerged grid) is not reproduced: the true merged grid is
-used.
+image).
+
+Grid placement: VLM-Pruner's spatial distance (BSS) uses the true merged grid, token i at (i mod cols, i div cols),
+distances over sqrt(rows^2 + cols^2). ``PrunerConfig(authors_grid=True)`` (CLI ``--authors-grid``) reproduces the
+authors' placement instead, for comparisons with the paper: their code takes height and width from
+``image_grid_thw``, before the 2x2 merge, so merged token i sits at (i mod 2 cols, i div 2 cols) and distances are
+divided by sqrt((2 rows)^2 + (2 cols)^2) (``primitives.placement_lattice``; the eager forward, ``prefill_with_pruning``,
+``select_before_llm`` and the ONNX export all pass the vision config's spatial_merge_size for it).
 
 Shapes: B batch, T prompt length, N image tokens, R kept, D text width, P = grid_h * grid_w patches.
 """
@@ -117,6 +123,11 @@ def _inner(model: nn.Module) -> nn.Module:
     if not hasattr(inner, "language_model") or not hasattr(inner, "visual"):
         raise ValueError(f"expected a Qwen2-VL / Qwen2.5-VL model, got {type(model).__name__}")
     return inner
+
+
+def _merge(model: nn.Module) -> int:
+    """Patches per merged image token along each side (the vision config's spatial_merge_size, 2)."""
+    return int(_inner(model).config.vision_config.spatial_merge_size)
 
 
 # ================================================================================================================
@@ -232,12 +243,13 @@ def select_before_llm(model: nn.Module, features: torch.Tensor, image_start: int
         start = image_start if isinstance(image_start, int) else image_start.reshape(1, 1, 1)
         positions = offsets + start
         keys = layer_keys(language_model.layers[0], features, *rotary(language_model, features, positions))
-    return select_tokens(features, keys, grid, config)
+    return select_tokens(features, keys, grid, config, merge=_merge(model))
 
 
 def embed_prompt(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                 image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """input_ids [B, T] with N ``<|image_pad|>`` + pixels -> (embeds [B, T, D], image_start [B], N)."""
+                 image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids [B, T] with N ``<|image_pad|>`` + pixels [P, 1176] (image_grid_thw [1, 3]; default: the loaded
+    model's export size, as ``ModelAdapter.embed_prompt`` is called) -> (embeds [B, T, D], image_start [B], N)."""
     inner = _inner(model)
     embeds = inner.get_input_embeddings()(input_ids)
     features = encode_image(model, pixel_values, image_grid_thw)[0].to(embeds.dtype)  # [N, D]
@@ -256,7 +268,8 @@ def prefill_with_pruning(model: nn.Module, embeds: torch.Tensor, image_start: in
         raise ValueError(_NO_CLS)
     inner = _inner(model)
     return prefill_recorded(inner.language_model, model.lm_head, embeds, image_start, n_image, grid, config,
-                            attention_mask=attention_mask, position_ids=position_ids, original_positions=True)
+                            attention_mask=attention_mask, position_ids=position_ids, original_positions=True,
+                            merge=_merge(model))
 
 
 _NO_CLS = "Qwen2-VL's vision tower has no [CLS] token: VisionZip's signal does not exist; choose another method"
@@ -328,7 +341,8 @@ class _PrunedQwenForward:
                 if image_grid_thw is not None else grid_of_positions(positions, starts, n_image))
         cache = cache if cache is not None else DynamicCache(config=self.config.text_config)
         result = prune_and_prefill(self.language_model, embeds, starts, n_image, grid, config, cache=cache,
-                                   attention_mask=attention_mask, position_ids=positions, original_positions=True)
+                                   attention_mask=attention_mask, position_ids=positions, original_positions=True,
+                                   merge=_merge(self))
         keep_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if keep_cache:
             open_session(self._pruner_sessions, cache, result, input_ids.shape[1], n_image, original_positions=True)
@@ -431,6 +445,7 @@ class Qwen2VLAdapter(DecoderAdapter):
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
             hidden_size=text.hidden_size,
             position_scheme="mrope",
+            merge=int(config.vision_config.spatial_merge_size),
         )
 
     def language_model(self, model: nn.Module) -> nn.Module:

@@ -30,8 +30,12 @@ class Signals:
 
 @dataclass(frozen=True)
 class Grid:
+    """The (rows, cols) image-token grid; merge: patches per token along each side (Qwen2-VL 2, LLaVA 1), which
+    ``PrunerConfig.authors_grid`` reads."""
+
     rows: int
     cols: int
+    merge: int = 1
 
     @property
     def size(self) -> int:

@@ -12,7 +12,7 @@ from .base import Grid, SelectionMethod, Signals, register_method
 def select_vlm_pruner(
     signals: Signals, grid: Grid, budget: int, config: PrunerConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = StaticPlan.build(config, grid.rows, grid.cols, budget)
+    plan = StaticPlan.build(config, grid.rows, grid.cols, budget, grid.merge)
     return vlm_pruner_static(signals.hidden, signals.keys, config, plan)
 
 
