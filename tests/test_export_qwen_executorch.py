@@ -5,7 +5,7 @@ adapter's pruned prefill).
 
 One export per configuration, shared by the module (the tower's Conv3d patch embedding is exported as the equal
 matmul on every backend): tiny-qwen2.5-vl (window attention, GQA: 2 KV heads of 4) at layer 0 on the portable
-backend and at layer 2 on XNNPACK, and tiny-qwen2-vl at layer 2 through the `pruner-export` CLI (portable), in a
+backend and at layer 2 on XNNPACK, and tiny-qwen2-vl at layer 2 through the `pruner-export` CLI (XNNPACK), in a
 second process started first so that it overlaps the others; its measured peak checks the memory estimate the CLI
 prints. (XNNPACK lowering dominates: one partition per stretch of delegable ops, tens of seconds per method here.)
 """
@@ -41,7 +41,7 @@ NEW_TOKENS = 8
 MAX_SEQ_LEN = 256
 QUESTION = "What is in the picture?"
 IN_PROCESS = {("tiny-qwen2.5-vl", 0): "portable", ("tiny-qwen2.5-vl", 2): "xnnpack"}  # (name, layer) -> backend
-CLI_EXPORT = ("tiny-qwen2-vl", 2)  # portable backend, through pruner-export
+CLI_EXPORT = ("tiny-qwen2-vl", 2)  # XNNPACK, through pruner-export
 CASES = [*IN_PROCESS, CLI_EXPORT]
 REPO = Path(__file__).resolve().parents[1]
 SCALAR_TYPES = {"float32": 6, "int64": 4}  # ExecuTorch ScalarType codes
@@ -55,12 +55,12 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_export(zoo, tmp_path_factory):
-    """tiny-qwen2-vl, layer 2, portable, through `python -m export.cli` in the background -> wait() -> (folder, peak
+    """tiny-qwen2-vl, layer 2, XNNPACK, through `python -m export.cli` in the background -> wait() -> (folder, peak
     RSS bytes, log text). Killed at teardown if still running."""
     name, layer = CLI_EXPORT
     out = tmp_path_factory.mktemp("qwen-cli") / "export"
     command = [sys.executable, "-m", "export.cli", "--model", name, "--cache-dir", str(zoo[name].parent),
-               "--keep", str(KEEP), "--prune-layer", str(layer), "--target", "executorch", "--backend", "portable",
+               "--keep", str(KEEP), "--prune-layer", str(layer), "--target", "executorch", "--backend", "xnnpack",
                "--max-seq-len", str(MAX_SEQ_LEN), "--out", str(out)]
     log_path = out.parent / "pruner-export.log"
     with open(log_path, "w") as log:
@@ -220,7 +220,7 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(cli_export, zo
     folder, peak, log = cli_export()
     name, layer = CLI_EXPORT
     options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=KEEP, layer=layer),
-                            backend="portable", dtype=checkpoint_dtype(zoo[name]), max_seq_len=MAX_SEQ_LEN)
+                            backend="xnnpack", dtype=checkpoint_dtype(zoo[name]), max_seq_len=MAX_SEQ_LEN)
     from pruner_core.adapters import adapter_for
 
     counts = adapter_for(zoo[name]).parameter_counts(zoo[name])
