@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
                         help="executorch: a .pte program (LLaVA-1.5 in the stock runner's contract; Qwen2-VL's "
-                             "text_decoder also takes M-RoPE position_ids, run by pruner-run); onnx: onnxruntime graphs "
-                             "in transformers.js' layout; all: both")
+                             "text_decoder also takes M-RoPE position_ids, run by pruner-run); onnx: onnxruntime "
+                             "graphs in transformers.js' layout; all: both")
     target.add_argument("--backend", default=None, choices=list(EXECUTORCH_BACKENDS),
                         help="ExecuTorch backend; default xnnpack")
     target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],

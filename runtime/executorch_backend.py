@@ -63,7 +63,13 @@ class ExecuTorchModel:
         self.image_token_id: int = int(self.config["tokenizer"]["image_token_id"])
         self.num_image_tokens: int = int(self.config["num_image_tokens"])  # N
         self.kept_image_tokens: int = int(self.config["kept_image_tokens"])  # R
-        self.position_scheme: str = settings.get("position_scheme", "1d")  # exports before Qwen2-VL: 1-D
+        layout = self.config["image_preprocessing"].get("input_layout", "float_nchw")
+        # exports made before Qwen2-VL's lack the field: LLaVA-1.5's (float_nchw images) are 1-D
+        self.position_scheme: str = settings.get("position_scheme", "1d" if layout == "float_nchw" else None)
+        if self.position_scheme is None:
+            raise ValueError(f"{self.folder}/export_config.json lacks executorch.position_scheme, which an export "
+                             f"with {layout!r} images needs (its text_decoder takes M-RoPE position_ids, \"mrope\"): "
+                             "it was written by an older pruner-export (or edited); export the model again")
         if self.position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"{self.folder}/export_config.json has executorch.position_scheme "
                              f"{self.position_scheme!r}, not one of {POSITION_SCHEMES}; export the model again")

@@ -201,6 +201,39 @@ def test_the_runtime_resizes_other_images_and_refuses_several(exports, astronaut
         model._step("text_decoder", model.embed([1, 2]), 0)
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_patch_matmul_equals_the_conv3d_tower(zoo, name):
+    """The typed option the ExecuTorch export uses (XNNPACK has no Conv3d, the portable kernel no 5-D input): the
+    same image tokens as the stock tower, sharing its weights, leaving the model's own tower as it was."""
+    from pruner_core.adapters import adapter_for
+
+    adapter = adapter_for(zoo[name])
+    model, _ = adapter.load(zoo[name])
+    geometry = adapter.geometry(model)
+    size = geometry.image_size
+    pixels = torch.randn(*adapter.pixel_input_shape(geometry), generator=torch.Generator().manual_seed(0))
+    stock_embed = model.model.visual.patch_embed
+    matmul = adapter.vision_encoder(model, size, patch_matmul=True)
+    with torch.no_grad():
+        torch.testing.assert_close(matmul(pixels), adapter.vision_encoder(model, size)(pixels), rtol=1e-5, atol=1e-5)
+    assert model.model.visual.patch_embed is stock_embed and isinstance(stock_embed.proj, torch.nn.Conv3d)
+    assert matmul.visual.patch_embed.weight.data_ptr() == stock_embed.proj.weight.data_ptr()  # a view: no copy
+
+
+def test_export_without_position_scheme_is_refused(exports, tmp_path):
+    """A Qwen .pte folder whose export_config.json lacks executorch.position_scheme cannot be run with 1-D positions:
+    a clear error naming the field, not ExecuTorch's input-count failure."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(exports["tiny-qwen2.5-vl", 0][1], folder)
+    config = json.loads((folder / "export_config.json").read_text())
+    del config["executorch"]["position_scheme"]
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks executorch.position_scheme.*mrope.*export the model again"):
+        ExecuTorchModel(folder)
+
+
 def test_android_refuses_mrope_exports_first(exports, zoo, tmp_path):
     from export.android import check_runnable_on_android
     from export.cli import ExportError, build_parser, run
