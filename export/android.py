@@ -58,6 +58,13 @@ def check_runnable_on_android(config: dict[str, Any], export_dir: str | Path = "
             f"this export{where} is for {target!r}; the app runs ExecuTorch programs: export with "
             "`pruner-export --model <model> --keep <k> --target executorch --prune-layer 0 --android`"
         )
+    scheme = config.get("executorch", {}).get("position_scheme", "1d")
+    if scheme != "1d":
+        raise ValueError(
+            f"this export{where} takes {scheme!r} RoPE positions (text_decoder's position_ids [3, 1, T]), which "
+            "executorch-android 1.5.1's LlmModule cannot feed (one 1-D start position per call); run it with "
+            "pruner-run, or export a LLaVA-1.5 model for the app"
+        )
     placement = config.get("placement")
     if placement != "before_llm":
         layer = config.get("pruner", {}).get("layer")

@@ -1,5 +1,5 @@
-"""`pruner-export`: prune a vision-language model's image tokens and export it: LLaVA-1.5 to ExecuTorch and/or
-ONNX, Qwen2-VL / Qwen2.5-VL to ONNX.
+"""`pruner-export`: prune a vision-language model's image tokens and export it (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) to
+ExecuTorch and/or ONNX.
 
     pruner-export --model llava-1.5-7b --keep 0.12 --target executorch
     pruner-export --model qwen2-vl-2b --keep 0.12 --target onnx
@@ -164,6 +164,22 @@ def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]
     )
 
 
+def check_android_runnable(adapter, model_dir: Path, image_size: tuple[int, int] | None) -> None:
+    """Refuse --android, before any work, for a family whose text_decoder takes M-RoPE position_ids: the stock
+    LlmModule / MultimodalRunner feeds one 1-D start position per call."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    scheme = adapter.geometry(config, image_size or adapter.default_image_size(model_dir)).position_scheme
+    if scheme != "1d":
+        raise ExportError(
+            f"--android: {adapter.family} takes {scheme!r} (3-D t, h, w) RoPE positions, which ExecuTorch's stock "
+            "LlmModule / MultimodalRunner cannot feed (it passes one 1-D start position per text_decoder call); "
+            "the .pte runs in this project's runtime (pruner-run). Drop --android, or use a LLaVA-1.5 model for the "
+            "Android demo"
+        )
+
+
 def human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -222,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny-llava",
                        help="tiny-llava (embedded), tiny-llava-gqa, llava-1.5-7b, llava-1.5-13b; tiny-qwen2-vl, "
-                            "tiny-qwen2.5-vl, qwen2-vl-2b/7b, qwen2.5-vl-3b/7b (ONNX only so far); a hub id in the "
-                            "local cache, or a local checkpoint directory")
+                            "tiny-qwen2.5-vl, qwen2-vl-2b/7b, qwen2.5-vl-3b/7b; a hub id in the local cache, or a "
+                            "local checkpoint directory")
     model.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where tiny models are built")
     pruning = parser.add_argument_group("pruning")
     pruning.add_argument("--keep", type=parse_keep, default=Keep(0.12),
@@ -238,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "Qwen2.5-VL only (recorded in export_config.json)")
     target = parser.add_argument_group("target")
     target.add_argument("--target", default="executorch", choices=["executorch", "onnx", "all"],
-                        help="executorch: a .pte program (LLaVA-1.5); onnx: onnxruntime graphs in transformers.js' "
-                             "layout (every family); all: both (LLaVA-1.5)")
+                        help="executorch: a .pte program (LLaVA-1.5 in the stock runner's contract; Qwen2-VL's "
+                             "text_decoder also takes M-RoPE position_ids, run by pruner-run); onnx: onnxruntime "
+                             "graphs in transformers.js' layout; all: both")
     target.add_argument("--backend", default=None, choices=list(EXECUTORCH_BACKENDS),
                         help="ExecuTorch backend; default xnnpack")
     target.add_argument("--quantize", default="none", choices=["none", "8da4w", "int8", "int4"],
@@ -262,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     output.add_argument("--android", action="store_true",
                         help="also prepare <out>-android with exactly the files the Android demo needs (needs "
-                             "--target executorch --prune-layer 0) and print the adb push commands")
+                             "--target executorch --prune-layer 0 and a 1-D RoPE family: LLaVA-1.5) and print the adb "
+                             "push commands")
     add_verbose(parser)
     return parser
 
@@ -315,6 +333,8 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     adapter = adapter_for(model_dir)
     check_target_supported(adapter, args, [options.target for options, _ in plans])
     check_model_fits(model_dir, pruner, args.image_size)
+    if args.android:
+        check_android_runnable(adapter, model_dir, args.image_size)
     resolved = []
     for options, out in plans:
         dtype, why = resolve_dtype(args.dtype, model_dir, options.target, options.quantize)

@@ -22,6 +22,13 @@ change: the two methods share state in mutable buffers (``share_mutable_buffers`
   A call at ``input_pos`` 0 starts a new conversation (its state is reset), which also makes a second, image-free
   generation on the same runner an ordinary unpruned one.
 
+M-RoPE families (Qwen2-VL: (t, h, w) positions that are not the cache slots) keep the same slots and state, with
+two differences: ``vision_encoder`` also returns ``kept_image_indices`` [1, R], and ``text_decoder`` takes every
+row's RoPE positions as a third input, position_ids [3, 1, T] (``PositionedSplitCacheTextDecoder``): the caller
+(this project's runtime, runtime/positions.py) gives the image rows the kept tokens' original positions and the text
+after and every decode step the unpruned ones. The image at slot s takes positions s + the adapter's
+``prompt_positions(0, grid, 0)`` in ``vision_encoder``; the text before it sits at positions = slots.
+
 Limits: one image per conversation, after some text (every chat template starts with text); batch 1. The runner's
 positions count R image tokens, so ``get_max_seq_len`` is the compact caches' length, max_seq_len - (N - R).
 """
@@ -32,7 +39,6 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig, select_tokens
-from pruner_core.adapters import encode_image
 from pruner_core.methods import get_method
 
 from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_layers, slot_mask
@@ -40,13 +46,13 @@ from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_lay
 
 class RunnerState(nn.Module):
     """The state ``vision_encoder`` hands ``text_decoder`` through the runner (int64 mutable buffers, shared by
-    name across the program's methods).
+    name across the program's methods). Positions here are cache slots of the full caches (the 1-D RoPE positions).
 
     image_pending [1]: 1 between vision_encoder and the text_decoder call that consumes its rows.
-    position_offset [1]: full position minus the runner's position (N - R once the image is in).
-    next_position [1]: the full position after the last token written (where an image starts).
+    position_offset [1]: full slot minus the runner's position (N - R once the image is in).
+    next_position [1]: the full slot after the last token written (where an image starts).
     compact_length [1]: filled slots of the compact caches (layers >= K).
-    kept_positions [R]: full positions of the kept image tokens.
+    kept_positions [R]: full slots of the kept image tokens.
     """
 
     def __init__(self, kept_tokens: int) -> None:
@@ -66,49 +72,65 @@ def cached_keys(cache: StaticKVCache, layer: int, slots: torch.Tensor, attention
 
 
 class PruningVisionEncoder(nn.Module):
-    """pixel_values float32 [1, 3, H, W] -> layer K's input for the R kept image tokens [1, R, D] (see the module
-    docstring). ``full_slots`` is the length of the full caches (layers < K)."""
+    """pixel_values (the adapter's pixel input) -> layer K's input for the R kept image tokens [1, R, D], and with
+    ``returns_indices`` also kept_image_indices [1, R] int64 (see the module docstring).
 
-    def __init__(self, model: nn.Module, cache: StaticKVCache, state: RunnerState, grid: tuple[int, int],
-                 config: PrunerConfig, dtype: torch.dtype) -> None:
+    vision: the adapter's exportable vision module (pixel_values -> [1, N, D]); language_model / lm_head: the
+    adapter's; image_positions: RoPE position ids of the N image tokens for an image starting at position 0, [1, N]
+    or M-RoPE's [3, 1, N] (the adapter's ``prompt_positions(0, grid, 0)``): the image starting at slot s has
+    positions s + image_positions (the text before it sits at positions = slots)."""
+
+    def __init__(self, vision: nn.Module, language_model: nn.Module, cache: StaticKVCache, state: RunnerState,
+                 image_positions: torch.Tensor, grid: tuple[int, int], config: PrunerConfig, dtype: torch.dtype,
+                 returns_indices: bool = False) -> None:
         super().__init__()
-        self.model, self.cache, self.state, self.grid, self.config, self.dtype = model, cache, state, grid, config, dtype
+        self.vision, self.language_model, self.cache, self.state = vision, language_model, cache, state
+        self.register_buffer("image_positions", image_positions, persistent=False)
+        self.grid, self.config, self.dtype, self.returns_indices = grid, config, dtype, returns_indices
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        language_model = self.model.model.language_model
-        split = self.config.layer
-        features = encode_image(self.model, pixel_values.to(self.dtype))  # [1, N, D]
+    def forward(self, pixel_values: torch.Tensor):
+        language_model, split = self.language_model, self.config.layer
+        features = self.vision(pixel_values.to(self.dtype)).to(self.dtype)  # [1, N, D]
         num_image = features.shape[1]
         start = self.state.next_position  # [1]
-        positions = start + torch.arange(num_image, device=features.device)  # [N] full positions
-        writer = SlotWriter(self.cache, positions)
-        mask = slot_mask(positions, self.cache.lengths[0], features.dtype)  # [1, 1, N, L + R]
-        probe_in = run_cached_layers(language_model, features, positions, writer, mask, range(split - 1))
-        hidden = run_cached_layers(language_model, probe_in, positions, writer, mask, range(split - 1, split))
+        slots = start + torch.arange(num_image, device=features.device)  # [N] full slots
+        position_ids = self.image_positions + start  # [1, N] or [3, 1, N]
+        writer = SlotWriter(self.cache, slots)
+        mask = slot_mask(slots, self.cache.lengths[0], features.dtype)  # [1, 1, N, L + R]
+        probe_in = run_cached_layers(language_model, features, position_ids, writer, mask, range(split - 1))
+        hidden = run_cached_layers(language_model, probe_in, position_ids, writer, mask, range(split - 1, split))
         keys = None
         if "keys" in get_method(self.config.method).needs:  # layer K-1's post-RoPE keys of the image tokens
-            keys = cached_keys(self.cache, split - 1, positions, language_model.layers[split - 1].self_attn)
+            keys = cached_keys(self.cache, split - 1, slots, language_model.layers[split - 1].self_attn)
         selection = select_tokens(hidden, keys, self.grid, self.config)  # indices [1, R], states [1, R, D]
         self.state.kept_positions.copy_(start + selection.indices[0])
         self.state.image_pending.copy_(torch.ones_like(self.state.image_pending))
         self.state.position_offset.copy_(torch.full_like(start, num_image - selection.budget))
         self.state.next_position.copy_(start + num_image)
+        if self.returns_indices:
+            return selection.states, selection.indices  # [1, R, D], [1, R]
         return selection.states  # [1, R, D]
 
 
 class SplitCacheTextDecoder(nn.Module):
     """embeddings [1, T, D] at the runner's position input_pos [1] -> float32 logits [1, V] of the last row (see the
-    module docstring). ``full_length`` is max_seq_len: the full caches hold it plus R spare slots."""
+    module docstring); 1-D RoPE positions, mapped from the runner's inside. ``full_length`` is max_seq_len: the full
+    caches hold it plus R spare slots."""
 
-    def __init__(self, model: nn.Module, cache: StaticKVCache, state: RunnerState, split_layer: int,
-                 full_length: int) -> None:
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, cache: StaticKVCache, state: RunnerState,
+                 split_layer: int, full_length: int) -> None:
         super().__init__()
-        self.model, self.cache, self.state = model, cache, state
+        self.language_model, self.lm_head, self.cache, self.state = language_model, lm_head, cache, state
         self.split_layer, self.full_length = split_layer, full_length
 
     def forward(self, embeddings: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        language_model = self.model.model.language_model
-        state, split = self.state, self.split_layer
+        return self.run(embeddings, input_pos, None)
+
+    def run(self, embeddings: torch.Tensor, input_pos: torch.Tensor,
+            position_ids: torch.Tensor | None) -> torch.Tensor:
+        """position_ids: the rows' RoPE positions [3, 1, T] (M-RoPE, given by the caller), or None (1-D: the full
+        position of a text row, the kept token's original one for an image row)."""
+        language_model, state, split = self.language_model, self.state, self.split_layer
         budget = state.kept_positions.shape[0]
         row = torch.arange(embeddings.shape[1], device=embeddings.device)  # [T]
         fresh = input_pos == 0  # [1]: a new conversation
@@ -116,19 +138,20 @@ class SplitCacheTextDecoder(nn.Module):
         compact = torch.where(fresh, torch.zeros_like(input_pos), state.compact_length)  # [1]
         pending = (state.image_pending > 0) & ~fresh  # [1]
         image_rows = pending & (row < budget)  # [T]
-        text_positions = input_pos + offset + row  # [T] full positions
-        kept = state.kept_positions.index_select(0, row.clamp(max=budget - 1))  # [T]
-        positions = torch.where(image_rows, kept, text_positions)  # [T] RoPE positions
+        text_slots = input_pos + offset + row  # [T] full slots
+        if position_ids is None:
+            kept = state.kept_positions.index_select(0, row.clamp(max=budget - 1))  # [T]
+            position_ids = torch.where(image_rows, kept, text_slots)[None]  # [1, T] RoPE positions
 
-        full_slots = torch.where(image_rows, self.full_length + row.clamp(max=budget - 1), text_positions)  # [T]
+        full_slots = torch.where(image_rows, self.full_length + row.clamp(max=budget - 1), text_slots)  # [T]
         below = run_cached_layers(
-            language_model, embeddings, positions, SlotWriter(self.cache, full_slots),
+            language_model, embeddings, position_ids, SlotWriter(self.cache, full_slots),
             slot_mask(full_slots, self.cache.lengths[0], embeddings.dtype), range(split),
         )
         hidden = torch.where(image_rows[None, :, None], embeddings, below)  # image rows arrive as layer K's input
         compact_slots = compact + row  # [T]
         hidden = run_cached_layers(
-            language_model, hidden, positions, SlotWriter(self.cache, compact_slots),
+            language_model, hidden, position_ids, SlotWriter(self.cache, compact_slots),
             slot_mask(compact_slots, self.cache.lengths[-1], embeddings.dtype),
             range(split, len(language_model.layers)),
         )
@@ -136,4 +159,13 @@ class SplitCacheTextDecoder(nn.Module):
         state.next_position.copy_(input_pos + offset + embeddings.shape[1])
         state.position_offset.copy_(offset)
         state.image_pending.copy_(torch.zeros_like(state.image_pending))
-        return last_logits(self.model, language_model.norm(hidden))
+        return last_logits(self.lm_head, language_model.norm(hidden))
+
+
+class PositionedSplitCacheTextDecoder(SplitCacheTextDecoder):
+    """M-RoPE: (embeddings [1, T, D], input_pos [1], position_ids [3, 1, T] int64) -> logits [1, V]. The caller
+    gives every row's (t, h, w): text at the unpruned positions, the image rows at the kept tokens' original ones
+    (from ``vision_encoder``'s kept_image_indices, runtime/positions.py); slots are mapped as for 1-D."""
+
+    def forward(self, embeddings: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.run(embeddings, input_pos, position_ids)

@@ -11,7 +11,7 @@ serialised copy, the program built in memory before it is written). What keeps i
   written to is anonymous and PAGEOUT leaves it alone without swap);
 * ``return_freed_memory_promptly`` makes glibc give large freed blocks back at once (a fixed mmap threshold), so the
   backend's transient per-weight copies do not stay in the heap;
-* the program is lowered one method at a time and written to the file piece by piece (export/executorch_llava.py).
+* the program is lowered one method at a time and written to the file piece by piece (export/executorch_backends.py).
 
 Linux-only mechanisms; elsewhere they do nothing and the export just needs more memory.
 """

@@ -5,7 +5,9 @@ buffers that ``torch.export`` lifts as mutated buffers and ExecuTorch keeps betw
 method of a program with ``share_mutable_buffers``), ``SlotWriter`` (a cache object the stock attention layers
 write through), ``slot_mask`` and ``run_cached_layers``.
 
-Shapes: S tokens in the call, L_i slots of layer i, Hkv key/value heads, d head width, D width.
+Shapes: S tokens in the call, L_i slots of layer i, Hkv key/value heads, d head width, D width. A token's cache slot
+(where its K/V go, what the causal mask compares) and its RoPE position are separate: equal for 1-D positions
+without pruning, different for the compact caches of the layer-K placement and for M-RoPE's (t, h, w) positions.
 """
 
 from __future__ import annotations
@@ -81,14 +83,13 @@ def slot_mask(query_slots: torch.Tensor, length: int, dtype: torch.dtype) -> tor
 def run_cached_layers(
     language_model: nn.Module,
     hidden: torch.Tensor,
-    positions: torch.Tensor,
+    position_ids: torch.Tensor,
     writer: SlotWriter,
     mask: torch.Tensor,
     layers: range,
 ) -> torch.Tensor:
-    """The stock decoder layers ``layers`` on hidden [1, S, D] at RoPE positions [S] over a static cache
-    -> [1, S, D]."""
-    position_ids = positions[None]  # [1, S]
+    """The stock decoder layers ``layers`` on hidden [1, S, D] at RoPE position_ids [1, S] (M-RoPE: [3, 1, S])
+    over a static cache -> [1, S, D]. The cache slots are the writer's; RoPE positions need not equal them."""
     position_embeddings = rotary(language_model, hidden, position_ids)  # (cos, sin) [1, S, d]
     for index in layers:
         hidden = language_model.layers[index](
@@ -98,6 +99,6 @@ def run_cached_layers(
     return hidden
 
 
-def last_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden [1, S, D] -> float32 logits of the last position [1, V]."""
-    return model.lm_head(hidden[:, -1]).float()
+def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden [1, S, D] -> float32 logits of the last position [1, V] (lm_head: the adapter's)."""
+    return lm_head(hidden[:, -1]).float()

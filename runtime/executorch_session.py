@@ -60,7 +60,7 @@ class ExecuTorchBackend:
         return logits[0].float().numpy()
 
     def decode(self, token: int) -> np.ndarray:
-        logits = self.model._step("text_decoder", self.model.embed([token]), self._position)
+        logits = self.model.decode_step(token, self._position)
         self._position += 1
         return logits[0].float().numpy()
 

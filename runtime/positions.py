@@ -28,7 +28,8 @@ def mrope_positions(before: int, grid: Sequence[int], after: int) -> np.ndarray:
     row, col = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     image = np.stack([np.zeros(rows * cols, dtype=np.int64), row.reshape(-1), col.reshape(-1)]) + before
     tail = np.broadcast_to(np.arange(after) + before + max(rows, cols), (3, after))
-    return np.concatenate([head, image, tail], axis=1).astype(np.int64)[:, None]
+    # reshape, not [:, None]: a stride-0 axis would become a program constant ExecuTorch refuses
+    return np.concatenate([head, image, tail], axis=1).astype(np.int64).reshape(3, 1, -1)
 
 
 def prompt_positions(scheme: str, before: int, grid: Sequence[int], after: int,

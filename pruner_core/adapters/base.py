@@ -153,8 +153,10 @@ class ModelAdapter(Protocol):
         """VisionZip's signal for the same pixels -> [B, N]."""
         ...
 
-    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
-        """An exportable module: pixel_values (``pixel_input_shape``) -> image tokens [1, N, D]."""
+    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int], *,
+                       patch_matmul: bool = False) -> nn.Module:
+        """An exportable module: pixel_values (``pixel_input_shape``) -> image tokens [1, N, D]. patch_matmul: a
+        patch embedding the target cannot lower (a 5-D convolution) as the equal matmul over flattened patches."""
         ...
 
     def prompt(self, question: str) -> str:

@@ -512,8 +512,10 @@ class LlavaAdapter(DecoderAdapter):
         """The vision encoder's pixel input at the export size: [1, 3, H, W]."""
         return (1, 3, *geometry.image_size)
 
-    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int]) -> nn.Module:
-        """The exportable vision tower + projector: pixel_values [1, 3, H, W] -> image tokens [1, N, D]."""
+    def vision_encoder(self, model: nn.Module, image_size: tuple[int, int], *,
+                       patch_matmul: bool = False) -> nn.Module:
+        """The exportable vision tower + projector: pixel_values [1, 3, H, W] -> image tokens [1, N, D].
+        patch_matmul is accepted and changes nothing: CLIP's 2-D patch convolution lowers on every backend."""
         return ImageEncoder(model, encode_image)
 
     def prompt_positions(self, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:

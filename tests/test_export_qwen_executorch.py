@@ -1,0 +1,262 @@
+"""Qwen2-VL / Qwen2.5-VL ExecuTorch exports: one `model.pte` with the LLM-runner method names whose text_decoder also
+takes M-RoPE position_ids [3, 1, T], run by the project's runtime (runtime.load, ExecuTorchModel), equal to the eager
+pruned model: the same greedy tokens (apply_pruner + the stock generate) and the same kept image tokens (the
+adapter's pruned prefill).
+
+One export per configuration, shared by the module (the tower's Conv3d patch embedding is exported as the equal
+matmul on every backend): tiny-qwen2.5-vl (window attention, GQA: 2 KV heads of 4) at layer 0 on the portable
+backend and at layer 2 on XNNPACK, and tiny-qwen2-vl at layer 2 through the `pruner-export` CLI (XNNPACK), in a
+second process started first so that it overlaps the others; its measured peak checks the memory estimate the CLI
+prints. (XNNPACK lowering dominates: one partition per stretch of delegable ops, tens of seconds per method here.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from export.common import ExportOptions, checkpoint_dtype
+from export.executorch_llava import export_executorch
+from export.memory import estimate_export_memory
+from pruner_core import PrunerConfig
+from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resolve_model
+from pruner_core.adapters.qwen2_vl import embed_prompt, merged_grid, prefill_with_pruning, rope_positions
+from runtime import load
+from runtime.executorch_backend import ExecuTorchModel
+
+pytestmark = pytest.mark.slow
+
+KEEP = 0.12
+NEW_TOKENS = 8
+MAX_SEQ_LEN = 256
+QUESTION = "What is in the picture?"
+IN_PROCESS = {("tiny-qwen2.5-vl", 0): "portable", ("tiny-qwen2.5-vl", 2): "xnnpack"}  # (name, layer) -> backend
+CLI_EXPORT = ("tiny-qwen2-vl", 2)  # XNNPACK, through pruner-export
+CASES = [*IN_PROCESS, CLI_EXPORT]
+REPO = Path(__file__).resolve().parents[1]
+SCALAR_TYPES = {"float32": 6, "int64": 4}  # ExecuTorch ScalarType codes
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("qwen-et-zoo")
+    return {name: resolve_model(name, cache) for name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl")}
+
+
+@pytest.fixture(scope="module")
+def cli_export(zoo, tmp_path_factory):
+    """tiny-qwen2-vl, layer 2, XNNPACK, through `python -m export.cli` in the background -> wait() -> (folder, peak
+    RSS bytes, log text). Killed at teardown if still running."""
+    name, layer = CLI_EXPORT
+    out = tmp_path_factory.mktemp("qwen-cli") / "export"
+    command = [sys.executable, "-m", "export.cli", "--model", name, "--cache-dir", str(zoo[name].parent),
+               "--keep", str(KEEP), "--prune-layer", str(layer), "--target", "executorch", "--backend", "xnnpack",
+               "--max-seq-len", str(MAX_SEQ_LEN), "--out", str(out)]
+    log_path = out.parent / "pruner-export.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    result = {}
+
+    def wait():
+        if not result:
+            deadline = time.monotonic() + 1800
+            while True:  # os.wait4: the child's own peak RSS
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    break
+                assert time.monotonic() < deadline, "pruner-export ran for more than 30 minutes"
+                time.sleep(0.2)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            text = log_path.read_text()
+            assert process.returncode == 0, f"pruner-export failed ({process.returncode}):\n{text[-4000:]}"
+            result.update(folder=out, peak=usage.ru_maxrss * 1024, log=text)
+        return result["folder"], result["peak"], result["log"]
+
+    yield wait
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def exports(zoo, tmp_path_factory, cli_export):
+    """(name, layer) -> (model directory, export folder, export_config payload); each exported once."""
+    out = {}
+    for (name, layer), backend in IN_PROCESS.items():
+        folder = tmp_path_factory.mktemp(f"{name}-L{layer}-pte")
+        options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=KEEP, layer=layer),
+                                backend=backend, max_seq_len=MAX_SEQ_LEN)
+        out[name, layer] = zoo[name], folder, export_executorch(zoo[name], folder, options, model_id=name)
+    folder, _, _ = cli_export()
+    out[CLI_EXPORT] = zoo[CLI_EXPORT[0]], folder, json.loads((folder / "export_config.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return Image.fromarray(data.astronaut())
+
+
+def eager_reference(model_dir: Path, layer: int, image) -> tuple[list[int], list[int], dict]:
+    """-> (greedy tokens of apply_pruner + generate, kept image indices of the adapter's pruned prefill, inputs)."""
+    model, processor = load_qwen2_vl(model_dir)
+    config = PrunerConfig(keep=KEEP, layer=layer)
+    inputs = processor(images=image, text=qwen_prompt(QUESTION))
+    with torch.no_grad():
+        embeds, starts, n_image = embed_prompt(model, inputs["input_ids"], inputs["pixel_values"],
+                                               inputs["image_grid_thw"])
+        positions, _ = rope_positions(model, inputs["input_ids"], inputs["mm_token_type_ids"],
+                                      inputs["image_grid_thw"])
+        prefill = prefill_with_pruning(model, embeds, int(starts[0]), n_image, merged_grid(inputs["image_grid_thw"]),
+                                       config, position_ids=positions)
+        apply_pruner(model, config)
+        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return generated[0, -NEW_TOKENS:].tolist(), prefill.selection.indices[0].tolist(), inputs
+
+
+def assert_prefix(tokens: list[int], expected: list[int], eos: set[int]) -> None:
+    """tokens are expected's first ones, stopped at an EOS or after NEW_TOKENS."""
+    assert tokens and tokens == expected[: len(tokens)]
+    assert len(tokens) == NEW_TOKENS or tokens[-1] in eos
+
+
+@pytest.mark.parametrize("name, layer", CASES)
+def test_pte_equals_eager_pruned_model(exports, astronaut, name, layer):
+    model_dir, folder, payload = exports[name, layer]
+    tokens, kept, inputs = eager_reference(model_dir, layer, astronaut)
+    eos = set(payload["tokenizer"]["eos_ids"])
+    model = ExecuTorchModel(folder)
+    ours = model.generate_greedy(inputs["input_ids"], inputs["pixel_values"], NEW_TOKENS)
+    assert_prefix(ours, tokens, eos)
+    assert model.kept_image_indices.tolist() == kept  # the same R image tokens, in image order
+    assert len(kept) == payload["kept_image_tokens"] == PrunerConfig(keep=KEEP).budget(payload["num_image_tokens"])
+    # the Session (pruner-run's path): its own preprocessing and chat template give the same tokens
+    result = load(folder).generate(astronaut, QUESTION, max_new_tokens=NEW_TOKENS)
+    assert [t for t in result.tokens] == [t for t in ours if t not in eos]
+    assert result.profile.image_tokens_kept == len(kept)
+
+
+@pytest.mark.parametrize("name, layer", CASES)
+def test_export_config_records_the_mrope_contract(exports, name, layer):
+    from executorch.runtime import Runtime
+
+    model_dir, folder, payload = exports[name, layer]
+    height, width = json.loads((model_dir / "tiny_qwen2_vl_spec.json").read_text())["image_size"]
+    methods = payload["methods"]
+    assert payload["target"] == "executorch" and payload["positions"] == "original"
+    assert payload["executorch"]["position_scheme"] == "mrope"
+    assert payload["placement"] == ("before_llm" if layer == 0 else "in_llm")
+    assert payload["grid"] == [height // 28, width // 28]
+    assert payload["image_preprocessing"]["input_layout"] == "flat_patches"
+    assert payload["executorch"]["image_input_layout"] == "flat_patches"
+    assert methods["vision_encoder"]["inputs"][0]["shape"] == [height * width // 196, 1176]
+    assert [s["name"] for s in methods["vision_encoder"]["outputs"]] == ["image_embeddings", "kept_image_indices"]
+    assert [s["name"] for s in methods["text_decoder"]["inputs"]] == ["embeddings", "input_pos", "position_ids"]
+    assert methods["text_decoder"]["inputs"][2]["shape"] == [3, 1, "T"]
+    assert "get_bos_id" not in payload["executorch"]["constant_methods"]  # Qwen's tokenizer has no BOS
+    program = Runtime.get().load_program(folder / "model.pte")
+    assert set(methods) == {"vision_encoder", "token_embedding", "text_decoder"} <= program.method_names
+    high = payload["executorch"]["dynamic_dims"]["T"][1]
+    for method, contract in methods.items():  # the program's methods take and return what the config says
+        meta = program.metadata(method)
+        assert meta.num_inputs() == len(contract["inputs"]) and meta.num_outputs() == len(contract["outputs"])
+        tensors = [(meta.input_tensor_meta(i), spec) for i, spec in enumerate(contract["inputs"])]
+        tensors += [(meta.output_tensor_meta(i), spec) for i, spec in enumerate(contract["outputs"])]
+        for tensor, spec in tensors:
+            assert list(tensor.sizes()) == [high if isinstance(d, str) else d for d in spec["shape"]], spec
+            assert tensor.dtype() == SCALAR_TYPES[spec["dtype"]], spec
+
+
+def test_the_runtime_resizes_other_images_and_refuses_several(exports, astronaut):
+    """An image at another size is resized to the export's (as the eager processor does: same tokens); several
+    images, video frames, or pixels of the wrong shape are refused with the fix."""
+    model_dir, folder, payload = exports["tiny-qwen2.5-vl", 0]
+    small = Image.fromarray(data.astronaut()[40:250:2, 100:400:3])  # 105 x 100 px, another aspect ratio
+    tokens, _, _ = eager_reference(model_dir, 0, small)
+    session = load(folder)
+    result = session.generate(small, QUESTION, max_new_tokens=NEW_TOKENS)
+    assert result.tokens == [t for t in tokens[: len(result.tokens)]] and result.tokens
+    with pytest.raises(ValueError, match="cannot use a list as an image"):
+        session.generate([astronaut, small], QUESTION, max_new_tokens=2)
+    frames = np.stack([np.asarray(astronaut)] * 2)  # [2, H, W, 3]: a video
+    with pytest.raises(ValueError, match="HxWx3"):
+        session.generate(frames, QUESTION, max_new_tokens=2)
+    with pytest.raises(ValueError, match="image placeholder"):
+        session.generate(astronaut, "<|image_pad|> and this one?", max_new_tokens=2)
+    model = ExecuTorchModel(folder)
+    with pytest.raises(ValueError, match="pixel_values of shape"):
+        model.encode_image(torch.zeros(1, 3, 224, 336))
+    with pytest.raises(ValueError, match="position_ids"):
+        model._step("text_decoder", model.embed([1, 2]), 0)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_patch_matmul_equals_the_conv3d_tower(zoo, name):
+    """The typed option the ExecuTorch export uses (XNNPACK has no Conv3d, the portable kernel no 5-D input): the
+    same image tokens as the stock tower, sharing its weights, leaving the model's own tower as it was."""
+    from pruner_core.adapters import adapter_for
+
+    adapter = adapter_for(zoo[name])
+    model, _ = adapter.load(zoo[name])
+    geometry = adapter.geometry(model)
+    size = geometry.image_size
+    pixels = torch.randn(*adapter.pixel_input_shape(geometry), generator=torch.Generator().manual_seed(0))
+    stock_embed = model.model.visual.patch_embed
+    matmul = adapter.vision_encoder(model, size, patch_matmul=True)
+    with torch.no_grad():
+        torch.testing.assert_close(matmul(pixels), adapter.vision_encoder(model, size)(pixels), rtol=1e-5, atol=1e-5)
+    assert model.model.visual.patch_embed is stock_embed and isinstance(stock_embed.proj, torch.nn.Conv3d)
+    assert matmul.visual.patch_embed.weight.data_ptr() == stock_embed.proj.weight.data_ptr()  # a view: no copy
+
+
+def test_export_without_position_scheme_is_refused(exports, tmp_path):
+    """A Qwen .pte folder whose export_config.json lacks executorch.position_scheme cannot be run with 1-D positions:
+    a clear error naming the field, not ExecuTorch's input-count failure."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(exports["tiny-qwen2.5-vl", 0][1], folder)
+    config = json.loads((folder / "export_config.json").read_text())
+    del config["executorch"]["position_scheme"]
+    (folder / "export_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks executorch.position_scheme.*mrope.*export the model again"):
+        ExecuTorchModel(folder)
+
+
+def test_android_refuses_mrope_exports_first(exports, zoo, tmp_path):
+    from export.android import check_runnable_on_android
+    from export.cli import ExportError, build_parser, run
+
+    _, _, payload = exports["tiny-qwen2.5-vl", 0]
+    with pytest.raises(ValueError, match="mrope.*LlmModule"):
+        check_runnable_on_android(payload)
+    args = build_parser().parse_args(["--model", "tiny-qwen2.5-vl", "--cache-dir", str(zoo["tiny-qwen2.5-vl"].parent),
+                                      "--prune-layer", "0", "--android", "--out", str(tmp_path / "out")])
+    with pytest.raises(ExportError, match="--android.*MultimodalRunner"):
+        run(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(cli_export, zoo):
+    """What pruner-export prints for a Qwen .pte against the export child's measured peak RSS."""
+    folder, peak, log = cli_export()
+    name, layer = CLI_EXPORT
+    options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=KEEP, layer=layer),
+                            backend="xnnpack", dtype=checkpoint_dtype(zoo[name]), max_seq_len=MAX_SEQ_LEN)
+    from pruner_core.adapters import adapter_for
+
+    counts = adapter_for(zoo[name]).parameter_counts(zoo[name])
+    estimate = estimate_export_memory(counts, options, checkpoint_dtype(zoo[name]))
+    assert estimate.describe() in log and folder.is_dir()
+    assert abs(estimate.peak - peak) <= 0.25 * peak, (estimate.describe(), peak / 2**30)
