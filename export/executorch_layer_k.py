@@ -82,11 +82,12 @@ class PruningVisionEncoder(nn.Module):
 
     def __init__(self, vision: nn.Module, language_model: nn.Module, cache: StaticKVCache, state: RunnerState,
                  image_positions: torch.Tensor, grid: tuple[int, int], config: PrunerConfig, dtype: torch.dtype,
-                 returns_indices: bool = False) -> None:
+                 returns_indices: bool = False, merge: int = 1) -> None:
         super().__init__()
         self.vision, self.language_model, self.cache, self.state = vision, language_model, cache, state
         self.register_buffer("image_positions", image_positions, persistent=False)
         self.grid, self.config, self.dtype, self.returns_indices = grid, config, dtype, returns_indices
+        self.merge = merge  # vision patches per image token along a side (PrunerConfig.authors_grid reads it)
 
     def forward(self, pixel_values: torch.Tensor):
         language_model, split = self.language_model, self.config.layer
@@ -102,7 +103,7 @@ class PruningVisionEncoder(nn.Module):
         keys = None
         if "keys" in get_method(self.config.method).needs:  # layer K-1's post-RoPE keys of the image tokens
             keys = cached_keys(self.cache, split - 1, slots, language_model.layers[split - 1].self_attn)
-        selection = select_tokens(hidden, keys, self.grid, self.config)  # indices [1, R], states [1, R, D]
+        selection = select_tokens(hidden, keys, self.grid, self.config, merge=self.merge)  # [1, R], [1, R, D]
         self.state.kept_positions.copy_(start + selection.indices[0])
         self.state.image_pending.copy_(torch.ones_like(self.state.image_pending))
         self.state.position_offset.copy_(torch.full_like(start, num_image - selection.budget))

@@ -274,7 +274,8 @@ def plan_methods(model: nn.Module, geometry: PteGeometry, config: PrunerConfig, 
         state = RunnerState(budget)
         image_positions = adapter.prompt_positions(0, geometry.grid, 0)  # [1, N] or [3, 1, N]
         encoder = PruningVisionEncoder(vision_module, language_model, cache, state, image_positions, geometry.grid,
-                                       config, dtype, returns_indices=explicit)
+                                       config, dtype, returns_indices=explicit,
+                                       merge=adapter.geometry(model).merge)
         decoder = (PositionedSplitCacheTextDecoder if explicit else SplitCacheTextDecoder)(
             language_model, lm_head, cache, state, geometry.split_layer, geometry.max_seq_len)
     kept_spec = [tensor_spec("kept_image_indices", [1, budget], "int64")] if explicit else []
