@@ -2,7 +2,7 @@
 // LlavaForConditionalGeneration / AutoProcessor (local files only), greedy decoding with `generate`.
 // Usage: node llava_generate.mjs request.json   (tests/test_transformers_js.py writes the request; one JSON line out)
 // request: {folder, max_new_tokens, input_ids: [int], pixel_values: file of float32 [1, 3, H, W] (little-endian),
-//           pixel_shape, image: a PNG, question, processor_pixels_out: where to write the processor's pixel_values}
+//           pixel_shape, question, images: [{path: an image file, pixels_out: where the processor's pixel_values go}]}
 import { readFileSync, writeFileSync } from 'node:fs';
 import {
     AutoProcessor, LlavaForConditionalGeneration, LogitsProcessor, RawImage, Tensor, env,
@@ -39,22 +39,19 @@ const from_ids = await greedy(model, {
     pixel_values: new Tensor('float32', pixels, request.pixel_shape),
 }, request.max_new_tokens);
 
-// 2. A photograph through transformers.js' own processor and chat template.
+// 2. Photographs through transformers.js' own processor and chat template.
 const processor = await AutoProcessor.from_pretrained(request.folder, options);
 const messages = [{ role: 'user', content: [{ type: 'image' }, { type: 'text', text: request.question }] }];
 const prompt = processor.apply_chat_template(messages, { add_generation_prompt: true });
-const inputs = await processor(await RawImage.read(request.image), prompt);
-writeFileSync(request.processor_pixels_out, Buffer.from(inputs.pixel_values.data.buffer));
-const from_image = await greedy(model, inputs, request.max_new_tokens);
-
-console.log(JSON.stringify({
-    version: env.version,
-    from_ids,
-    from_image: {
-        ...from_image,
-        processor: processor.constructor.name,
-        prompt,
+const from_images = [];
+for (const image of request.images) {
+    const inputs = await processor(await RawImage.read(image.path), prompt);
+    writeFileSync(image.pixels_out, Buffer.from(inputs.pixel_values.data.buffer));
+    from_images.push({
+        ...(await greedy(model, inputs, request.max_new_tokens)),
         input_ids: inputs.input_ids.tolist()[0].map(Number),
         pixel_shape: inputs.pixel_values.dims,
-    },
-}));
+    });
+}
+
+console.log(JSON.stringify({ version: env.version, processor: processor.constructor.name, prompt, from_ids, from_images }));
