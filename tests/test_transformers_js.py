@@ -2,7 +2,8 @@
 the image placeholders the vision encoder fills.
 
 The Node side (tests/js/llava_generate.mjs) loads the folder with `LlavaForConditionalGeneration.from_pretrained` /
-`AutoProcessor.from_pretrained` (local files only) and decodes greedily with `generate`. transformers.js is pinned
+`AutoProcessor.from_pretrained` (local files only) and decodes greedily with `generate`; it also runs the vision
+encoder in onnxruntime-web's WebAssembly backend, what a browser uses. transformers.js is pinned
 in tests/js/package.json + package-lock.json and installed once with `npm ci --ignore-scripts` into
 tests/js/node_modules (git-ignored, kept between runs like .venv; reinstalled only when the lock file changes);
 the test skips, saying why, where Node.js or npm is missing or the install fails (offline).
@@ -160,10 +161,11 @@ def test_processor_files_give_any_placeholder_count(tiny, tmp_path, placement):
         write_processor_files(folder, LLAVA, processor, 0)
 
 
-def test_transformers_js_runs_the_export(transformers_js, layer0, photos, tmp_path):
+def test_transformers_js_runs_the_export(transformers_js, layer0, photos, tmp_path, record_property):
     """The pinned transformers.js runs the folder unchanged: with the runtime's input_ids and pixel_values it gives
-    the runtime's greedy tokens and prefill logits; from the photographs through its own processor and chat
-    template, the runtime's prompt ids (R placeholders), and the runtime's tokens for the pixels it made."""
+    the runtime's greedy tokens and prefill logits (and onnxruntime-web's WASM backend its vision_encoder outputs);
+    from the photographs through its own processor and chat template, the runtime's prompt ids (R placeholders),
+    pixel_values within the resampling bounds, and the runtime's tokens for the pixels it made."""
     folder, payload = layer0
     model, before, after, pixels = runtime_inputs(folder, photos["astronaut"])
     ids = model.prompt_ids(before, after)[0].tolist()
@@ -185,6 +187,12 @@ def test_transformers_js_runs_the_export(transformers_js, layer0, photos, tmp_pa
     prefill = model.prefill(before, pixels, after).logits
     np.testing.assert_allclose(js["from_ids"]["first_logits"], prefill, atol=1e-4, rtol=0)
 
+    # onnxruntime-web's WASM backend (what a browser runs) gives the same vision_encoder outputs
+    features, kept = model.encode_image(pixels, len(before))
+    assert js["wasm_vision"]["kept_image_indices"] == kept[0].tolist()
+    np.testing.assert_allclose(np.reshape(js["wasm_vision"]["image_features"], features.shape), features,
+                               atol=1e-4, rtol=0)
+
     # 2. the photographs through transformers.js' processor: R placeholders, the runtime's prompt ids
     assert js["prompt"] == PromptEncoder(folder, model.config["tokenizer"]).render(QUESTION)
     for (name, path), image, result in zip(photos.items(), images, js["from_images"]):
@@ -194,6 +202,8 @@ def test_transformers_js_runs_the_export(transformers_js, layer0, photos, tmp_pa
         theirs = np.fromfile(image["pixels_out"], dtype="<f4").reshape(result["pixel_shape"])
         assert theirs.shape == reference.shape
         difference = np.abs(theirs - reference)
+        record_property(f"{name} pixel_values |transformers.js - runtime|",
+                        {"mean": float(difference.mean()), "max": float(difference.max())})
         if name == "astronaut-336":  # at the crop size nothing is resampled: only float rounding differs
             assert difference.max() < 1e-5, f"{name}: pixel_values differ by up to {difference.max():.3g}"
         else:  # the resampling differs (see RESAMPLING_*_BOUND)

@@ -4,6 +4,7 @@
 // request: {folder, max_new_tokens, input_ids: [int], pixel_values: file of float32 [1, 3, H, W] (little-endian),
 //           pixel_shape, question, images: [{path: an image file, pixels_out: where the processor's pixel_values go}]}
 import { readFileSync, writeFileSync } from 'node:fs';
+import * as ortWeb from 'onnxruntime-web';
 import {
     AutoProcessor, LlavaForConditionalGeneration, LogitsProcessor, RawImage, Tensor, env,
 } from '@huggingface/transformers';
@@ -54,4 +55,13 @@ for (const image of request.images) {
     });
 }
 
-console.log(JSON.stringify({ version: env.version, processor: processor.constructor.name, prompt, from_ids, from_images }));
+// 3. What a browser runs the graphs in: onnxruntime-web's WebAssembly backend (transformers.js' own dependency).
+const folder_config = JSON.parse(readFileSync(`${request.folder}/export_config.json`, 'utf8'));
+const encoder_file = readFileSync(`${request.folder}/${folder_config.graphs.vision_encoder}`);
+const wasm = await ortWeb.InferenceSession.create(encoder_file, { executionProviders: ['wasm'] });
+const encoded = await wasm.run({ pixel_values: new ortWeb.Tensor('float32', pixels, request.pixel_shape) });
+const wasm_vision = { kept_image_indices: Array.from(encoded.kept_image_indices.data, Number),
+                      image_features: Array.from(encoded.image_features.data) };
+
+console.log(JSON.stringify({ version: env.version, processor: processor.constructor.name, prompt, from_ids, from_images,
+                             wasm_vision }));
