@@ -50,8 +50,8 @@ def transformers_js() -> Path:
     """tests/js with the pinned transformers.js installed (npm ci, once per lock file); skips without Node/npm."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        pytest.skip("the transformers.js check needs Node.js and npm on PATH; neither install found "
-                    f"(node: {node}, npm: {npm})")
+        missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
+        pytest.skip(f"the transformers.js check needs Node.js and npm; {missing} not found on PATH")
     lock = JS_DIR / "package-lock.json"
     digest = hashlib.sha256((JS_DIR / "package.json").read_bytes() + lock.read_bytes()).hexdigest()
     stamp = JS_DIR / "node_modules" / ".installed-lock-sha256"
@@ -63,9 +63,9 @@ def transformers_js() -> Path:
                                       capture_output=True, text=True, timeout=900)
             except subprocess.TimeoutExpired:
                 pytest.skip(f"npm ci of @huggingface/transformers {PINNED} timed out after 900 s (slow or no network)")
-            if done.returncode != 0:
-                tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-                pytest.skip(f"npm ci of @huggingface/transformers {PINNED} failed (offline?): {tail}")
+            if done.returncode != 0:  # npm's first lines name the error ("npm error code ECONNREFUSED", ...)
+                head = " | ".join((done.stderr or done.stdout).strip().splitlines()[:4])
+                pytest.skip(f"npm ci of @huggingface/transformers {PINNED} in {JS_DIR} failed (offline?): {head}")
             stamp.write_text(digest)
     return JS_DIR
 
