@@ -46,8 +46,9 @@ RESAMPLING_MEAN_BOUND, RESAMPLING_MAX_BOUND = 0.06, 1.5
 
 
 @pytest.fixture(scope="session")
-def transformers_js() -> Path:
-    """tests/js with the pinned transformers.js installed (npm ci, once per lock file); skips without Node/npm."""
+def transformers_js() -> str:
+    """The node executable, tests/js's pinned transformers.js installed (npm ci, once per lock file); skips,
+    saying why, without Node.js / npm or when the install fails."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         missing = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
@@ -67,7 +68,7 @@ def transformers_js() -> Path:
                 head = " | ".join((done.stderr or done.stdout).strip().splitlines()[:4])
                 pytest.skip(f"npm ci of @huggingface/transformers {PINNED} in {JS_DIR} failed (offline?): {head}")
             stamp.write_text(digest)
-    return JS_DIR
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +176,8 @@ def test_transformers_js_runs_the_export(transformers_js, layer0, photos, tmp_pa
     request = {"folder": str(folder), "max_new_tokens": TOKENS, "input_ids": ids, "pixel_values": str(pixel_file),
                "pixel_shape": list(pixels.shape), "question": QUESTION, "images": images}
     (tmp_path / "request.json").write_text(json.dumps(request))
-    done = subprocess.run(["node", str(transformers_js / "llava_generate.mjs"), str(tmp_path / "request.json")],
-                          cwd=transformers_js, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([transformers_js, str(JS_DIR / "llava_generate.mjs"), str(tmp_path / "request.json")],
+                          cwd=JS_DIR, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     js = json.loads(done.stdout.strip().splitlines()[-1])
     assert js["version"] == PINNED and js["processor"] == "LlavaProcessor"
