@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_select.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/js/node_modules

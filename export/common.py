@@ -336,6 +336,28 @@ def copy_model_files(
     return [name for name in copied if name in TOKENIZER_FILES], copied
 
 
+def write_processor_files(out_dir: Path, adapter: Any, processor: Any, image_placeholders: int) -> list[str]:
+    """Make ``out_dir`` loadable unchanged by the stock processors (transformers' and transformers.js'), with
+    ``image_placeholders`` image tokens per prompt (what the vision encoder returns) -> the files written.
+
+    Writes the adapter's ``processor_files`` (over the checkpoint's copies) and puts the chat template into
+    ``tokenizer_config.json`` when that file lacks one: transformers.js reads it only from there, transformers also
+    from ``chat_template.jinja`` / ``.json``.
+    """
+    written = []
+    for name, payload in adapter.processor_files(processor, image_placeholders).items():
+        write_json(out_dir / name, payload)
+        written.append(name)
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    if isinstance(template, str) and tokenizer_config.is_file():
+        payload = json.loads(tokenizer_config.read_text())
+        if not payload.get("chat_template"):
+            write_json(tokenizer_config, {**payload, "chat_template": template})
+            written.append(tokenizer_config.name)
+    return written
+
+
 def image_preprocessing(processor: Any, input_layout: str = "float_nchw") -> dict[str, Any]:
     """The processor's image settings as runtime/preprocess.py's ImagePreprocessing (a dict for the config)."""
     from runtime.preprocess import ImagePreprocessing

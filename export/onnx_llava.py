@@ -53,6 +53,7 @@ from .common import (
     copy_model_files,
     tensor_spec,
     write_json,
+    write_processor_files,
 )
 
 # Dynamic dimensions, as export_config.json and the ONNX files name them.
@@ -765,6 +766,9 @@ def export_onnx(
         if path.suffix == ".onnx":
             onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data too
     tokenizer_files, copied = copy_model_files(model_dir, processor, out_dir, MODEL_FILES)
+    # the stock processors then put as many image placeholders in the prompt as vision_encoder returns
+    written_processor = write_processor_files(out_dir, adapter, processor, shapes.placeholders)
+    copied += [name for name in written_processor if name not in copied]
     payload = build_export_config(
         options,
         random_weights=random_weights(model_dir),

@@ -100,21 +100,22 @@ def zoo(tmp_path_factory):
 class Exports:
     """Every case's export, started at once in a two-process pool; ``get`` waits for one (and raises its error)."""
 
-    def __init__(self, zoo: dict[str, Path], root: Path):
+    def __init__(self, zoo: dict[str, Path], root: Path, cache: dict):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch thread pools
-        self.root = root
+        self.root, self.cache = root, cache
         self.pool = concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=context)
         self.futures = {case: self.pool.submit(_export_case, zoo[case.model], root / str(case), case.options(),
                                                case.model) for case in ALL}
 
     def get(self, case: Case) -> tuple[Path, dict, list[str]]:
         payload, stages = self.futures[case].result()
+        self.cache.setdefault(case.options(), (self.root / str(case), payload))  # conftest.onnx_export_cache
         return self.root / str(case), payload, stages
 
 
 @pytest.fixture(scope="module")
-def exports(zoo, tmp_path_factory):
-    runner = Exports(zoo, tmp_path_factory.mktemp("onnx"))
+def exports(zoo, tmp_path_factory, onnx_export_cache):
+    runner = Exports(zoo, tmp_path_factory.mktemp("onnx"), onnx_export_cache)
     yield runner
     runner.pool.shutdown(cancel_futures=True)  # a -k run that needed few cases does not wait for the rest
 

@@ -30,17 +30,18 @@ def zoo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_exports(zoo, tmp_path_factory) -> dict[int, Path]:
-    """ONNX exports of tiny-llava at keep 0.12 for both placements."""
+def onnx_exports(zoo, tmp_path_factory, onnx_export_cache) -> dict[int, Path]:
+    """ONNX exports of tiny-llava at keep 0.12 for both placements (test_export_onnx.py's when it ran)."""
     from export.onnx_llava import export_onnx
 
-    model_dir = resolve_model("tiny-llava", zoo)
     folders = {}
     for layer in (0, 2):
-        out = tmp_path_factory.mktemp(f"onnx-layer{layer}")
         options = ExportOptions(model="tiny-llava", target="onnx", pruner=PrunerConfig(keep=0.12, layer=layer))
-        export_onnx(model_dir, out, options, model_id="tiny-llava")
-        folders[layer] = out
+        if options not in onnx_export_cache:
+            out = tmp_path_factory.mktemp(f"onnx-layer{layer}")
+            onnx_export_cache[options] = out, export_onnx(resolve_model("tiny-llava", zoo), out, options,
+                                                          model_id="tiny-llava")
+        folders[layer] = onnx_export_cache[options][0]
     return folders
 
 

@@ -171,6 +171,12 @@ class ModelAdapter(Protocol):
         """The ``export_config.json["tokenizer"]`` block: special ids, chat template, prompt format."""
         ...
 
+    def processor_files(self, processor: Any, image_placeholders: int) -> dict[str, dict[str, Any]]:
+        """{file name: JSON payload} of the processor configs an exported folder carries, written so that the
+        stock processors (transformers, transformers.js) put ``image_placeholders`` image tokens per image in the
+        prompt; {} where no config can say so (the checkpoint's files are then copied unchanged)."""
+        ...
+
     def embed_prompt(self, model: nn.Module, input_ids: torch.Tensor,
                      pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """input_ids [B, T] + pixels -> (embeds [B, T, D] with the image tokens in place, image_start [B], N)."""

@@ -39,6 +39,7 @@ from .decoder import (
     SUPPORTED_ATTENTION, PrefillOutput, _heads, check_split_layer, image_span_starts, layer_keys, prefill_recorded,
     prune_and_prefill, rotary,
 )
+from .llava_processor import llava_processor_files
 from .llava_tiny import SPEC_FILE, TINY_MODELS, TinyLlavaSpec, build_tiny_llava
 from .patching import PrunerSession, install_pruner, installed_config, open_session, session_decode, uninstall_pruner
 
@@ -468,6 +469,7 @@ class LlavaAdapter(DecoderAdapter):
     prompt = staticmethod(llava_prompt)
     prompt_image_start = staticmethod(prompt_image_start)
     tokenizer_info = staticmethod(tokenizer_info)
+    processor_files = staticmethod(llava_processor_files)
     embed_prompt = staticmethod(embed_prompt)
     select_before_llm = staticmethod(select_before_llm)
     prefill_with_pruning = staticmethod(prefill_with_pruning)

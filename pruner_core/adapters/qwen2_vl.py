@@ -501,6 +501,11 @@ class Qwen2VLAdapter(DecoderAdapter):
     def tokenizer_info(self, model: nn.Module, processor: Any, files: list[str]) -> dict[str, Any]:
         return tokenizer_block(model, processor, files, qwen_prompt("{prompt}"))
 
+    def processor_files(self, processor: Any, image_placeholders: int) -> dict[str, dict[str, Any]]:
+        """{}: Qwen2-VL's processors count placeholders from the image's patch grid (``image_grid_thw``), which no
+        config entry changes, and a layer-0 export keeps original positions stock runtimes do not compute."""
+        return {}
+
     select_before_llm = staticmethod(select_before_llm)
 
     def pixel_input_shape(self, geometry: ModelGeometry) -> tuple[int, ...]:
