@@ -124,11 +124,13 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return values
 
 
-def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None) -> None:
-    """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded)."""
+def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None,
+                     model_name: str | None = None) -> None:
+    """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded); model_name: as
+    the user gave it (--model), for the messages."""
     from transformers import AutoConfig
 
-    from pruner_core.adapters import adapter_for, check_split_layer
+    from pruner_core.adapters import adapter_for
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config)
@@ -138,9 +140,13 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
         raise ExportError(str(error)) from None
     try:
         pruner.budget(geometry.num_image_tokens)
-        check_split_layer(pruner, geometry.num_layers)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    layers = geometry.num_layers
+    if pruner.layer >= layers:
+        raise ExportError(f"--prune-layer {pruner.layer} is past the last decoder layer: {model_name or model_dir} has "
+                          f"{layers} decoder layers, so --prune-layer takes 0..{layers - 1} (0 = before the LLM, "
+                          "2 = the paper's default)")
 
 
 def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]) -> None:
@@ -267,6 +273,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
+    if args.prune_layer < 0:
+        raise ExportError(f"--prune-layer {args.prune_layer}: give a decoder layer K >= 0 (0 = before the LLM, 2 = "
+                          "the paper's default)")
     try:
         pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method)
     except ValueError as error:
@@ -307,7 +316,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         raise ExportError(str(error)) from None
     adapter = adapter_for(model_dir)
     check_target_supported(adapter, args, [options.target for options, _ in plans])
-    check_model_fits(model_dir, pruner, args.image_size)
+    check_model_fits(model_dir, pruner, args.image_size, args.model)
     resolved = []
     for options, out in plans:
         dtype, why = resolve_dtype(args.dtype, model_dir, options.target, options.quantize)

@@ -247,3 +247,13 @@ def test_summary_notes_random_weights_and_the_next_command(tmp_path):
     assert "note: random weights (a tiny test build)" in tiny
     quiet = shown({**payload, "random_weights": True}, notes=False)  # pruner-bench prints its own notes once
     assert "kept 69 of 576" in quiet and "next:" not in quiet and "random weights" not in quiet
+
+
+@pytest.mark.parametrize("layer, expected", [
+    ("9", "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers, so --prune-layer takes 0..3"),
+    ("-1", "--prune-layer -1: give a decoder layer K >= 0"),
+])
+def test_prune_layer_out_of_range_speaks_the_cli(tmp_path, layer, expected):
+    code, err = run_cli(["--model", "tiny-llava", "--prune-layer", layer, "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and expected in err and "PrunerConfig" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
