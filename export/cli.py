@@ -18,6 +18,8 @@ from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
+from .model_card import human_size
+from .validate import Tolerance, tolerance_for
 from runtime.console import HelpFormatter, add_verbose, quiet_libraries
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
@@ -168,12 +170,35 @@ def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]
     )
 
 
-def human_size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size:.1f} GiB"
+def check_and_describe(staging: Path, out: Path, model_dir: Path, options: ExportOptions, progress: Progress,
+                       stream: TextIO, tolerance: Tolerance | None) -> dict:
+    """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
+    ``tolerance`` is None (--no-validate), record the figures in export_config.json["validation"] (None when
+    skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
+    caller's staging folder is then removed: nothing is written)."""
+    from pruner_core.adapters.hub import random_weights
+
+    from .common import read_export_config, write_json
+    from .model_card import source_revision, write_card
+    from .validate import failure_message, validate_export
+
+    validation = None
+    if tolerance is not None:
+        progress("validate")
+        try:
+            validation = validate_export(staging, model_dir, options.pruner, dtype=options.dtype,
+                                         image_size=options.image_size, tolerance=tolerance)
+        except Exception as error:  # noqa: BLE001 - whatever stops the written files from running
+            raise ExportError(f"validation could not run the export ({type(error).__name__}: {error}); nothing was "
+                              "written. Pass --no-validate to keep it unchecked") from None
+        print(validation.summary(), file=stream)
+        if not validation.passed:
+            raise ExportError(failure_message(validation))
+    config = read_export_config(staging)
+    config["validation"] = None if validation is None else validation.to_dict()
+    write_json(staging / "export_config.json", config)
+    write_card(staging, config, out, source_revision(model_dir, random_weights(model_dir)))
+    return config
 
 
 def exporter_for(target: str) -> Callable:
@@ -263,13 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--android", action="store_true",
                         help="also prepare <out>-android with exactly the files the Android demo needs (needs "
                              "--target executorch --prune-layer 0) and print the adb push commands")
+    output.add_argument("--no-validate", action="store_true",
+                        help="skip the check that runs the written files once (bundled astronaut photograph, 8 "
+                             "greedy tokens) against the eager pruned model in the same dtype and refuses the "
+                             "export outside tolerance: max |logit diff| fp32 1e-3, fp16 0.25, bf16 0.5 with "
+                             "identical greedy tokens; quantized (--quantize / --quantize-vision) 2.0 with the first "
+                             "token in eager's top 5 (export/README.md, Validation)")
     add_verbose(parser)
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True) -> list[Path]:
-    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix.
-    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note)."""
+def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True,
+        tolerance: Tolerance | None = None) -> list[Path]:
+    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix
+    (a failed validation too: nothing is written then).
+    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note).
+    tolerance: what validation requires instead of ``tolerance_for(dtype, quantize, quantize_vision)`` (tests)."""
     from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
@@ -337,6 +371,10 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         try:
             with staging_directory(out, overwrite=args.overwrite) as staging:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
+                payload = check_and_describe(staging, out, model_dir, options, progress, stream,
+                                             tolerance=None if args.no_validate else (
+                                                 tolerance or tolerance_for(options.dtype, options.quantize,
+                                                                            options.quantize_vision)))
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
         summarise(out, payload, progress.finish(), stream, notes)
