@@ -250,7 +250,8 @@ def test_summary_notes_random_weights_and_the_next_command(tmp_path):
 
 
 @pytest.mark.parametrize("layer, expected", [
-    ("9", "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers, so --prune-layer takes 0..3"),
+    ("9", "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers, so --prune-layer takes "
+          "0..3"),
     ("-1", "--prune-layer -1: give a decoder layer K >= 0"),
 ])
 def test_prune_layer_out_of_range_speaks_the_cli(tmp_path, layer, expected):

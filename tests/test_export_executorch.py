@@ -506,7 +506,8 @@ def test_8da4w_export_meets_the_quantized_validation_tolerance(quantised_cli_exp
 
 def test_model_card_runner_snippet_generates_what_pruner_run_does(exports, tmp_path):
     """The layer-0 .pte card's ExecuTorch runner snippet, run as written (photo.jpg: the astronaut), prints what
-    runtime.load(folder).generate prints (which equals eager pruned PyTorch: test_export_executorch / session); its adb commands are those of the folder `--android` prepares."""
+    runtime.load(folder).generate prints (equal to eager pruned PyTorch: tests above and test_runtime_session); its
+    adb commands are those of the folder `--android` prepares."""
     import contextlib
     import io
     import re
