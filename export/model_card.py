@@ -48,8 +48,7 @@ def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
     if validation is None:
         return ["Not validated: exported with `--no-validate`."]
     tolerance = validation["tolerance"]
-    tokens = ("every greedy token identical" if tolerance["tokens"] == "identical"
-              else f"the first greedy token among the reference's top {tolerance['top_k']}")
+    tokens = "every greedy token identical" if tolerance["tokens_must_agree"] else "reported only (quantized)"
     return [
         f"pruner-export ran this folder once against {validation['reference']} on the bundled "
         f"`{validation['image']}` photograph, prompt \"{validation['prompt']}\", {len(validation['export_tokens'])} "
