@@ -101,12 +101,16 @@ def _android_lines(config: dict[str, Any], out: Path) -> list[str]:
     from .android import adb_push_commands, android_files, default_android_folder
 
     android = default_android_folder(out)
+    try:
+        files = android_files(config)
+    except ValueError:  # no tokenizer the runner reads: the app cannot run it (pruner-export --android says why)
+        return []
     return [
         "## Android app (android_demo)", "",
-        f"`pruner-export ... --android` copies the files the app reads ({', '.join(android_files(config))}) into "
+        f"`pruner-export ... --android` copies the files the app reads ({', '.join(files)}) into "
         f"`{android}`; push them with:", "",
         "```sh",
-        *adb_push_commands(android, files=android_files(config)),
+        *adb_push_commands(android, files=files),
         "```",
     ]
 
@@ -162,8 +166,8 @@ def render_card(config: dict[str, Any], out: Path, files: list[tuple[str, int]],
     layer0 = config["placement"] == "before_llm"
     if config["target"] == "executorch":
         lines += [*_executorch_lines(config, str(out)), ""]
-        if layer0:
-            lines += [*_android_lines(config, out), ""]
+        android = _android_lines(config, out) if layer0 else []
+        lines += [*android, ""] if android else []
     if config["target"] == "onnx" and layer0 and config.get("positions") == "consecutive":
         lines += [*_transformers_js_lines(config, out), ""]
     return "\n".join(lines).rstrip() + "\n"
