@@ -101,19 +101,21 @@ def prepare_android_folder(export_dir: str | Path, out_dir: str | Path, overwrit
     return names
 
 
-def adb_push_commands(folder: str | Path, device_dir: str = DEVICE_DIR) -> list[str]:
+def adb_push_commands(folder: str | Path, device_dir: str = DEVICE_DIR, files: list[str] | None = None) -> list[str]:
     """Shell commands that copy a prepared folder to `device_dir/<folder name>/` on a phone over adb.
 
-    The last command makes the files readable by the app (adb pushes them as the shell user).
+    files: the names to push (default: what the folder holds, which must then exist; the model card passes
+    ``android_files(config)`` for a folder `--android` writes). The last command makes the files readable by the
+    app (adb pushes them as the shell user).
     """
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
+    if files is None and not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"{folder} holds no {CONFIG_FILE}; prepare it first with `pruner-export ... --android` "
             "(or android_files.prepare_android_folder)"
         )
     target = f"{device_dir.rstrip('/')}/{folder.name}"
-    files = sorted(path.name for path in folder.iterdir() if path.is_file())
+    files = sorted(files if files is not None else (path.name for path in folder.iterdir() if path.is_file()))
     commands = [f"adb shell mkdir -p {shlex.quote(target)}"]
     commands += [f"adb push {shlex.quote(str(folder / name))} {shlex.quote(target + '/' + name)}" for name in files]
     commands.append(f"adb shell chmod -R a+rX {shlex.quote(device_dir.rstrip('/'))}")

@@ -8,6 +8,7 @@ ExecuTorch and/or ONNX.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,8 @@ from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
 from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
+from .model_card import human_size
+from .validate import Tolerance, tolerance_for, tolerances_text
 from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
@@ -124,11 +127,13 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return values
 
 
-def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None) -> None:
-    """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded)."""
+def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None,
+                     model_name: str | None = None) -> None:
+    """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded); model_name: as
+    the user gave it (--model), for the messages."""
     from transformers import AutoConfig
 
-    from pruner_core.adapters import adapter_for, check_split_layer
+    from pruner_core.adapters import adapter_for
     from pruner_core.primitives import placement_lattice
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -139,10 +144,14 @@ def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[in
         raise ExportError(str(error)) from None
     try:
         pruner.budget(geometry.num_image_tokens)
-        check_split_layer(pruner, geometry.num_layers)
         placement_lattice(*geometry.grid, geometry.merge, pruner.authors_grid)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    layers = geometry.num_layers
+    if pruner.layer >= layers:
+        raise ExportError(f"--prune-layer {pruner.layer} is past the last decoder layer: {model_name or model_dir} has "
+                          f"{layers} decoder layers, so --prune-layer takes 0..{layers - 1} (0 = before the LLM, "
+                          "2 = the paper's default)")
 
 
 def check_target_supported(adapter, args: argparse.Namespace, targets: list[str]) -> None:
@@ -180,12 +189,36 @@ def check_android_runnable(adapter, model_dir: Path, image_size: tuple[int, int]
         )
 
 
-def human_size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size:.1f} GiB"
+def check_and_describe(staging: Path, out: Path, model_dir: Path, options: ExportOptions, progress: Progress,
+                       stream: TextIO, tolerance: Tolerance | None) -> dict:
+    """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
+    ``tolerance`` is None (--no-validate), record the figures in export_config.json["validation"] (None when
+    skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
+    caller's staging folder is then removed: nothing is written)."""
+    from pruner_core.adapters.hub import random_weights
+
+    from .common import read_export_config, write_json
+    from .model_card import source_revision, write_card
+    from .validate import failure_message, validate_export
+
+    validation = None
+    if tolerance is not None:
+        progress("validate")
+        gc.collect()  # the exporter's model copies go before the export and its eager reference are loaded
+        try:
+            validation = validate_export(staging, model_dir, options.pruner, dtype=options.dtype,
+                                         image_size=options.image_size, tolerance=tolerance)
+        except Exception as error:  # noqa: BLE001 - whatever stops the written files from running
+            raise ExportError(f"validation could not run the export ({type(error).__name__}: {error}); nothing was "
+                              "written. Pass --no-validate to keep it unchecked") from None
+        print(validation.summary(), file=stream)
+        if not validation.passed:
+            raise ExportError(failure_message(validation))
+    config = read_export_config(staging)
+    config["validation"] = None if validation is None else validation.to_dict()
+    write_json(staging / "export_config.json", config)
+    write_card(staging, config, out, source_revision(model_dir, random_weights(model_dir)))
+    return config
 
 
 def exporter_for(target: str) -> Callable:
@@ -281,16 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also prepare <out>-android with exactly the files the Android demo needs (needs "
                              "--target executorch --prune-layer 0 and a 1-D RoPE family: LLaVA-1.5) and print the adb "
                              "push commands")
+    output.add_argument("--no-validate", action="store_true",
+                        help="skip the check that runs the written files once (bundled astronaut photograph, 8 "
+                             "greedy tokens) against the eager pruned model in the same dtype and refuses the "
+                             f"export outside tolerance: {tolerances_text()} (export/README.md, Validation)")
     add_verbose(parser)
     return parser
 
 
-def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True) -> list[Path]:
-    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix.
-    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note)."""
+def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = True,
+        tolerance: Tolerance | None = None) -> list[Path]:
+    """Export as ``args`` (build_parser's) say -> the folders written; ExportError for a problem the user can fix
+    (a failed validation too: nothing is written then).
+    notes: end each export's summary with the pruner-run command that runs it (and the random-weights note).
+    tolerance: what validation requires instead of ``tolerance_for(dtype, quantize, quantize_vision)`` (tests)."""
     from pruner_core.adapters import adapter_for, resolve_model
 
     stream = stream or sys.stderr
+    if args.prune_layer < 0:
+        raise ExportError(f"--prune-layer {args.prune_layer}: give a decoder layer K >= 0 (0 = before the LLM, 2 = "
+                          "the paper's default)")
     try:
         pruner = PrunerConfig(keep=args.keep, layer=args.prune_layer, method=args.method,
                               authors_grid=args.authors_grid)
@@ -332,7 +375,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         raise ExportError(str(error)) from None
     adapter = adapter_for(model_dir)
     check_target_supported(adapter, args, [options.target for options, _ in plans])
-    check_model_fits(model_dir, pruner, args.image_size)
+    check_model_fits(model_dir, pruner, args.image_size, args.model)
     if args.android:
         check_android_runnable(adapter, model_dir, args.image_size)
     resolved = []
@@ -355,6 +398,10 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         try:
             with staging_directory(out, overwrite=args.overwrite) as staging:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
+                payload = check_and_describe(staging, out, model_dir, options, progress, stream,
+                                             tolerance=None if args.no_validate else (
+                                                 tolerance or tolerance_for(options.dtype, options.quantize,
+                                                                            options.quantize_vision)))
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
         summarise(out, payload, progress.finish(), stream, notes)

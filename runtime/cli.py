@@ -128,6 +128,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_words(error: Exception, args: argparse.Namespace) -> str:
+    """An error's message, in this command's flags where the library names its own: the eager path's pruning layer
+    (pruner_core.adapters.decoder.SplitLayerError, which carries layer / num_layers) as --prune-layer."""
+    if hasattr(error, "num_layers") and hasattr(error, "layer"):
+        return (f"--prune-layer {error.layer} is past the last decoder layer: {args.model} has {error.num_layers} "
+                f"decoder layers, so --prune-layer takes 0..{error.num_layers - 1} (0 = before the LLM, 2 = the "
+                "paper's default)")
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         with native_notices_filtered(args.verbose):
             return run(args)
     except (ValueError, FileNotFoundError, NoNpuError, NoDeviceError) as error:
-        print(f"pruner-run: error: {error}", file=sys.stderr)
+        print(f"pruner-run: error: {cli_words(error, args)}", file=sys.stderr)
         return 2
 
 

@@ -22,12 +22,15 @@ class EagerBackend:
 
     kind = "pytorch"
 
-    def __init__(self, model_dir: str | Path, config: PrunerConfig, device: str = "cpu"):
+    def __init__(self, model_dir: str | Path, config: PrunerConfig, device: str = "cpu", *,
+                 dtype: torch.dtype = torch.float32, image_size: tuple[int, int] | None = None):
+        """dtype: weights and activations (an export's reference runs in the export's dtype); image_size (H, W):
+        the resolution the model takes images at (None: the family's default; Qwen2-VL takes multiples of 28)."""
         if device not in ("cpu", "auto"):
             raise ValueError(f"the eager PyTorch backend runs on the CPU here; got device={device!r}")
         self.device = "cpu"
         self.adapter = adapter_for(model_dir)
-        self.model, self.processor = self.adapter.load(model_dir)
+        self.model, self.processor = self.adapter.load(model_dir, dtype, image_size=image_size)
         self.language_model = self.adapter.language_model(self.model)
         self.config = config
         geometry = self.adapter.geometry(self.model)

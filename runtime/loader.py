@@ -13,8 +13,12 @@ DEVICES = ("cpu", "npu", "auto")
 ENGINES = ("onnxruntime", "openvino")
 
 
-def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None) -> Session:
-    """Eager PyTorch reference: a model name or checkpoint directory (any registered family) plus a PrunerConfig."""
+def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: str | Path | None = None, *,
+               dtype=None, image_size: tuple[int, int] | None = None) -> Session:
+    """Eager PyTorch reference: a model name or checkpoint directory (any registered family) plus a PrunerConfig;
+    dtype (a torch dtype, default float32) and image_size (H, W; default the family's) as EagerBackend takes them."""
+    import torch
+
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
     from pruner_core.adapters.hub import random_weights
@@ -24,7 +28,7 @@ def load_eager(model: str | Path, config=None, device: str = "cpu", cache_dir: s
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "vlm-pruner-edge" / "models"
     model_dir = resolve_model(str(model), cache_dir)
     config = config or PrunerConfig()
-    backend = EagerBackend(model_dir, config, device)
+    backend = EagerBackend(model_dir, config, device, dtype=dtype or torch.float32, image_size=image_size)
     encoder = PromptEncoder(model_dir, backend.adapter.tokenizer_info(backend.model, backend.processor,
                                                                       ["tokenizer.json"]))
     spec = backend.adapter.image_preprocessing(backend.processor)

@@ -50,6 +50,7 @@ class Result:
     tokens: list[int]
     profile: Profile
     stop_reason: str  # "eos" | "max_new_tokens" | "max_seq_len"
+    logits: list[np.ndarray] | None = None  # with output_logits: float32 [V] per step, the one each token came from
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,10 @@ class Session:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        output_logits: bool = False,
     ) -> Result:
-        """Answer `prompt` about `image` (path, PIL image or HxWx3 uint8 array); stream text pieces to on_token."""
+        """Answer `prompt` about `image` (path, PIL image or HxWx3 uint8 array); stream text pieces to on_token.
+        output_logits: also return each step's next-token logits (``Result.logits``, as transformers' generate)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         sampling = Sampling(temperature, top_p, seed)
@@ -127,7 +130,9 @@ class Session:
         with timed(profile, "prefill"):
             logits = self.backend.prefill(before, features, after)
         profile.time_to_first_token_ms = (time.perf_counter() - start) * 1000.0
-        tokens, text, stop = self._decode_loop(logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token)
+        steps = [] if output_logits else None
+        tokens, text, stop = self._decode_loop(logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token,
+                                               steps)
         room = self._room(prompt_ids)
         profile.stop_reason = stop
         # positions still free once the prompt and the answer are in the cache (max_seq_len - P - tokens)
@@ -137,14 +142,16 @@ class Session:
         if hasattr(self.backend, "operator_profile"):
             profile.ops = self.backend.operator_profile() or None
         profile.finish()
-        return Result(text=text, tokens=tokens, profile=profile, stop_reason=stop)
+        return Result(text=text, tokens=tokens, profile=profile, stop_reason=stop, logits=steps)
 
-    def _decode_loop(self, logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token):
+    def _decode_loop(self, logits, prompt_ids, max_new_tokens, sampling, rng, profile, on_token, steps=None):
         tokens: list[int] = []
         shown = ""
         stop = "max_new_tokens"
         room = self._room(prompt_ids)  # tokens the cache has room for
         while True:
+            if steps is not None:
+                steps.append(np.asarray(logits, dtype=np.float32).reshape(-1))
             token = choose_token(logits, sampling, rng)
             if token in self.encoder.eos_ids:
                 stop = "eos"

@@ -258,3 +258,25 @@ def test_authors_grid_is_refused_for_llava(tmp_path):
                         tmp_path)
     assert code == 2 and "drop authors_grid" in err and "LLaVA-1.5" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("layer, expected", [
+    ("9", "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers, so --prune-layer takes "
+          "0..3"),
+    ("-1", "--prune-layer -1: give a decoder layer K >= 0"),
+])
+def test_prune_layer_out_of_range_speaks_the_cli(tmp_path, layer, expected):
+    code, err = run_cli(["--model", "tiny-llava", "--prune-layer", layer, "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and expected in err and "PrunerConfig" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pruner_run_prune_layer_out_of_range_speaks_the_cli(tmp_path, capsys):
+    """The eager path's layer check comes from the library (PrunerConfig.layer); pruner-run words it as its flag."""
+    from runtime.cli import main as run_main
+
+    code = run_main(["tiny-llava", "--cache-dir", str(tmp_path), "--prune-layer", "9", "--image", "astronaut",
+                     "--prompt", "hi", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers" in err
+    assert "PrunerConfig" not in err and "Traceback" not in err

@@ -288,12 +288,22 @@ class PrunedPrefill:
     split_layer: int
 
 
-def check_split_layer(config: PrunerConfig, num_layers: int) -> int:
-    if config.layer >= num_layers:
-        raise ValueError(
-            f"PrunerConfig.layer={config.layer} but the language model has {num_layers} decoder layers; "
+class SplitLayerError(ValueError):
+    """PrunerConfig.layer past the language model's last decoder layer (``layer``, ``num_layers`` kept so that a
+    command line can word it with its own flag)."""
+
+    def __init__(self, layer: int, num_layers: int) -> None:
+        super().__init__(
+            f"PrunerConfig.layer={layer} but the language model has {num_layers} decoder layers; "
             f"prune at a layer in 0..{num_layers - 1} (0 = before the LLM, 2 = the paper's default)"
         )
+        self.layer, self.num_layers = layer, num_layers
+
+
+def check_split_layer(config: PrunerConfig, num_layers: int) -> int:
+    """K = config.layer, checked against the decoder's ``num_layers``; raises SplitLayerError (a ValueError)."""
+    if config.layer >= num_layers:
+        raise SplitLayerError(config.layer, num_layers)
     return config.layer
 
 
