@@ -75,6 +75,8 @@ def add_measure_options(parser: argparse.ArgumentParser, keep: int, work_dir: Pa
     parser.add_argument("--quantize-vision", default="none", choices=["none", "int8"], help="ExecuTorch vision tower")
     parser.add_argument("--onnx-quantize", default="none", choices=["none", "int8", "int4"], help="ONNX decoder")
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated to measure decode speed")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache length of the exports (default: "
+                        "pruner-export's)")
     parser.add_argument("--work-dir", type=Path, default=work_dir)
     parser.add_argument("--out", type=Path, default=out)
 
@@ -97,7 +99,7 @@ def measure(model_dir: Path, decoder_layers: int, args: argparse.Namespace) -> l
         vision = args.quantize_vision if target == "executorch" else "none"
         for label, keep, layer in settings:
             folder = ensure_export(str(model_dir.resolve()), exported, keep, layer, args.work_dir / exported, None,
-                                   quantize=quantize, quantize_vision=vision)
+                                   quantize=quantize, quantize_vision=vision, max_seq_len=args.max_seq_len)
             runs.append({"target": target, "label": label, "keep": keep, "layer": layer, "folder": folder,
                          "quantization": f"{quantize}/vision {vision}",
                          "engine": "openvino" if target == "openvino" else "onnxruntime"})

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     add_measure_options(parser, keep=128, work_dir=Path("exported") / "qwen_shapes",
                         out=Path("benchmarks") / "out" / "qwen_shapes.json")
     args = parser.parse_args(argv)
+    if args.max_seq_len is None:  # the prompt holds every image placeholder: room for them, the text and decoding
+        rows, cols = (side // MERGED_PATCH for side in args.image_size)
+        args.max_seq_len = rows * cols + 256
 
     from runtime.console import quiet_libraries
 

@@ -83,7 +83,7 @@ def parse_keeps(text: str) -> list:
 
 
 def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cache_dir: Path | None,
-                  quantize: str = "none", quantize_vision: str = "none") -> Path:
+                  quantize: str = "none", quantize_vision: str = "none", max_seq_len: int | None = None) -> Path:
     """Export once; reuse a folder whose export_config.json records the same pruner and quantization settings."""
     from export.cli import ExportError, build_parser as export_parser, default_out, run as export_run
 
@@ -107,6 +107,8 @@ def ensure_export(model: str, target: str, keep, layer: int, work_dir: Path, cac
             "--out", str(folder), "--overwrite", "--quantize", quantize]
     if quantize_vision != "none":
         argv += ["--quantize-vision", quantize_vision]
+    if max_seq_len is not None:
+        argv += ["--max-seq-len", str(max_seq_len)]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     try:  # the exporter itself: its summary without the closing notes per export (pruner-bench prints its own once)
