@@ -57,7 +57,7 @@ def test_every_option_has_help_and_shows_its_default():
     assert "(default: 8)" in shown["pruner-eval"] and "tiny-qwen2-vl" in shown["pruner-eval"]
     export = shown["pruner-export"]
     assert "(default: executorch)" in export and "(default: vlm_pruner)" in export
-    assert "Qwen2-VL / Qwen2.5-VL to ONNX" in export and "448 = 448x448" in export and "672x672" in export
+    assert "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) to ExecuTorch and/or ONNX" in export and "448 = 448x448" in export and "672x672" in export
 
 
 def test_generated_text_on_a_terminal_cannot_drive_it():
