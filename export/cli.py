@@ -18,7 +18,8 @@ from typing import Callable, TextIO
 from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
 
-from .common import DTYPES, EXECUTORCH_BACKENDS, ExportOptions, checkpoint_dtype, resolve_dtype, staging_directory
+from .common import (DTYPES, EXECUTORCH_BACKENDS, ExportOptions, check_replaceable, checkpoint_dtype, resolve_dtype,
+                     staging_directory)
 from .model_card import human_size
 from .validate import Tolerance, tolerance_for, tolerances_text
 from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
@@ -104,6 +105,10 @@ def check_memory(counts, options: ExportOptions, stored_dtype: str, available: i
 def check_writable(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    try:
+        check_replaceable(out)
+    except FileExistsError as error:
+        raise ExportError(str(error)) from None
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -214,6 +219,8 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
         print(validation.summary(), file=stream)
         if not validation.passed:
             raise ExportError(failure_message(validation))
+    else:
+        print("validation skipped (--no-validate): the written files were not run", file=stream)
     config = read_export_config(staging)
     config["validation"] = None if validation is None else validation.to_dict()
     write_json(staging / "export_config.json", config)
@@ -244,7 +251,7 @@ def summarise(out: Path, payload: dict, seconds: float, stream: TextIO, notes: b
     print(f"  methods/graphs: {methods}", file=stream)
     if not notes:
         return
-    print(f"next: pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"", file=stream)
+    print(f"next: pruner-run {out} --image astronaut --prompt \"What is in the picture?\"", file=stream)
     if payload.get("random_weights"):
         from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE
 

@@ -281,7 +281,9 @@ def staging_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
+    check_replaceable(out_dir)
     parent = out_dir.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first: removed again on failure
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
@@ -297,7 +299,34 @@ def staging_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # folders made for --out: a failed export leaves nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
+
+
+def check_replaceable(out_dir: str | Path) -> None:
+    """What --overwrite may replace: nothing yet, an empty folder, or an export folder (one holding
+    export_config.json, or a `--target all` folder of such). Raises FileExistsError for a file, for the working
+    folder or one above it, and for a folder holding anything else (so --overwrite never deletes a user's files)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    resolved, here = out_dir.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise FileExistsError(f"--out {out_dir} is the working folder or one above it; an export replaces its --out "
+                              "folder: choose a new folder, e.g. --out exported/my-model")
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; choose another --out")
+    entries = list(out_dir.iterdir())
+    exports = (out_dir / "export_config.json").is_file() or (entries and all(
+        (entry / "export_config.json").is_file() for entry in entries if entry.is_dir()) and all(
+        entry.is_dir() or entry.name == "README.md" for entry in entries))
+    if entries and not exports:
+        raise FileExistsError(f"{out_dir} holds files that are not an export of this tool (no export_config.json); "
+                              "--overwrite only replaces export folders: choose another --out")
 
 
 def check_method_exportable(options: "ExportOptions") -> None:

@@ -71,12 +71,18 @@ def runner_prompt(tokenizer: dict[str, Any], question: str) -> tuple[str, str, s
 
 def _executorch_lines(config: dict[str, Any], folder: str) -> list[str]:
     program = config["executorch"]["program"]
+    if config["executorch"].get("position_scheme", "1d") != "1d":
+        return ["## ExecuTorch's runner", "",
+                "Its `text_decoder` takes M-RoPE `position_ids` [3, 1, T] and its `vision_encoder` flat patches, "
+                "which ExecuTorch's stock `MultimodalRunner` (and the Android app on it) cannot feed; run it with "
+                "pruner-run or `runtime.load` (ExecuTorch's Python runtime)."]
     if config["placement"] != "before_llm":
         return ["## ExecuTorch's runner", "",
                 "Pruned inside the LLM: its `vision_encoder` and `text_decoder` share state in mutable buffers, "
                 "which ExecuTorch 1.5.1's `MultimodalRunner` does not share between methods; run it with pruner-run "
                 "(ExecuTorch's Python runtime)."]
     tokenizer = config["tokenizer"].get("runner_file") or "tokenizer.json"
+    bos = 1 if "get_bos_id" in config["executorch"].get("constant_methods", {}) else 0
     before, _, after = runner_prompt(config["tokenizer"], "What is in the picture?")
     return [
         "## ExecuTorch's runner", "",
@@ -92,8 +98,12 @@ def _executorch_lines(config: dict[str, Any], folder: str) -> list[str]:
         f"runner = MultimodalRunner(\"{folder}/{program}\", \"{folder}/{tokenizer}\")",
         f"runner.generate([make_text_input({before!r}), make_image_input(torch.from_numpy(pixels)),",
         f"                 make_text_input({after!r})],",
-        "                GenerationConfig(echo=False, max_new_tokens=64, temperature=0.0, num_bos=1), print)",
+        f"                GenerationConfig(echo=False, max_new_tokens=64, temperature=0.0, num_bos={bos}), print)",
         "```",
+        "",
+        "The binding hands `print` each token's text as a Python str; a model that emits a lone byte of a multi-byte "
+        "UTF-8 character (random-weights builds often do) makes it raise UnicodeDecodeError there. pruner-run "
+        "decodes such bytes safely.",
     ]
 
 
@@ -119,9 +129,9 @@ def _transformers_js_lines(config: dict[str, Any], out: Path) -> list[str]:
     dtype = TRANSFORMERS_JS_DTYPES.get((config["dtype"], config["quantization"]), config["dtype"])
     return [
         "## transformers.js (Node)", "",
-        f"The graphs follow transformers.js' layout. The prompt must carry {config['image_placeholders']} image "
-        "placeholders (`image_placeholders`, the kept tokens), not the processor's "
-        f"{config['num_image_tokens']}.", "",
+        f"The graphs follow transformers.js' layout. The folder's processor files make `AutoProcessor` expand "
+        f"the image placeholder into the {config['image_placeholders']} kept tokens the vision encoder returns "
+        f"(of {config['num_image_tokens']}).", "",
         "```js",
         "import { AutoProcessor, LlavaForConditionalGeneration, env } from \"@huggingface/transformers\";",
         f"env.localModelPath = \"{out.parent}/\"; env.allowRemoteModels = false;",
@@ -145,7 +155,8 @@ def render_card(config: dict[str, Any], out: Path, files: list[tuple[str, int]],
         ("source model", f"`{config['model']}` ({config['model_id']})" if config["model"] != config["model_id"]
          else f"`{config['model']}`"),
         ("revision", source),
-        ("method", pruner["method"]),
+        ("method", pruner["method"] + (" (the authors' unmerged grid placement, --authors-grid)"
+                                       if pruner.get("authors_grid") else "")),
         ("keep", str(pruner["keep"])),
         ("image tokens", f"R = {config['kept_image_tokens']} of N = {config['num_image_tokens']}"),
         ("placement", f"--prune-layer {layer}: {placement} (`{config['placement']}`)"),
@@ -161,12 +172,13 @@ def render_card(config: dict[str, Any], out: Path, files: list[tuple[str, int]],
     lines += ["## Files", "", "| file | size |", "|---|---:|",
               *(f"| `{name}` | {human_size(size)} ({size} bytes) |" for name, size in files), ""]
     lines += ["## Validation", "", *_validation_lines(config.get("validation")), ""]
-    lines += ["## pruner-run", "", "```sh", f"pruner-run {out} --image photo.jpg --prompt \"What is in the picture?\"",
+    lines += ["## pruner-run", "", "```sh", f"pruner-run {out} --image astronaut --prompt \"What is in the picture?\"",
               "```", ""]
     layer0 = config["placement"] == "before_llm"
     if config["target"] == "executorch":
         lines += [*_executorch_lines(config, str(out)), ""]
-        android = _android_lines(config, out) if layer0 else []
+        stock = config["executorch"].get("position_scheme", "1d") == "1d"  # what the app's LlmModule feeds
+        android = _android_lines(config, out) if layer0 and stock else []
         lines += [*android, ""] if android else []
     if config["target"] == "onnx" and layer0 and config.get("positions") == "consecutive":
         lines += [*_transformers_js_lines(config, out), ""]

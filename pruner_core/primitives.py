@@ -36,7 +36,7 @@ def placement_lattice(rows: int, cols: int, merge: int = 1, authors_grid: bool =
     if merge < 2:
         raise ValueError(
             "authors_grid reproduces the authors' Qwen2-VL placement on the patch grid before the vision tower's "
-            "patch merge; these image tokens are not merged patches (merge=1, e.g. LLaVA-1.5): drop authors_grid"
+            "patch merge; these image tokens are not merged patches (merge=1, e.g. LLaVA-1.5): drop authors_grid (--authors-grid)"
         )
     return rows * merge, cols * merge
 

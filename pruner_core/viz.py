@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, one panel each (registered: {', '.join(method_names())}) (default: "
                              f"{','.join(DEFAULT_METHODS)}); of the defaults, those the model cannot run (visionzip on "
                              "Qwen2-VL, whose tower has no [CLS] token) are left out with a note")
-    parser.add_argument("--layer", type=int, default=2,
+    parser.add_argument("--prune-layer", "--layer", dest="layer", type=int, default=2,
                         help="K: prune between decoder layers K-1 and K (0 = before the LLM)")
     parser.add_argument("--authors-grid", action="store_true",
                         help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the "

@@ -39,7 +39,7 @@ def quiet_libraries(verbose: bool = False) -> None:
         importlib.import_module("torch")  # every command that gets here imports it anyway
     except ImportError:
         pass
-    for name in ("torch", "torchao", "transformers", "onnxscript", "executorch", "root"):
+    for name in ("torch", "torchao", "transformers", "onnxscript", "onnx_ir", "executorch", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -773,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "checkpoint directory")
     parser.add_argument("--keep", default=None, help=f"comma-separated counts or fractions (default {DEFAULT_KEEPS})")
     parser.add_argument("--methods", default=None, help=f"comma-separated method names (default {DEFAULT_METHODS})")
-    parser.add_argument("--layer", type=int, default=None, help="K: prune before decoder layer K (default 2)")
+    parser.add_argument("--prune-layer", "--layer", dest="layer", type=int, default=None,
+                        help="K: prune before decoder layer K (default 2)")
     parser.add_argument("--authors-grid", action="store_true",
                         help="VLM-Pruner's spatial distance on the authors' Qwen2-VL grid (merged tokens placed on the"
                              " unmerged patch grid, as their code does) instead of the true merged grid; Qwen2-VL / "

@@ -77,6 +77,10 @@ def load(
                                             "--target onnx")
                 raise ValueError(f"{what} runs ONNX exports, and {path} is a model, not an exported folder: export "
                                  "it with pruner-export --target onnx first and pass that folder")
+            if profile_ops:
+                raise ValueError("the operator breakdown (profile_ops / --profile-ops) reads onnxruntime's profiler or "
+                                 f"ExecuTorch's ETDump of an exported folder, and {path} is a model run in eager "
+                                 "PyTorch: drop it, or export with pruner-export and profile that folder")
             return load_eager(path, config, device, cache_dir)
         raise FileNotFoundError(
             f"{folder} has no export_config.json: pass a folder written by pruner-export, or a model name / "

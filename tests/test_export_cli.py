@@ -280,3 +280,38 @@ def test_pruner_run_prune_layer_out_of_range_speaks_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--prune-layer 9 is past the last decoder layer: tiny-llava has 4 decoder layers" in err
     assert "PrunerConfig" not in err and "Traceback" not in err
+
+
+def test_overwrite_never_deletes_what_is_not_an_export(tmp_path, monkeypatch):
+    """--out . (or a folder of the user's files) with --overwrite is refused before any work; nothing is deleted."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    for out in (".", str(work), str(tmp_path)):
+        code, err = run_cli(["--model", "tiny-llava", "--target", "onnx", "--out", out, "--overwrite"], tmp_path)
+        assert code == 2 and "working folder or one above it" in err and "Traceback" not in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    code, err = run_cli(["--model", "tiny-llava", "--target", "onnx", "--out", str(mine), "--overwrite"], tmp_path)
+    assert code == 2 and "not an export of this tool" in err
+    assert (work / "keep.txt").read_text() == "precious" and (mine / "notes.md").read_text() == "mine"
+
+
+def test_a_failed_export_leaves_no_folder_it_created(tmp_path):
+    """Folders made for --out are removed again when the export fails (here: a backend this machine lacks)."""
+    out = tmp_path / "new" / "deeper" / "model"
+    code, err = run_cli(["--model", "tiny-llava", "--target", "executorch", "--backend", "coreml", "--out", str(out),
+                         "--no-validate"], tmp_path)
+    assert code == 2 and "CoreML" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_pruner_run_refuses_an_operator_profile_of_an_eager_model(tmp_path, capsys):
+    from runtime.cli import main as run_main
+
+    code = run_main(["tiny-llava", "--cache-dir", str(tmp_path), "--profile-ops", "--image", "astronaut",
+                     "--prompt", "hi", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--profile-ops" in err and "eager PyTorch" in err and "Traceback" not in err

@@ -260,3 +260,15 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(cli_export, zo
     estimate = estimate_export_memory(counts, options, checkpoint_dtype(zoo[name]))
     assert estimate.describe() in log and folder.is_dir()
     assert abs(estimate.peak - peak) <= 0.25 * peak, (estimate.describe(), peak / 2**30)
+
+
+def test_model_card_of_an_mrope_pte_points_to_the_projects_runtime(exports):
+    """A Qwen .pte (M-RoPE positions, flat patches) cannot run in ExecuTorch's stock MultimodalRunner or the Android
+    app: its card says so at every placement and gives neither the runner snippet nor adb commands."""
+    from export.model_card import folder_files, render_card
+
+    for name, layer in IN_PROCESS:
+        _, folder, config = exports[name, layer]
+        card = render_card(dict(config, validation=None), folder, folder_files(folder), "random weights, tiny")
+        assert "cannot feed" in card and "pruner-run" in card
+        assert "MultimodalRunner(" not in card and "adb push" not in card and "## Android app" not in card

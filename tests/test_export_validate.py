@@ -84,14 +84,15 @@ def test_model_card_lists_files_sizes_placement_and_how_to_run(llava_onnx):
     assert f"max |logit difference|: {config['validation']['max_logit_diff']:.3g}" in card
     assert f"pruner-run {folder} --image" in card
     assert "LlavaForConditionalGeneration.from_pretrained" in card and "local_files_only: true" in card
-    assert f"{config['image_placeholders']} image placeholders" in card
+    assert f"into the {config['image_placeholders']} kept tokens the vision encoder returns" in card
     assert "ExecuTorch" not in card and "adb" not in card  # an ONNX folder: no .pte sections
 
 
 def test_no_validate_skips_and_says_so(qwen_unvalidated):
     folder, printed = qwen_unvalidated
     config = json.loads((folder / "export_config.json").read_text())
-    assert config["validation"] is None and "validation" not in printed
+    assert config["validation"] is None and "validation skipped (--no-validate)" in printed
+    assert "validation passed" not in printed and "validation FAILED" not in printed
     card = (folder / CARD_FILE).read_text()
     assert "Not validated: exported with `--no-validate`." in card
     assert "--prune-layer 2: inside the LLM, between decoder layers 1 and 2 (`in_llm`)" in card
