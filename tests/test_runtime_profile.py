@@ -45,7 +45,7 @@ def test_json_round_trip_and_stable_keys() -> None:
         "model_files_bytes", "kv_cache_bytes", "ops", "stop_reason", "context_left",
     ]
     assert data["version"] == PROFILE_VERSION
-    assert data["ops"][0] == {"name": "aten::linear", "total_ms": 600.0, "calls": 224, "share": 0.6}
+    assert data["ops"][0] == {"name": "aten::linear", "total_ms": 600.0, "calls": 224, "share": 0.6, "kind": "operator"}
     assert Profile.from_json(profile.to_json()) == profile
     assert Profile.from_dict(profile.to_dict()) == profile
     # an empty profile keeps the same keys (None where not measured)
