@@ -83,7 +83,9 @@ def check_memory(counts, options: ExportOptions, stored_dtype: str, available: i
     estimate = estimate_export_memory(counts, options, stored_dtype)
     weights = counts.total * BYTES_PER_PARAM[options.dtype]
     have = f"{available / GIB:.1f} GiB available" if available else "available memory unknown"
-    print(f"model: {counts.total / 1e9:.2f}B parameters, {options.dtype} weights {weights / GIB:.1f} GiB; "
+    size = f"{counts.total / 1e9:.2f}B" if counts.total >= 1e8 else f"{counts.total / 1e6:.2f}M"
+    held = f"{weights / GIB:.1f} GiB" if weights >= GIB / 10 else f"{weights / 2**20:.1f} MiB"
+    print(f"model: {size} parameters, {options.dtype} weights {held}; "
           f"{options.target} export {estimate.describe()}; {have}", file=stream)
     if available is None or estimate.peak <= available:
         return

@@ -47,7 +47,7 @@ class ExecuTorchModel:
         self.config: dict[str, Any] = read_export_config(self.folder)
         if self.config.get("target") != "executorch":
             raise ValueError(
-                f"{self.folder} holds a {self.config.get('target')!r} export; use the runtime for that target"
+                f"{self.folder} holds a target={self.config.get('target')!r} export; use the runtime for that target"
             )
         self.eos_ids: frozenset[int] = eos_ids(self.config["tokenizer"])  # before loading: fail at once
         settings = self.config["executorch"]

@@ -91,7 +91,7 @@ def load(
     export_config = read_export_config(folder)
     target = export_config.get("target")
     if engine == "openvino" and target != "onnx":
-        raise ValueError(f"engine openvino runs ONNX exports; {folder} holds a {target!r} export (export it with "
+        raise ValueError(f"engine openvino runs ONNX exports; {folder} holds a target={target!r} export (export it with "
                          "--target onnx, or leave engine at onnxruntime)")
     if target == "executorch":
         backend, note = _executorch_backend(folder, export_config, device, profile_ops)

@@ -129,7 +129,7 @@ class OnnxModel:
             config = read_export_config(self.folder)
         self.config = config
         if self.config.get("target") != "onnx":
-            raise ValueError(f"{self.folder} holds a {self.config.get('target')!r} export; OnnxModel runs onnx exports")
+            raise ValueError(f"{self.folder} holds a target={self.config.get('target')!r} export; OnnxModel runs onnx exports")
         tokenizer = self.config["tokenizer"]
         self.image_token_id = int(tokenizer["image_token_id"])
         self.eos_ids = set(eos_ids(tokenizer))  # before any session: a config that cannot stop fails at once

@@ -77,7 +77,8 @@ def check_model_directory(path: Path) -> Path:
         adapter = adapter_for({"model_type": model_type})
     except ValueError:
         raise ValueError(
-            f"{path} holds a {model_type!r} model; supported checkpoints have config {supported_model_types()}: "
+            (f"{path}/config.json has no model_type" if model_type is None else
+             f"{path} holds a {model_type!r} model") + f"; supported checkpoints have config {supported_model_types()}: "
             f"{_supported_names()}"
         ) from None
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
