@@ -130,3 +130,16 @@ def write_bomb_png(path: Path, width: int = 40000, height: int = 40000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
                      + chunk(b"IEND", b""))
     return path
+
+
+def copy_export_without(folder: Path, dest: Path, section: str, key: str) -> Path:
+    """A copy of an export folder at ``dest`` whose export_config.json lacks ``[section][key]`` (an older or
+    hand-edited export), for tests of how the runtime refuses it."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "export_config.json").read_text())
+    del config[section][key]
+    (dest / "export_config.json").write_text(json.dumps(config))
+    return dest

@@ -293,10 +293,10 @@ def test_overwrite_never_deletes_what_is_not_an_export(tmp_path, monkeypatch):
         assert code == 2 and "working folder or one above it" in err and "Traceback" not in err
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "notes.md").write_text("mine")
+    (mine / "mine.txt").write_text("mine")
     code, err = run_cli(["--model", "tiny-llava", "--target", "onnx", "--out", str(mine), "--overwrite"], tmp_path)
     assert code == 2 and "not an export of this tool" in err
-    assert (work / "keep.txt").read_text() == "precious" and (mine / "notes.md").read_text() == "mine"
+    assert (work / "keep.txt").read_text() == "precious" and (mine / "mine.txt").read_text() == "mine"
 
 
 def test_a_failed_export_leaves_no_folder_it_created(tmp_path):

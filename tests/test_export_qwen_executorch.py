@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cases import copy_export_without
 import torch
 from PIL import Image
 from skimage import data
@@ -224,13 +225,7 @@ def test_patch_matmul_equals_the_conv3d_tower(zoo, name):
 def test_export_without_position_scheme_is_refused(exports, tmp_path):
     """A Qwen .pte folder whose export_config.json lacks executorch.position_scheme cannot be run with 1-D positions:
     a clear error naming the field, not ExecuTorch's input-count failure."""
-    import shutil
-
-    folder = tmp_path / "edited"
-    shutil.copytree(exports["tiny-qwen2.5-vl", 0][1], folder)
-    config = json.loads((folder / "export_config.json").read_text())
-    del config["executorch"]["position_scheme"]
-    (folder / "export_config.json").write_text(json.dumps(config))
+    folder = copy_export_without(exports["tiny-qwen2.5-vl", 0][1], tmp_path / "edited", "executorch", "position_scheme")
     with pytest.raises(ValueError, match="lacks executorch.position_scheme.*mrope.*export the model again"):
         ExecuTorchModel(folder)
 

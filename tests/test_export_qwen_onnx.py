@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from cases import copy_export_without
 import torch
 from PIL import Image
 from skimage import data
@@ -90,13 +91,7 @@ def test_export_config_records_the_qwen_contract(qwen_onnx, name, layer):
 def test_export_without_position_scheme_is_refused_naming_the_field(qwen_onnx, tmp_path):
     """An M-RoPE export whose export_config.json lacks decoder.position_scheme cannot be run as a 1-D one: a clear
     error naming the field, not onnxruntime's missing-input message."""
-    import shutil
-
-    folder = tmp_path / "edited"
-    shutil.copytree(qwen_onnx["tiny-qwen2-vl", 0][1], folder)
-    config = json.loads((folder / "export_config.json").read_text())
-    del config["decoder"]["position_scheme"]
-    (folder / "export_config.json").write_text(json.dumps(config))
+    folder = copy_export_without(qwen_onnx["tiny-qwen2-vl", 0][1], tmp_path / "edited", "decoder", "position_scheme")
     with pytest.raises(ValueError, match="lacks decoder.position_scheme.*mrope.*export the model again"):
         load(folder)
 
