@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.llava_shapes import llava_7b_widths  # noqa: E402
+from runtime.memory import peak_measuring_command, read_peak_report  # noqa: E402
 
 SETTINGS = {
     "headline": ["--keep", "0.12"],
@@ -42,14 +43,18 @@ SETTINGS = {
 }
 
 
-def child_peak(command: list[str], log: Path, stdout: Path | None = None) -> tuple[int, float, int]:
-    """Run ``command`` (stderr to ``log``, stdout too unless ``stdout`` is given) -> (return code, wall seconds, the
-    child's peak RSS in bytes)."""
+def child_peak(module: str, args: list[str], log: Path, stdout: Path | None = None) -> tuple[int, float, int | None]:
+    """Run ``python -m module args`` (stderr to ``log``, stdout too unless ``stdout`` is given) -> (return code, wall
+    seconds, the child's own peak RSS in bytes, VmHWM; None when it was killed before reporting). Not os.wait4's
+    ru_maxrss: Linux carries this process's peak (building the 14 GB checkpoint) over into it."""
+    report = log.with_suffix(".peak")
+    report.unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log, "w") as handle, open(stdout or os.devnull, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out if stdout else handle, stderr=handle)
-        _, status, usage = os.wait4(process.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024
+        code = subprocess.call(peak_measuring_command(module, args, report), cwd=REPO,
+                               stdout=out if stdout else handle, stderr=handle)
+    wall = time.perf_counter() - start
+    return code, wall, read_peak_report(report) if report.is_file() else None
 
 
 def build_checkpoint(folder: Path) -> Path:
@@ -71,26 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "out" / "full_size.json")
     parser.add_argument("--keep-exports", action="store_true", help="keep each .pte (13 GiB unquantized)")
     args = parser.parse_args(argv)
-    python = sys.executable
     model = build_checkpoint(args.work_dir / "llava-1.5-7b-shaped")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.settings.split(","):
         if name in results:
             continue
         folder = args.work_dir / name
-        code, wall, peak = child_peak([python, "-m", "export.cli", "--model", str(model.resolve()), *SETTINGS[name],
-                                       "--target", "executorch", "--out", str(folder), "--overwrite"],
+        code, wall, peak = child_peak("export.cli", ["--model", model.resolve(), *SETTINGS[name], "--target",
+                                                     "executorch", "--out", folder, "--overwrite"],
                                       args.work_dir / f"{name}-export.log")
         row = {"argv": SETTINGS[name], "export_rc": code, "export_wall_s": round(wall, 1),
-               "export_peak_rss_gib": round(peak / 2**30, 2)}
+               "export_peak_rss_gib": peak and round(peak / 2**30, 2)}
         if code == 0:
             row["pte_gib"] = round((folder / "model.pte").stat().st_size / 2**30, 2)
             run_json = args.work_dir / f"{name}-run.json"  # pruner-run --json: stdout is the JSON object alone
-            code, wall, peak = child_peak([python, "-m", "runtime.cli", str(folder), "--image", "astronaut",
-                                           "--prompt", "What is in the picture?", "--max-new-tokens", "16", "--json"],
+            code, wall, peak = child_peak("runtime.cli", [folder, "--image", "astronaut", "--prompt",
+                                                          "What is in the picture?", "--max-new-tokens", "16", "--json"],
                                           args.work_dir / f"{name}-run.log", stdout=run_json)
             profile = json.loads(run_json.read_text()) if code == 0 else {}
-            row |= {"run_rc": code, "run_peak_rss_gib": round(peak / 2**30, 2),
+            row |= {"run_rc": code, "run_peak_rss_gib": peak and round(peak / 2**30, 2),
                     **{key: profile.get(key) for key in ("time_to_first_token_ms", "prefill_ms", "vision_ms",
                                                           "prompt_tokens_after_pruning", "decode_tokens_per_s")}}
             if profile.get("prefill_ms"):

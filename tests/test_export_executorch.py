@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from export.pte_weights import StoredConstant, duplicated, stored_constants
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, parameter_counts, resolve_model
 from runtime.executorch_backend import ExecuTorchModel
+from runtime.memory import peak_measuring_command, read_peak_report
 from runtime.prompt import split_prompt
 
 pytestmark = pytest.mark.slow
@@ -73,28 +72,24 @@ def prompts(et_zoo, astronaut):
 
 @dataclass
 class BackgroundExport:
-    """A `python -m export.cli` child; calling it waits for it -> its folder, and records its peak RSS (bytes)."""
+    """A `python -m export.cli` child started with runtime.memory.peak_measuring_command; calling it waits for it ->
+    its folder, and records its peak RSS (bytes, VmHWM: its own, not this process's)."""
 
     process: subprocess.Popen
     out: Path
     log_path: Path
+    report: Path
     peak_rss: int | None = None
 
     def __call__(self) -> Path:
-        deadline = time.monotonic() + 1800
-        while True:  # os.wait4, not Popen.wait: the child's own ru_maxrss
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG) if self.process.returncode is None else (
-                0, 0, None)
-            if pid:
-                self.process.returncode = os.waitstatus_to_exitcode(status)
-                self.peak_rss = usage.ru_maxrss * 1024
-            if self.process.returncode is not None:
-                break
-            assert time.monotonic() < deadline, "pruner-export ran for more than 30 minutes"
-            time.sleep(0.2)
+        try:
+            self.process.wait(timeout=1800)
+        except subprocess.TimeoutExpired:
+            pytest.fail("pruner-export ran for more than 30 minutes")
         log = self.log_path.read_text()
         assert self.process.returncode == 0, f"pruner-export failed ({self.process.returncode}):\n{log[-4000:]}"
         assert (self.out / "model.pte").is_file() and (self.out / "export_config.json").is_file(), log[-4000:]
+        self.peak_rss = read_peak_report(self.report)
         return self.out
 
 
@@ -104,17 +99,18 @@ def quantised_cli_export(et_zoo, tmp_path_factory):
     Killed at teardown if still running."""
     name, layer, keep = QUANTISED
     out = tmp_path_factory.mktemp("cli") / "quantised"
-    command = [
-        sys.executable, "-m", "export.cli", "--model", name, "--cache-dir", str(et_zoo[name].parent),
-        "--keep", str(keep), "--prune-layer", str(layer), "--target", "executorch", "--backend", "xnnpack",
-        "--quantize", "8da4w", "--quantize-vision", "int8", "--max-seq-len", str(MAX_SEQ_LEN), "--out", str(out),
+    report = out.parent / "peak-rss"
+    command = peak_measuring_command("export.cli", [
+        "--model", name, "--cache-dir", et_zoo[name].parent,
+        "--keep", keep, "--prune-layer", layer, "--target", "executorch", "--backend", "xnnpack",
+        "--quantize", "8da4w", "--quantize-vision", "int8", "--max-seq-len", MAX_SEQ_LEN, "--out", out,
         "--no-validate",  # the measured peak is the export's (test_memory_estimate...); validated in a test below
-    ]
+    ], report)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one intra-op thread, like this process (tests/conftest.py)
     log_path = out.parent / "pruner-export.log"  # a file, not a pipe: a full pipe would stall the export
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    export = BackgroundExport(process, out, log_path)
+    export = BackgroundExport(process, out, log_path, report)
     yield export
     if process.returncode is None and process.poll() is None:
         process.kill()

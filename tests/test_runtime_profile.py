@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime.memory import current_rss_bytes, files_size_bytes, peak_rss_bytes
+from runtime.memory import (current_rss_bytes, files_size_bytes, peak_measuring_command, peak_rss_bytes,
+                            read_peak_report)
 from runtime.profile import PROFILE_VERSION, STAGES, OpTime, Profile, Stopwatch, timed
 
 MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _profile() -> Profile:
@@ -117,6 +121,24 @@ def test_peak_rss_grows_with_a_big_allocation() -> None:
     assert after_peak - before_peak >= 150 * MIB
     assert after_peak >= after_now - skew
     del block
+
+
+def test_a_child_reports_its_own_peak_not_its_parents(tmp_path) -> None:
+    """peak_measuring_command: a small module started by this (large) process reports its own high-water mark,
+    well under this process's (os.wait4's ru_maxrss for the same child would carry this process's peak over on Linux:
+    the reason the launcher exists); and the child's exit code passes through."""
+    block = np.ones(300 * MIB, dtype=np.uint8)  # this process is now at least 300 MiB above a small child
+    parent_peak = peak_rss_bytes()
+    report = tmp_path / "peak"
+    process = subprocess.Popen(peak_measuring_command("json.tool", ["--help"], report), cwd=REPO,
+                               stdout=subprocess.DEVNULL)
+    assert process.wait() == 0
+    del block
+    child_peak = read_peak_report(report)
+    assert 0 < child_peak < parent_peak - 250 * MIB, (child_peak, parent_peak)
+    failing = subprocess.run(peak_measuring_command("json.tool", ["--no-such-option"], tmp_path / "peak2"), cwd=REPO,
+                             capture_output=True)
+    assert failing.returncode == 2 and read_peak_report(tmp_path / "peak2") > 0
 
 
 def test_files_size_bytes(tmp_path) -> None:
