@@ -73,6 +73,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 SPEC_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in "<graph>.onnx_data" (protobuf: 2 GiB)
 EXTERNAL_DATA_SUFFIX = "_data"  # transformers.js looks for "<graph>.onnx_data"
+INLINE_TENSOR_BYTES = 1024  # external tensors up to this size go back into the graph file
 
 # Model files a transformers.js-style runtime reads besides the graphs, the tokenizer and the processor files.
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -450,9 +451,33 @@ def save_graph(plan: GraphPlan, onnx_program, path: Path, external_bytes: int = 
         model.graph.initializer.append(onnx.numpy_helper.from_array(default, name))
     files = [path]
     if external:
+        inline_small_external_tensors(model, path.parent)
         files.append(relocate_external_data(model, path.parent, path.name + EXTERNAL_DATA_SUFFIX))
     onnx.save(model, str(path))
     return files
+
+
+def inline_small_external_tensors(model, folder: Path, max_bytes: int = INLINE_TENSOR_BYTES) -> int:
+    """Move the data of external tensors of at most ``max_bytes`` (shapes, split sizes, scalars) from the data file
+    in ``folder`` back into ``model`` (loaded without its data); returns how many moved. The torch exporter writes
+    every initializer externally once a graph has external data, and ONNX shape inference (the checker's full
+    check, onnxruntime's graph optimisers) cannot read a Split's or Reshape's sizes from an external file (measured:
+    Qwen2.5-VL's window attention, a Split by window lengths, at 3B widths). onnx.save's own threshold is 1 KiB."""
+    import onnx
+
+    moved = 0
+    for tensor in list(_external_tensors(model.graph)):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        length = int(info.get("length", -1))
+        if not 0 <= length <= max_bytes:
+            continue
+        with open(folder / info["location"], "rb") as handle:
+            handle.seek(int(info.get("offset", 0)))
+            tensor.raw_data = handle.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        moved += 1
+    return moved
 
 
 def relocate_external_data(model, folder: Path, location: str) -> Path:

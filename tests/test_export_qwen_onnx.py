@@ -120,3 +120,34 @@ def test_onnx_keeps_the_authors_grid_selection(qwen_onnx):
     graphs = load(folder).backend.model
     prefill = graphs.prefill(ids[0, :start].tolist(), inputs["pixel_values"].numpy(), ids[0, start + n_image:].tolist())
     assert prefill.kept_image_indices.tolist() == kept[True] != kept[False]
+
+
+def test_small_external_tensors_go_back_into_the_graph(qwen_onnx, tmp_path):
+    """A graph saved with every tensor external (what the torch exporter writes above EXTERNAL_DATA_BYTES) fails
+    ONNX's full check on Qwen2.5-VL's window split sizes; inline_small_external_tensors moves tensors <= 1 KiB back
+    and the check passes, the large weights stay external, and onnxruntime gives the same output."""
+    import onnx
+    import onnxruntime
+
+    from export.onnx_llava import INLINE_TENSOR_BYTES, inline_small_external_tensors
+
+    _, folder = qwen_onnx["tiny-qwen2.5-vl", 2]
+    source = folder / "onnx" / "vision_encoder.onnx"
+    external = tmp_path / "vision_encoder.onnx"
+    onnx.save(onnx.load(str(source)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="vision_encoder.onnx_data", size_threshold=0)
+    with pytest.raises(onnx.shape_inference.InferenceError, match="external"):
+        onnx.checker.check_model(str(external), full_check=True)
+    model = onnx.load(str(external), load_external_data=False)
+    moved = inline_small_external_tensors(model, tmp_path)
+    onnx.save(model, str(external))
+    onnx.checker.check_model(str(external), full_check=True)
+    kept_external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    lengths = [int({e.key: e.value for e in t.external_data}["length"]) for t in kept_external]
+    assert moved > 0 and lengths and min(lengths) > INLINE_TENSOR_BYTES
+    pixels = {i.name: np.random.default_rng(0).standard_normal(
+        [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
+    outputs = [onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, pixels)
+               for path in (source, external)]
+    for expected, got in zip(*outputs):
+        np.testing.assert_array_equal(expected, got)
