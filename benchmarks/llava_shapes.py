@@ -22,6 +22,7 @@ decoder twice). Needs ~20 GiB of RAM for the ExecuTorch lowering at 4 decoder la
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -77,6 +78,9 @@ def add_measure_options(parser: argparse.ArgumentParser, keep: int, work_dir: Pa
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens generated to measure decode speed")
     parser.add_argument("--max-seq-len", type=int, default=None, help="KV cache length of the exports (default: "
                         "pruner-export's)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="hold one export in memory at a time (all its repeats, then the next) instead of all of "
+                             "them interleaved: for models whose sessions do not fit in RAM together")
     parser.add_argument("--work-dir", type=Path, default=work_dir)
     parser.add_argument("--out", type=Path, default=out)
 
@@ -106,23 +110,27 @@ def measure(model_dir: Path, decoder_layers: int, args: argparse.Namespace) -> l
     for run in runs:  # each export alone in a fresh process: its files and the memory a run of it needs
         run["folder_bytes"] = files_size_bytes(run["folder"])
         run["run_peak_rss_bytes"] = run_peak_rss(run["folder"], args.decode_tokens, run["engine"])
-    for run in runs:
-        run["session"] = load(run["folder"], engine=run["engine"])
     image, prompt = data.astronaut(), "What is in the picture?"
-    for run in runs:  # warm-up
-        run["session"].generate(image, prompt, max_new_tokens=1)
-    for _ in range(args.repeats):
-        for run in runs:
-            with PeakSampler() as sampler:
-                profile = run["session"].generate(image, prompt, max_new_tokens=1).profile
-            run.setdefault("ttft", []).append(profile.time_to_first_token_ms)
-            run.setdefault("prefill", []).append(profile.prefill_ms)
-            run.setdefault("vision", []).append(profile.vision_ms)
-            run.setdefault("peak", []).append(sampler.growth)  # memory the call itself adds
-            run["tokens"] = (profile.prompt_tokens_before_pruning, profile.prompt_tokens_after_pruning)
-    for run in runs:  # decode speed: tokens after the first, at a fixed count (random weights rarely stop early)
-        profile = run["session"].generate(image, prompt, max_new_tokens=args.decode_tokens).profile
-        run["decode_tps"] = profile.decode_tokens_per_s
+    batches = [[run] for run in runs] if args.one_at_a_time else [runs]  # exports held in memory together
+    for batch in batches:
+        for run in batch:
+            run["session"] = load(run["folder"], engine=run["engine"])
+        for run in batch:  # warm-up
+            run["session"].generate(image, prompt, max_new_tokens=1)
+        for _ in range(args.repeats):
+            for run in batch:
+                with PeakSampler() as sampler:
+                    profile = run["session"].generate(image, prompt, max_new_tokens=1).profile
+                run.setdefault("ttft", []).append(profile.time_to_first_token_ms)
+                run.setdefault("prefill", []).append(profile.prefill_ms)
+                run.setdefault("vision", []).append(profile.vision_ms)
+                run.setdefault("peak", []).append(sampler.growth)  # memory the call itself adds
+                run["tokens"] = (profile.prompt_tokens_before_pruning, profile.prompt_tokens_after_pruning)
+        for run in batch:  # decode speed: tokens after the first, at a fixed count (random weights rarely stop early)
+            profile = run["session"].generate(image, prompt, max_new_tokens=args.decode_tokens).profile
+            run["decode_tps"] = profile.decode_tokens_per_s
+            del run["session"]
+        gc.collect()
     report = []
     print(f"{'target':<11} {'setting':<9} {'T->T_':>10} {'TTFT ms':>9} {'prefill ms':>11} {'speed-up':>9} "
           f"{'bound':>6} {'of bound':>9} {'decode t/s':>11} {'call +MiB':>10} {'files GB':>9} {'run peak GB':>12}")

@@ -103,6 +103,13 @@ class SharedNamedData:
                     self.merged_bytes += len(buffer)
 
 
+def _every_op_passes(program: torch.export.ExportedProgram, ops: set, check) -> bool:
+    """Whether every node of ``program`` (control-flow bodies included) whose target is in ``ops`` passes
+    ``check``, the partitioner's filter of the ops it keeps from decomposition."""
+    return all(check(node) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+               for node in module.graph.nodes if node.op == "call_function" and node.target in ops)
+
+
 @lru_cache(maxsize=1)
 def _slice_partitioner_class() -> type:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -128,7 +135,12 @@ def _slice_partitioner_class() -> type:
             # answer); the later ones list the same ops without a filter: the graph then holds nothing left to
             # decompose, so their turn costs no retrace.
             ops, check = super().ops_to_not_decompose(ep)
-            return (ops, check) if self.decides_decomposition else (ops, None)
+            if not self.decides_decomposition or check is None or _every_op_passes(ep, set(ops), check):
+                # Every node of those ops passes the backend's check (the usual case: linears on weights), so
+                # keeping them all is what the check would keep: ExecuTorch then takes its one-decomposition path
+                # instead of two more whole-graph retraces per method (EDGE_DO_NOT_DECOMP). Same graph.
+                return ops, None
+            return ops, check
 
         def get_matched_nodes_from_configs(self, ep):  # noqa: ANN001 - ExecuTorch's signature
             kept = []

@@ -114,3 +114,28 @@ def test_dtype_auto_is_the_checkpoints_own(tmp_path):
     assert resolve_dtype("auto", half, "onnx", "int8")[0] == "fp32"  # int8 quantizes fp32 weights
     assert resolve_dtype("auto", half, "onnx", "int4")[0] == "fp16"
     assert resolve_dtype("fp32", half, "executorch", "none")[0] == "fp32"  # asked for: as asked
+
+
+class InputWeight(nn.Module):
+    """A linear whose weight is an input: XNNPACK's linear config cannot take it (weights must be constants)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, weight)
+
+
+def test_deciding_partitioner_skips_the_check_only_when_every_op_passes(traced):
+    """The first slice partitioner returns no filter when every node of the ops it keeps from decomposition passes
+    XNNPACK's check (ExecuTorch then decomposes once, not three times per method, and keeps the same ops); when one
+    does not, it returns XNNPACK's filter; later partitioners never filter."""
+    from export.lowering import slice_partitioner
+
+    everything = LayerPass(frozenset(("layers", i) for i in range(4)), rest=True)
+    program = traced.run_decompositions({})  # what ExecuTorch asks the partitioner about: functionalized
+    ops, check = slice_partitioner(everything, True).ops_to_not_decompose(program)
+    linears = [n for n in program.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert torch.ops.aten.linear.default in ops and len(linears) == 6 and check is None
+    odd = torch.export.export(InputWeight(), (torch.randn(2, 8), torch.randn(4, 8)), strict=False).run_decompositions({})
+    ops, check = slice_partitioner(everything, True).ops_to_not_decompose(odd)
+    node = next(n for n in odd.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default)
+    assert check is not None and not check(node)
+    assert slice_partitioner(everything, False).ops_to_not_decompose(odd)[1] is None
