@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from runtime.console import quiet_libraries
-    from export.executorch_llava import quantize_vision_int8
+    from export.executorch_export import quantize_vision_int8
     from runtime.preprocess import ImagePreprocessing, preprocess
     from skimage import data
 

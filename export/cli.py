@@ -232,10 +232,10 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
 
 def exporter_for(target: str) -> Callable:
     if target == "executorch":
-        from .executorch_llava import export_executorch
+        from .executorch_export import export_executorch
 
         return export_executorch
-    from .onnx_llava import export_onnx
+    from .onnx_export import export_onnx
 
     return export_onnx
 

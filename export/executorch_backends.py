@@ -1,6 +1,6 @@
 """ExecuTorch lowering: a recipe per backend, torchao quantisation, and trace -> lower -> write of a program's methods.
 
-Family-agnostic: the methods come from export/executorch_llava.py (``plan_methods``), the weights' places from the
+Family-agnostic: the methods come from export/executorch_export.py (``plan_methods``), the weights' places from the
 model's adapter (``language_model``, ``lm_head``). Shapes are the methods' own.
 """
 

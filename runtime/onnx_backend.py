@@ -1,4 +1,4 @@
-"""Run an ONNX export of a pruned LLaVA (``export/onnx_llava.py``) with onnxruntime: a loader and greedy generation.
+"""Run an ONNX export of a pruned LLaVA (``export/onnx_export.py``) with onnxruntime: a loader and greedy generation.
 
 Both placements, from ``export_config.json``:
 

@@ -677,7 +677,7 @@ def test_adb_push_commands(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    exporter = pytest.importorskip("export.executorch_llava", reason="the ExecuTorch exporter is not in this tree yet")
+    exporter = pytest.importorskip("export.executorch_export", reason="the ExecuTorch exporter is not in this tree yet")
     from export.common import ExportOptions
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
@@ -791,7 +791,7 @@ def write_config_fixture() -> None:
     import tempfile
 
     from export.common import ExportOptions
-    from export.executorch_llava import export_executorch
+    from export.executorch_export import export_executorch
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
 

@@ -1,4 +1,5 @@
-"""pruner-eval (runtime.evaluate): scoring, question files, settings, caching, resuming, JSON output.
+"""pruner-eval (runtime/evaluate.py, runtime/eval_*.py): scoring, question files, settings, caching, resuming, JSON
+output.
 
 The tiny model has random weights, so its accuracy means nothing: these tests check the plumbing.
 """
@@ -15,25 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.evaluate import (
-    CACHE_FILE,
-    AnswerCache,
-    AnswerRecord,
-    CachedAnswer,
-    EvalError,
-    EvalOptions,
-    default_loader,
-    evaluate,
-    exported_settings,
-    is_correct,
-    main,
-    normalize_answer,
-    read_questions,
-    reference_of,
-    shipped_questions,
-    yes_no,
-    yes_no_stats,
-)
+from runtime.eval_cache import CACHE_FILE, AnswerCache, CachedAnswer
+from runtime.eval_questions import EvalError, is_correct, normalize_answer, read_questions, shipped_questions, yes_no
+from runtime.eval_report import AnswerRecord, yes_no_stats
+from runtime.eval_run import default_loader, evaluate
+from runtime.eval_settings import EvalOptions, exported_settings, reference_of
+from runtime.evaluate import main
 from cases import write_bomb_png
 from pruner_core.config import Keep
 from runtime.profile import Profile

@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions, checkpoint_dtype
-from export.executorch_llava import BackendUnavailableError, export_executorch, quant_group_size
+from export.executorch_export import BackendUnavailableError, export_executorch, quant_group_size
 from export.memory import estimate_export_memory
 from export.pte_weights import StoredConstant, duplicated, stored_constants
 from pruner_core import PrunerConfig

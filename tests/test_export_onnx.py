@@ -22,17 +22,10 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions
-from export.onnx_llava import (
-    embed_plan,
-    evaluate_dim,
-    export_onnx,
-    lower,
-    quantize_graph,
-    read_shapes,
-    same_expression,
-    save_graph,
-    trace,
-)
+from export.onnx_contract import evaluate_dim, same_expression
+from export.onnx_export import export_onnx, lower, trace
+from export.onnx_files import quantize_graph, save_graph
+from export.onnx_graphs import embed_plan, read_shapes
 from export.onnx_weights import StoredTensor, duplicated, stored_tensors
 from pruner_core import PrunerConfig
 from pruner_core.adapters import (

@@ -25,7 +25,7 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions, checkpoint_dtype
-from export.executorch_llava import export_executorch
+from export.executorch_export import export_executorch
 from export.memory import estimate_export_memory
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resolve_model

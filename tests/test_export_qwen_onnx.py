@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions
-from export.onnx_llava import export_onnx
+from export.onnx_export import export_onnx
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resolve_model
 from runtime import load
@@ -129,7 +129,7 @@ def test_small_external_tensors_go_back_into_the_graph(qwen_onnx, tmp_path):
     import onnx
     import onnxruntime
 
-    from export.onnx_llava import INLINE_TENSOR_BYTES, inline_small_external_tensors
+    from export.onnx_files import INLINE_TENSOR_BYTES, inline_small_external_tensors
 
     _, folder = qwen_onnx["tiny-qwen2.5-vl", 2]
     source = folder / "onnx" / "vision_encoder.onnx"

@@ -84,7 +84,7 @@ def test_run_cli_reports_the_shared_parsers_message(capsys):
 
 
 def test_eval_runs_one_token_and_every_token_as_two_settings():
-    from runtime.evaluate import eager_settings, parse_keeps as eval_keeps, reference_of
+    from runtime.eval_settings import eager_settings, parse_keeps as eval_keeps, reference_of
 
     settings = eager_settings("tiny-llava", eval_keeps("1,1.0"), ["vlm_pruner"], 2)
     assert [s.label for s in settings] == ["vlm_pruner keep=1", "vlm_pruner keep=1.0"]

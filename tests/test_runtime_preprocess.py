@@ -297,7 +297,7 @@ def test_sample_names_mean_the_same_in_the_api_and_every_cli(tmp_path, monkeypat
 
     from pruner_core.viz import load_image as load_source_image
     from runtime.cli import resolve_image
-    from runtime.evaluate import resolve_image as eval_image
+    from runtime.eval_questions import resolve_image as eval_image
     from runtime.preprocess import SAMPLE_IMAGES, load_image
 
     monkeypatch.chdir(tmp_path)

@@ -32,7 +32,7 @@ def zoo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def onnx_exports(zoo, tmp_path_factory, onnx_export_cache) -> dict[int, Path]:
     """ONNX exports of tiny-llava at keep 0.12 for both placements (test_export_onnx.py's when it ran)."""
-    from export.onnx_llava import export_onnx
+    from export.onnx_export import export_onnx
 
     folders = {}
     for layer in (0, 2):
@@ -269,7 +269,7 @@ def test_pruner_run_cli_end_to_end(onnx_exports):
 @pytest.fixture(scope="module")
 def executorch_exports(zoo, tmp_path_factory) -> dict[int, Path]:
     """ExecuTorch exports of tiny-llava at keep 0.12 for both placements (portable kernels: quick to lower)."""
-    from export.executorch_llava import export_executorch
+    from export.executorch_export import export_executorch
 
     model_dir = resolve_model("tiny-llava", zoo)
     folders = {}

@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import data
 
 from export.common import ExportOptions, copy_model_files, write_processor_files
-from export.onnx_llava import export_onnx
+from export.onnx_export import export_onnx
 from pruner_core import PrunerConfig
 from pruner_core.adapters import LLAVA, load_llava, resolve_model
 from runtime.onnx_backend import OnnxModel
