@@ -116,7 +116,7 @@ def resolve_dtype(requested: str, model_dir: str | Path, target: str, quantize: 
         return "fp32", f"auto: the checkpoint is {stored}; --quantize int8 quantizes fp32 weights"
     if target == "onnx" and stored == "bf16":
         return "fp16", "auto: the checkpoint is bf16, which onnxruntime's CPU provider cannot run"
-    return stored, f"auto: the checkpoint's own dtype"
+    return stored, "auto: the checkpoint's own dtype"
 
 
 def library_versions() -> dict[str, str]:
