@@ -24,12 +24,15 @@ from typing import Any
 
 import torch
 
-_LAYER = re.compile(r"^((?:.*\.)?layers)\.(\d+)(?:\.|$)")
-LayerKey = tuple[str, int]  # ("model.language_model.layers", 5)
+# the outermost "<container>.<index>" of a module path: a block of a ModuleList, whatever the family calls it
+# (decoders and CLIP: "layers", Qwen2-VL's vision tower: "blocks")
+_LAYER = re.compile(r"^(.*?[A-Za-z_]\w*)\.(\d+)(?:\.|$)")
+LayerKey = tuple[str, int]  # ("model.language_model.layers", 5), ("model.visual.blocks", 12)
 
 
 def layer_key(node: torch.fx.Node) -> LayerKey | None:
-    """The innermost ``<...>.layers.<i>`` module a node was traced in (from ``nn_module_stack``), or None."""
+    """The block a node was traced in: the outermost indexed module (``<...>.layers.<i>``, ``<...>.blocks.<i>``)
+    of the innermost module path in its ``nn_module_stack`` that has one, or None."""
     stack = node.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
         match = _LAYER.match(str(path))

@@ -42,6 +42,7 @@ MAX_SEQ_LEN = 256
 QUESTION = "What is in the picture?"
 IN_PROCESS = {("tiny-qwen2.5-vl", 0): "portable", ("tiny-qwen2.5-vl", 2): "xnnpack"}  # (name, layer) -> backend
 CLI_EXPORT = ("tiny-qwen2-vl", 2)  # XNNPACK, through pruner-export
+SLICED = {("tiny-qwen2.5-vl", 2): 1}  # lowered one block per XNNPACK pass (export/lowering.py): the tower's blocks too
 CASES = [*IN_PROCESS, CLI_EXPORT]
 REPO = Path(__file__).resolve().parents[1]
 SCALAR_TYPES = {"float32": 6, "int64": 4}  # ExecuTorch ScalarType codes
@@ -96,7 +97,8 @@ def exports(zoo, tmp_path_factory, cli_export):
     for (name, layer), backend in IN_PROCESS.items():
         folder = tmp_path_factory.mktemp(f"{name}-L{layer}-pte")
         options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=KEEP, layer=layer),
-                                backend=backend, max_seq_len=MAX_SEQ_LEN)
+                                backend=backend, max_seq_len=MAX_SEQ_LEN,
+                                lowering_slice_bytes=SLICED.get((name, layer), 1 << 29))
         out[name, layer] = zoo[name], folder, export_executorch(zoo[name], folder, options, model_id=name)
     folder, _, _ = cli_export()
     out[CLI_EXPORT] = zoo[CLI_EXPORT[0]], folder, json.loads((folder / "export_config.json").read_text())
@@ -266,3 +268,23 @@ def test_model_card_of_an_mrope_pte_points_to_the_projects_runtime(exports):
         card = render_card(dict(config, validation=None), folder, folder_files(folder), "random weights, tiny")
         assert "cannot feed" in card and "pruner-run" in card
         assert "MultimodalRunner(" not in card and "adb push" not in card and "## Android app" not in card
+
+
+def test_the_vision_towers_blocks_are_lowering_slices(zoo):
+    """export/lowering.py slices a method by its blocks: Qwen's vision tower names them ``blocks``, the decoder
+    ``layers``; each is a pass of its own with a one-byte budget (the XNNPACK export above uses that)."""
+    from export.executorch_backends import trace
+    from export.executorch_export import _load, plan_methods, read_geometry
+    from export.lowering import layer_passes
+
+    name, layer = "tiny-qwen2.5-vl", 2
+    options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=KEEP, layer=layer),
+                            max_seq_len=MAX_SEQ_LEN)
+    model, processor = _load(zoo[name], options)
+    plans = plan_methods(model, read_geometry(model, processor, options), options.pruner, torch.float32,
+                         patch_matmul=True)
+    program = trace([plan for plan in plans if plan.name == "vision_encoder"])["vision_encoder"]
+    keys = {key for one in layer_passes(program, budget_bytes=1) for key in one.layers}
+    blocks = {index for path, index in keys if path.endswith("visual.blocks")}
+    decoder = {index for path, index in keys if path.endswith("language_model.layers")}
+    assert blocks == set(range(model.config.vision_config.depth)) and decoder == set(range(layer))
