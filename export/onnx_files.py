@@ -169,7 +169,8 @@ def _tidy_quantized(target: Path, external: bool) -> None:
     """Rewrite a quantized graph file with its nodes in topological order, If / Scan bodies' reads of outer values
     counted (onnx_ir's sort: onnxruntime's quantizers re-sort the main graph without them and can place the layer-K
     decoder's If before values its branches read), and with branch copies of outer weights dropped
-    (``share_duplicate_initializers``: the 4-bit quantizer writes a branch's quantized weight into the branch)."""
+    (``share_duplicate_initializers``: the 4-bit quantizer writes a branch's quantized weight into the branch), and
+    with tensors up to ``INLINE_TENSOR_BYTES`` in the graph file."""
     import onnx_ir as ir
 
     import onnx
@@ -180,7 +181,10 @@ def _tidy_quantized(target: Path, external: bool) -> None:
     model.graph.sort()
     share_duplicate_initializers(model)
     staged = target.with_name(target.name + ".tidy")
-    ir.save(model, str(staged), external_data=staged.name + "_data" if external else None)
+    # onnx_ir's own threshold is 256 bytes: shape and split-size tensors up to INLINE_TENSOR_BYTES stay in the graph
+    # (see inline_small_external_tensors: the full check cannot read them from the data file)
+    ir.save(model, str(staged), external_data=staged.name + "_data" if external else None,
+            size_threshold_bytes=INLINE_TENSOR_BYTES)
     staged.replace(target)
     for location in old_data:  # the quantizer's data file; relocate_external_data names the new one
         (target.parent / location).unlink(missing_ok=True)

@@ -151,3 +151,31 @@ def test_small_external_tensors_go_back_into_the_graph(qwen_onnx, tmp_path):
                for path in (source, external)]
     for expected, got in zip(*outputs):
         np.testing.assert_array_equal(expected, got)
+
+
+def test_quantized_graphs_keep_split_sizes_in_the_graph(tmp_path):
+    """The quantized files' rewrite (onnx_files._tidy_quantized, onnx_ir's save: 256-byte threshold) keeps tensors
+    up to INLINE_TENSOR_BYTES in the graph: a Split by 64 window lengths (512 bytes, Qwen2.5-VL's window attention at
+    448 x 448) stays readable by the full check when the graph's weights are external (int8 / int4 at 3B widths)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_files import INLINE_TENSOR_BYTES, _tidy_quantized
+
+    sizes = numpy_helper.from_array(np.full(64, 4, dtype=np.int64), "window_lengths")
+    weight = numpy_helper.from_array(np.ones((256, 8), dtype=np.float32), "weight")  # 8 KiB: stays external
+    outputs = [f"window_{i}" for i in range(64)]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"]),
+         helper.make_node("Split", ["y", "window_lengths"], outputs)],
+        "windows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 256])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [4, 8]) for name in outputs], [sizes, weight])
+    target = tmp_path / "vision_encoder_quantized.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(target),
+              save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + "_data",
+              size_threshold=0)  # every tensor external, as the torch exporter writes them
+    assert 256 < len(sizes.raw_data) <= INLINE_TENSOR_BYTES
+    _tidy_quantized(target, external=True)
+    onnx.checker.check_model(str(target), full_check=True)
+    saved = {t.name: t.data_location for t in onnx.load(str(target), load_external_data=False).graph.initializer}
+    assert saved == {"window_lengths": TensorProto.DEFAULT, "weight": TensorProto.EXTERNAL}
