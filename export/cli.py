@@ -355,10 +355,6 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     if args.target == "onnx" and args.quantize_vision != "none":
         raise ExportError("--quantize-vision applies to --target executorch (XNNPACK's dynamically quantised linears); "
                           "drop it for ONNX, or use --quantize int8 there")
-    if args.android and (args.target == "onnx" or args.prune_layer != 0):
-        raise ExportError(
-            "--android needs an ExecuTorch export the stock runner can run: use --target executorch --prune-layer 0"
-        )
     plans = []
     for target in targets:
         quantize = args.quantize
@@ -385,8 +381,11 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     adapter = adapter_for(model_dir)
     check_target_supported(adapter, args, [options.target for options, _ in plans])
     check_model_fits(model_dir, pruner, args.image_size, args.model)
-    if args.android:
+    if args.android:  # the family first: for M-RoPE families no target or placement would do
         check_android_runnable(adapter, model_dir, args.image_size)
+        if args.target == "onnx" or args.prune_layer != 0:
+            raise ExportError("--android needs an ExecuTorch export the stock runner can run: use --target executorch "
+                              "--prune-layer 0")
     resolved = []
     for options, out in plans:
         dtype, why = resolve_dtype(args.dtype, model_dir, options.target, options.quantize)

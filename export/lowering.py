@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-# the outermost "<container>.<index>" of a module path: a block of a ModuleList, whatever the family calls it
-# (decoders and CLIP: "layers", Qwen2-VL's vision tower: "blocks")
+# the outermost "<container>.<index>" of a module path: a block of a ModuleList (decoders and CLIP: "layers",
+# Qwen2-VL's vision tower: "blocks") or of a Sequential (Qwen's merger "mlp.0": a small slice of its own)
 _LAYER = re.compile(r"^(.*?[A-Za-z_]\w*)\.(\d+)(?:\.|$)")
 LayerKey = tuple[str, int]  # ("model.language_model.layers", 5), ("model.visual.blocks", 12)
 
@@ -141,7 +141,9 @@ def _slice_partitioner_class() -> type:
             if not self.decides_decomposition or check is None or _every_op_passes(ep, set(ops), check):
                 # Every node of those ops passes the backend's check (the usual case: linears on weights), so
                 # keeping them all is what the check would keep: ExecuTorch then takes its one-decomposition path
-                # instead of two more whole-graph retraces per method (EDGE_DO_NOT_DECOMP). Same graph.
+                # instead of two more whole-graph retraces per method (EDGE_DO_NOT_DECOMP). Same graph -- for
+                # XNNPACK's kept ops (linear, elu, hardswish, prelu, pooling, upsampling, torchao's quant ops),
+                # which no decomposition of another op produces, so checking the graph before decomposing suffices.
                 return ops, None
             return ops, check
 

@@ -315,3 +315,15 @@ def test_pruner_run_refuses_an_operator_profile_of_an_eager_model(tmp_path, caps
                      "--prompt", "hi", "--max-new-tokens", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "--profile-ops" in err and "eager PyTorch" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, argv, expected", [
+    ("tiny-llava", ["--target", "onnx"], "--android needs an ExecuTorch export the stock runner can run"),
+    ("tiny-llava", ["--prune-layer", "2"], "use --target executorch --prune-layer 0"),
+    # the family's refusal comes first: no target or placement would make an M-RoPE .pte run on the phone
+    ("tiny-qwen2-vl", ["--target", "onnx"], "MultimodalRunner"),
+])
+def test_android_refusals_name_what_would_work(tmp_path, model, argv, expected):
+    code, err = run_cli(["--model", model, "--android", *argv, "--out", str(tmp_path / "o")], tmp_path)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-android").exists()
