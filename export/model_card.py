@@ -44,6 +44,10 @@ def folder_files(folder: Path) -> list[tuple[str, int]]:
             if path.is_file() and path.relative_to(folder) != Path(CARD_FILE)]
 
 
+def _bound(value: float | None, words: str) -> str:
+    return "not bounded" if value is None else f"{words} {value:g}"
+
+
 def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
     if validation is None:
         return ["Not validated: exported with `--no-validate`."]
@@ -55,7 +59,9 @@ def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
         "greedy tokens:",
         "",
         f"- max |logit difference|: {validation['max_logit_diff']:.3g} over {validation['steps_compared']} step(s) "
-        f"(tolerance {tolerance['max_logit_diff']:g})",
+        f"({_bound(tolerance.get('max_logit_diff'), 'tolerance')})",
+        f"- smallest correlation of the next-token logits: {validation.get('min_logit_correlation', float('nan')):.4f}"
+        f" ({_bound(tolerance.get('min_logit_correlation'), 'required at least')})",
         f"- greedy tokens: {'identical' if validation['tokens_agree'] else 'differ'} (export "
         f"{validation['export_tokens']}, reference {validation['eager_tokens']}); required: {tokens}",
         f"- result: {'passed' if validation['passed'] else 'failed'}",

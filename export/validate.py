@@ -28,21 +28,32 @@ class Tolerance:
     """What an export must meet against the eager reference.
 
     max_logit_diff: the largest |export - eager| of any next-token logit (float32 logits, absolute units) over the
-    steps compared. tokens_must_agree: every greedy token identical (float exports); quantized ones only report
-    them (quantization moves near-tied logits, and a random-weight model's are all near-tied).
+    steps compared, or None (not bounded: quantized exports, whose error grows with the logits' scale).
+    tokens_must_agree: every greedy token identical (float exports); quantized ones only report them (quantization
+    moves near-tied logits, and a random-weight model's are all near-tied). min_logit_correlation: the smallest
+    Pearson correlation of the export's and eager's next-token logits [V] allowed at any step compared, or None.
     """
 
-    max_logit_diff: float
+    max_logit_diff: float | None
     tokens_must_agree: bool = True
     why: str = ""
+    min_logit_correlation: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_logit_diff, float) and self.max_logit_diff >= 0.0):
-            raise ValueError(f"max_logit_diff must be a float >= 0, got {self.max_logit_diff!r}")
+        if self.max_logit_diff is not None and not (isinstance(self.max_logit_diff, float)
+                                                    and self.max_logit_diff >= 0.0):
+            raise ValueError(f"max_logit_diff must be a float >= 0 or None, got {self.max_logit_diff!r}")
+        if self.min_logit_correlation is not None and not -1.0 <= self.min_logit_correlation <= 1.0:
+            raise ValueError(f"min_logit_correlation must lie in [-1, 1] or be None, got {self.min_logit_correlation!r}")
 
     def describe(self) -> str:
-        tokens = "greedy tokens identical" if self.tokens_must_agree else "greedy tokens reported, not required"
-        return f"max |logit diff| <= {self.max_logit_diff:g}, {tokens}"
+        parts = []
+        if self.max_logit_diff is not None:
+            parts.append(f"max |logit diff| <= {self.max_logit_diff:g}")
+        if self.min_logit_correlation is not None:
+            parts.append(f"logit correlation >= {self.min_logit_correlation:g} at every step")
+        parts.append("greedy tokens identical" if self.tokens_must_agree else "greedy tokens reported, not required")
+        return ", ".join(parts)
 
 
 # Measured on tiny-llava, tiny-llava-gqa, tiny-qwen2-vl, tiny-qwen2.5-vl (export/README.md "Validation"); the
@@ -52,15 +63,18 @@ FLOAT_TOLERANCES = {
     "fp16": Tolerance(0.25, why="fp16: half-precision rounding differs between runtimes"),
     "bf16": Tolerance(0.5, why="bf16: 8-bit mantissa rounding differs between runtimes"),
 }
-QUANTIZED_TOLERANCE = Tolerance(2.0, tokens_must_agree=False,
+# Quantization error scales with the logits: an absolute bound measured on the tiny models (|logits| < 1) failed an
+# 8da4w export at LLaVA-1.5-7B widths (max |diff| 2.16 at |logits| up to 4.7) whose logits still correlate at 0.88.
+# The correlation is scale-free: quantization noise measured 0.88-0.9998 (export/README.md), unrelated logits ~0.
+QUANTIZED_TOLERANCE = Tolerance(None, tokens_must_agree=False, min_logit_correlation=0.5,
                                 why="quantized weights or activations against the unquantized eager model")
 
 
 def tolerances_text() -> str:
     """The bounds in one phrase, for `pruner-export --help`."""
     floats = ", ".join(f"{dtype} {tol.max_logit_diff:g}" for dtype, tol in FLOAT_TOLERANCES.items())
-    return (f"max |logit diff| {floats} with identical greedy tokens; quantized {QUANTIZED_TOLERANCE.max_logit_diff:g}"
-            ", tokens only reported")
+    return (f"max |logit diff| {floats} with identical greedy tokens; quantized: logit correlation >= "
+            f"{QUANTIZED_TOLERANCE.min_logit_correlation:g} at every step, tokens only reported")
 
 
 def tolerance_for(dtype: str, quantize: str = "none", quantize_vision: str = "none") -> Tolerance:
@@ -79,6 +93,7 @@ class Validation:
 
     passed: bool
     max_logit_diff: float  # over the steps compared
+    min_logit_correlation: float  # Pearson r of the next-token logits, the smallest over the steps compared
     steps_compared: int  # steps both runs reached with identical tokens so far (>= 1: the prompt's)
     tokens_agree: bool  # every greedy token identical
     first_token_rank: int  # rank of the export's first token among eager's logits (0 = eager's own choice)
@@ -97,31 +112,44 @@ class Validation:
         agree = "agree" if self.tokens_agree else (
             f"differ (first token is eager's #{self.first_token_rank + 1})")
         verdict = "passed" if self.passed else "FAILED"
-        return (f"validation {verdict}: max |logit diff| {self.max_logit_diff:.3g} over {self.steps_compared} "
+        return (f"validation {verdict}: max |logit diff| {self.max_logit_diff:.3g}, logit correlation >= "
+                f"{self.min_logit_correlation:.4f} over {self.steps_compared} "
                 f"step(s), {len(self.export_tokens)} greedy tokens {agree} ({self.reference}; tolerance: "
                 f"{Tolerance(**self.tolerance).describe()})")
 
 
 def compare(export_logits: list[np.ndarray], export_tokens: list[int], eager_logits: list[np.ndarray],
-            eager_tokens: list[int]) -> tuple[float, int, bool, int]:
+            eager_tokens: list[int]) -> tuple[float, float, int, bool, int]:
     """Per-step next-token logits (float32 [V] each) and greedy tokens of two runs of one prompt -> (max |diff| over
-    the steps both reached with the same tokens, those steps, tokens identical, rank of the export's first token
-    among eager's first-step logits). The steps after the first differing token saw different inputs: not compared.
+    the steps both reached with the same tokens, the smallest Pearson correlation of the two logit vectors over those
+    steps (NaN where one is constant), those steps, tokens identical, rank of the export's first token among eager's
+    first-step logits). The steps after the first differing token saw different inputs: not compared.
     """
     steps = 1
     while steps < min(len(export_logits), len(eager_logits)) and \
             export_tokens[steps - 1: steps] == eager_tokens[steps - 1: steps]:
         steps += 1
-    diff = max(float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-               for a, b in zip(export_logits[:steps], eager_logits[:steps]))
+    pairs = [(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(export_logits[:steps], eager_logits[:steps])]
+    diff = max(float(np.abs(a - b).max()) for a, b in pairs)
+    correlation = min(_correlation(a, b) for a, b in pairs)
     first = int(np.argmax(export_logits[0]))
     rank = int((eager_logits[0] > eager_logits[0][first]).sum())
-    return diff, steps, export_tokens == eager_tokens, rank
+    return diff, correlation, steps, export_tokens == eager_tokens, rank
 
 
-def judge(diff: float, tokens_agree: bool, tolerance: Tolerance) -> bool:
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two [V] float64 vectors; NaN when either is constant (or holds NaN)."""
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / norm) if norm > 0.0 else float("nan")
+
+
+def judge(diff: float, tokens_agree: bool, tolerance: Tolerance, correlation: float = 1.0) -> bool:
     """Whether the figures meet the tolerance (NaN never does)."""
-    return bool(diff <= tolerance.max_logit_diff) and (tokens_agree or not tolerance.tokens_must_agree)
+    within = tolerance.max_logit_diff is None or bool(diff <= tolerance.max_logit_diff)
+    correlated = tolerance.min_logit_correlation is None or bool(correlation >= tolerance.min_logit_correlation)
+    finite = not (np.isnan(diff) or np.isnan(correlation))
+    return finite and within and correlated and (tokens_agree or not tolerance.tokens_must_agree)
 
 
 def validate_export(folder: str | Path, model_dir: str | Path, pruner, *, dtype: str = "fp32",
@@ -146,9 +174,11 @@ def validate_export(folder: str | Path, model_dir: str | Path, pruner, *, dtype:
     # as many tokens as the export gave: a small --max-seq-len may end it early (cache full), which is no fault
     reference = eager.generate(image, VALIDATION_PROMPT, max_new_tokens=max(1, len(exported.tokens)),
                                output_logits=True)
-    diff, steps, agree, rank = compare(exported.logits, exported.tokens, reference.logits, reference.tokens)
+    diff, correlation, steps, agree, rank = compare(exported.logits, exported.tokens, reference.logits,
+                                                    reference.tokens)
     return Validation(
-        passed=judge(diff, agree, tolerance), max_logit_diff=diff, steps_compared=steps, tokens_agree=agree,
+        passed=judge(diff, agree, tolerance, correlation), max_logit_diff=diff, min_logit_correlation=correlation,
+        steps_compared=steps, tokens_agree=agree,
         first_token_rank=rank, export_tokens=exported.tokens, eager_tokens=reference.tokens,
         tolerance=asdict(tolerance), reference=f"eager pruned PyTorch, {dtype}, unquantized",
     )

@@ -488,8 +488,8 @@ def test_8da4w_export_through_the_cli_generates(quantised_cli_export, prompts):
 
 
 def test_8da4w_export_meets_the_quantized_validation_tolerance(quantised_cli_export, et_zoo):
-    """What pruner-export's validation (skipped for this export, see quantised_cli_export) decides: logits within
-    the quantized bound of the unquantized eager model (greedy tokens reported: this random model's logits are
+    """What pruner-export's validation (skipped for this export, see quantised_cli_export) decides: next-token logits
+    that correlate with the unquantized eager model's (greedy tokens reported: this random model's logits are
     near-tied, and its first 8da4w token was eager's 76th choice, at a difference of 0.37)."""
     from export.validate import tolerance_for, validate_export
 
@@ -498,7 +498,8 @@ def test_8da4w_export_meets_the_quantized_validation_tolerance(quantised_cli_exp
     name, layer, keep = QUANTISED
     result = validate_export(folder, et_zoo[name], PrunerConfig(keep=keep, layer=layer),
                              tolerance=tolerance_for("fp32", "8da4w", "int8"))
-    assert result.passed and 0.0 < result.max_logit_diff <= 2.0 and result.steps_compared >= 1
+    assert result.passed and 0.0 < result.max_logit_diff and result.steps_compared >= 1
+    assert 0.5 <= result.min_logit_correlation < 1.0  # quantization noise: correlated, not equal
     assert result.export_tokens and result.eager_tokens
 
 

@@ -145,21 +145,27 @@ def test_a_corrupted_weight_fails_validation(llava_onnx, cache, tmp_path):
 
 def test_compare_and_judge():
     """Steps after the first differing token saw other inputs and are not compared; quantized tolerances report the
-    tokens without requiring them."""
+    tokens without requiring them and bound the logits' correlation, not their difference."""
     eager = [np.array([0.0, 2.0, 1.0], np.float32), np.array([5.0, 0.0, 0.0], np.float32)]
     same_first = [np.array([0.0, 2.0, 1.5], np.float32), np.array([0.0, 9.0, 0.0], np.float32)]
-    diff, steps, agree, rank = compare(same_first, [1, 1], eager, [1, 0])
+    diff, correlation, steps, agree, rank = compare(same_first, [1, 1], eager, [1, 0])
     assert (diff, steps, agree, rank) == (9.0, 2, False, 0)
+    assert correlation == pytest.approx(-0.5)  # step 2: [0, 9, 0] against [5, 0, 0]
     flipped = [np.array([0.0, 1.0, 1.5], np.float32), np.array([0.0, 0.0, 0.0], np.float32)]
-    diff, steps, agree, rank = compare(flipped, [2, 0], eager, [1, 0])
+    diff, correlation, steps, agree, rank = compare(flipped, [2, 0], eager, [1, 0])
     assert steps == 1 and diff == 1.0 and not agree and rank == 1  # token 2 is eager's second choice
+    assert correlation == pytest.approx(np.corrcoef([0.0, 1.0, 1.5], [0.0, 2.0, 1.0])[0, 1])
     assert not judge(diff, agree, Tolerance(2.0)) and judge(diff, agree, Tolerance(2.0, tokens_must_agree=False))
     assert not judge(diff, True, Tolerance(0.5)) and not judge(float("nan"), True, Tolerance(2.0))
+    quantized = tolerance_for("fp32", "8da4w")
+    assert quantized.max_logit_diff is None and not quantized.tokens_must_agree
+    assert judge(50.0, False, quantized, correlation=0.9)  # any scale of difference, if the logits still correlate
+    assert not judge(0.1, True, quantized, correlation=0.2) and not judge(0.1, True, quantized, float("nan"))
+    assert "logit correlation >= 0.5" in quantized.describe() and "max |logit diff|" not in quantized.describe()
     with pytest.raises(ValueError, match="max_logit_diff"):
         Tolerance(-1.0)
-    assert tolerance_for("fp16", "none").max_logit_diff > tolerance_for("fp32").max_logit_diff
-    assert not tolerance_for("fp32", "int8").tokens_must_agree and not tolerance_for("fp32", "none", "int8") \
-        .tokens_must_agree and tolerance_for("bf16").tokens_must_agree
+    with pytest.raises(ValueError, match="min_logit_correlation"):
+        Tolerance(None, min_logit_correlation=1.5)
 
 
 def test_source_revision(tmp_path):
