@@ -359,7 +359,11 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     for target in targets:
         quantize = args.quantize
         if args.target == "all" and quantize != "none":  # each target takes the quantisation it knows
-            quantize = quantize if quantize in {"executorch": ("8da4w",), "onnx": ("int8", "int4")}[target] else "none"
+            known = {"executorch": ("8da4w",), "onnx": ("int8", "int4")}[target]
+            if quantize not in known:
+                print(f"note: --quantize {quantize} does not apply to {target}: its export is not quantized "
+                      f"({target} takes --quantize {' / '.join(known)})", file=stream)
+                quantize = "none"
         try:  # "auto" becomes the checkpoint's dtype once the model is found
             options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend or "xnnpack",
                                     quantize=quantize, dtype="fp32" if args.dtype == "auto" else args.dtype,

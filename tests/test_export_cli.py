@@ -327,3 +327,12 @@ def test_android_refusals_name_what_would_work(tmp_path, model, argv, expected):
     code, err = run_cli(["--model", model, "--android", *argv, "--out", str(tmp_path / "o")], tmp_path)
     assert code == 2 and expected in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-android").exists()
+
+
+def test_target_all_says_which_target_a_quantization_skips(tmp_path):
+    """--target all --quantize int8: ONNX takes int8, ExecuTorch has no int8 decoder option; the CLI says the .pte
+    will not be quantized before any work (here the model name is unknown, so nothing else runs)."""
+    code, err = run_cli(["--model", "no-such-model", "--target", "all", "--quantize", "int8", "--out",
+                         str(tmp_path / "o")], tmp_path)
+    assert code == 2 and "note: --quantize int8 does not apply to executorch" in err and "--quantize 8da4w" in err
+    assert "does not apply to onnx" not in err and not (tmp_path / "o").exists()
