@@ -44,26 +44,21 @@ def bound(total: int, kept: int, layers: int, split: int) -> float:
     return total / kept if split == 0 else layers * total / (split * total + (layers - split) * kept)
 
 
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, VmHWM starts afresh
-PEAK_SCRIPT = """
-import re, sys
-from pathlib import Path
-from skimage import data
-from runtime import load
-session = load(sys.argv[1], engine=sys.argv[3])
-session.generate(data.astronaut(), "What is in the picture?", max_new_tokens=int(sys.argv[2]))
-print(int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024)
-"""
-
-
 def run_peak_rss(folder: str | Path, new_tokens: int, engine: str = "onnxruntime") -> int:
-    """Peak RSS in bytes of a fresh process that loads the export and generates ``new_tokens`` tokens."""
+    """Peak RSS in bytes of a fresh process (`pruner-run`, runtime.memory.peak_measuring_command: its own VmHWM) that
+    loads the export and generates ``new_tokens`` tokens."""
     import subprocess
+    import tempfile
 
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), str(new_tokens), engine], cwd=root,
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    from runtime.memory import peak_measuring_command, read_peak_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "peak"
+        command = peak_measuring_command("runtime.cli", [folder, "--image", "astronaut", "--prompt",
+                                                         "What is in the picture?", "--max-new-tokens", new_tokens,
+                                                         "--engine", engine], report)
+        subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, check=True)
+        return read_peak_report(report)
 
 
 def add_measure_options(parser: argparse.ArgumentParser, keep: int, work_dir: Path, out: Path) -> None:

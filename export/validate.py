@@ -138,10 +138,9 @@ def compare(export_logits: list[np.ndarray], export_tokens: list[int], eager_log
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r of two [V] float64 vectors; NaN when either is constant (or holds NaN)."""
-    a, b = a - a.mean(), b - b.mean()
-    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / norm) if norm > 0.0 else float("nan")
+    """Pearson r of two [V] vectors (numpy's corrcoef); NaN when either is constant (or holds NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.corrcoef(a, b)[0, 1])
 
 
 def judge(diff: float, tokens_agree: bool, tolerance: Tolerance, correlation: float = 1.0) -> bool:

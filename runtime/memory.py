@@ -14,26 +14,18 @@ except ImportError:  # pragma: no cover - exercised on Windows only
     resource = None  # type: ignore[assignment]
 
 
-def _status_kib(field: str, status: str | None = None) -> int | None:
-    """A ``kB`` field of /proc/self/status (Linux), or None where there is none."""
-    if status is None:
-        try:
-            status = Path("/proc/self/status").read_text(encoding="ascii")
-        except OSError:
-            return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
 def peak_rss_bytes() -> int | None:
     """High-water mark of this process's resident memory in bytes, or None where the platform has neither source.
 
     Linux: ``VmHWM`` of /proc/self/status -- the peak of this program alone. Not ``getrusage``'s ``ru_maxrss``: Linux
     carries that over from the parent across fork + exec, so a small program started by a large one (a test runner,
     a benchmark that built a checkpoint first) reports the parent's peak. Elsewhere ``ru_maxrss`` (macOS: bytes)."""
-    hwm = _status_kib("VmHWM")
+    try:
+        hwm = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(encoding="ascii"), re.MULTILINE)
+    except OSError:
+        hwm = None
     if hwm is not None:
-        return hwm * 1024
+        return int(hwm.group(1)) * 1024
     if resource is None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,7 +1,10 @@
-"""Deterministic input generators for the selection tests: random regimes and real photographs."""
+"""Shared test helpers: deterministic inputs for the selection tests (random regimes, real photographs), export
+folder copies, and pruner-export run in the background with its own peak memory measured."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -143,3 +146,53 @@ def copy_export_without(folder: Path, dest: Path, section: str, key: str) -> Pat
     del config[section][key]
     (dest / "export_config.json").write_text(json.dumps(config))
     return dest
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BackgroundExport:
+    """A `python -m export.cli` child (runtime.memory.peak_measuring_command) running while other tests work;
+    calling it waits for it -> its folder (a ``.pte`` export), and records its peak RSS in bytes (VmHWM: the child's
+    own; os.wait4's ru_maxrss would include this test process's peak, which Linux carries over fork + exec)."""
+
+    process: subprocess.Popen
+    out: Path
+    log_path: Path
+    report: Path
+    peak_rss: int | None = None
+
+    @classmethod
+    def start(cls, argv: list, out: Path) -> "BackgroundExport":
+        """Start ``pruner-export argv --out out`` with one intra-op thread (like the test process, tests/conftest.py);
+        its output goes to a log file beside ``out`` (a full pipe would stall it)."""
+        from runtime.memory import peak_measuring_command
+
+        report, log_path = out.parent / "peak-rss", out.parent / "pruner-export.log"
+        command = peak_measuring_command("export.cli", [*argv, "--out", out], report)
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        return cls(process, out, log_path, report)
+
+    def __call__(self) -> Path:
+        import pytest
+
+        from runtime.memory import read_peak_report
+
+        try:
+            self.process.wait(timeout=1800)
+        except subprocess.TimeoutExpired:
+            pytest.fail("pruner-export ran for more than 30 minutes")
+        log = self.log_path.read_text()
+        assert self.process.returncode == 0, f"pruner-export failed ({self.process.returncode}):\n{log[-4000:]}"
+        assert (self.out / "model.pte").is_file() and (self.out / "export_config.json").is_file(), log[-4000:]
+        self.peak_rss = read_peak_report(self.report)
+        return self.out
+
+    def stop(self) -> None:
+        """Kill the child if it is still running (fixture teardown)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -13,12 +13,10 @@ second process started with the first export, so it overlaps the others on a mul
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cases import BackgroundExport
 import torch
 from PIL import Image
 from skimage import data
@@ -30,7 +28,6 @@ from export.pte_weights import StoredConstant, duplicated, stored_constants
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, parameter_counts, resolve_model
 from runtime.executorch_backend import ExecuTorchModel
-from runtime.memory import peak_measuring_command, read_peak_report
 from runtime.prompt import split_prompt
 
 pytestmark = pytest.mark.slow
@@ -42,7 +39,6 @@ MAX_SEQ_LEN = 640
 LOGIT_TOLERANCE = 1e-4
 SCALAR_TYPES = {"float32": 6, "float16": 5, "bfloat16": 15, "int64": 4}  # ExecuTorch ScalarType codes
 XNNPACK_EXPORTS = {("tiny-llava", 0, 0.12), ("tiny-llava-gqa", 2, 0.12)}
-REPO = Path(__file__).resolve().parents[1]
 QUANTISED = ("tiny-llava-gqa", 0, 0.12)  # model, layer, keep of the 8da4w export
 
 
@@ -70,51 +66,20 @@ def prompts(et_zoo, astronaut):
     return out
 
 
-@dataclass
-class BackgroundExport:
-    """A `python -m export.cli` child started with runtime.memory.peak_measuring_command; calling it waits for it ->
-    its folder, and records its peak RSS (bytes, VmHWM: its own, not this process's)."""
-
-    process: subprocess.Popen
-    out: Path
-    log_path: Path
-    report: Path
-    peak_rss: int | None = None
-
-    def __call__(self) -> Path:
-        try:
-            self.process.wait(timeout=1800)
-        except subprocess.TimeoutExpired:
-            pytest.fail("pruner-export ran for more than 30 minutes")
-        log = self.log_path.read_text()
-        assert self.process.returncode == 0, f"pruner-export failed ({self.process.returncode}):\n{log[-4000:]}"
-        assert (self.out / "model.pte").is_file() and (self.out / "export_config.json").is_file(), log[-4000:]
-        self.peak_rss = read_peak_report(self.report)
-        return self.out
-
-
 @pytest.fixture(scope="session")
 def quantised_cli_export(et_zoo, tmp_path_factory):
     """The 8da4w XNNPACK export through `python -m export.cli`, running in the background -> a BackgroundExport.
     Killed at teardown if still running."""
     name, layer, keep = QUANTISED
     out = tmp_path_factory.mktemp("cli") / "quantised"
-    report = out.parent / "peak-rss"
-    command = peak_measuring_command("export.cli", [
+    export = BackgroundExport.start([
         "--model", name, "--cache-dir", et_zoo[name].parent,
         "--keep", keep, "--prune-layer", layer, "--target", "executorch", "--backend", "xnnpack",
-        "--quantize", "8da4w", "--quantize-vision", "int8", "--max-seq-len", MAX_SEQ_LEN, "--out", out,
+        "--quantize", "8da4w", "--quantize-vision", "int8", "--max-seq-len", MAX_SEQ_LEN,
         "--no-validate",  # the measured peak is the export's (test_memory_estimate...); validated in a test below
-    ], report)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one intra-op thread, like this process (tests/conftest.py)
-    log_path = out.parent / "pruner-export.log"  # a file, not a pipe: a full pipe would stall the export
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    export = BackgroundExport(process, out, log_path, report)
+    ], out)
     yield export
-    if process.returncode is None and process.poll() is None:
-        process.kill()
-        process.wait()
+    export.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,11 @@ prints. (XNNPACK lowering dominates: one partition per stretch of delegable ops,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cases import copy_export_without
+from cases import BackgroundExport, copy_export_without
 import torch
 from PIL import Image
 from skimage import data
@@ -32,7 +30,6 @@ from pruner_core.adapters import apply_pruner, load_qwen2_vl, qwen_prompt, resol
 from pruner_core.adapters.qwen2_vl import embed_prompt, merged_grid, prefill_with_pruning, rope_positions
 from runtime import load
 from runtime.executorch_backend import ExecuTorchModel
-from runtime.memory import peak_measuring_command, read_peak_report
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +41,6 @@ IN_PROCESS = {("tiny-qwen2.5-vl", 0): "portable", ("tiny-qwen2.5-vl", 2): "xnnpa
 CLI_EXPORT = ("tiny-qwen2-vl", 2)  # XNNPACK, through pruner-export
 SLICED = {("tiny-qwen2.5-vl", 2): 1}  # lowered one block per XNNPACK pass (export/lowering.py): the tower's blocks too
 CASES = [*IN_PROCESS, CLI_EXPORT]
-REPO = Path(__file__).resolve().parents[1]
 SCALAR_TYPES = {"float32": 6, "int64": 4}  # ExecuTorch ScalarType codes
 
 
@@ -60,34 +56,17 @@ def cli_export(zoo, tmp_path_factory):
     RSS bytes, log text). Killed at teardown if still running."""
     name, layer = CLI_EXPORT
     out = tmp_path_factory.mktemp("qwen-cli") / "export"
-    report = out.parent / "peak-rss"
-    command = peak_measuring_command("export.cli", [
+    export = BackgroundExport.start([
         "--model", name, "--cache-dir", zoo[name].parent, "--keep", KEEP, "--prune-layer", layer,
-        "--target", "executorch", "--backend", "xnnpack", "--max-seq-len", MAX_SEQ_LEN, "--out", out,
-        "--no-validate"], report)  # the measured peak is the export's alone (the estimate's subject)
-    log_path = out.parent / "pruner-export.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    result = {}
+        "--target", "executorch", "--backend", "xnnpack", "--max-seq-len", MAX_SEQ_LEN,
+        "--no-validate"], out)  # the measured peak is the export's alone (the estimate's subject)
 
     def wait():
-        if not result:
-            try:
-                process.wait(timeout=1800)
-            except subprocess.TimeoutExpired:
-                pytest.fail("pruner-export ran for more than 30 minutes")
-            text = log_path.read_text()
-            assert process.returncode == 0, f"pruner-export failed ({process.returncode}):\n{text[-4000:]}"
-            # VmHWM, the child's own (os.wait4's ru_maxrss would include this test process's peak: Linux carries it
-            # over from the parent across fork + exec)
-            result.update(folder=out, peak=read_peak_report(report), log=text)
-        return result["folder"], result["peak"], result["log"]
+        folder = export()
+        return folder, export.peak_rss, export.log_path.read_text()
 
     yield wait
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    export.stop()
 
 
 @pytest.fixture(scope="module")
