@@ -7,11 +7,13 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data
 from transformers import DynamicCache
+from transformers.vision_utils import get_vision_window_index
 
 from pruner_core import PrunerConfig, select_tokens
 from pruner_core.adapters import (
@@ -25,6 +27,7 @@ from pruner_core.adapters import (
     resolve_model,
 )
 from pruner_core.adapters.qwen2_vl import _PrunedQwenForward, check_image_size, parameter_counts
+from pruner_core.adapters.qwen2_vl_vision import StaticVisionEncoder, window_groups
 
 VARIANTS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
 QUESTION = "What is in the picture?"
@@ -268,10 +271,53 @@ def test_vision_tower_exports_at_a_fixed_resolution(qwen_zoo, stock, name):
         expected = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
         program = torch.export.export(encoder, (inputs["pixel_values"],), strict=False)
         out = program.module()(inputs["pixel_values"])
-    assert out.shape == (1, *expected.shape) and torch.equal(out[0], expected)
+    assert out.shape == (1, *expected.shape)
+    # Qwen2.5-VL's window blocks run one batched attention per window size: the same sums in another order
+    assert torch.allclose(out[0], expected, rtol=0, atol=1e-5), (out[0] - expected).abs().max()
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not {t for t in targets if t.split(".")[1:2] in (["nonzero"], ["item"], ["_local_scalar_dense"],
                                                              ["_assert_scalar"])}, targets
+
+
+@pytest.mark.parametrize("size", [(224, 336), (252, 336), (308, 196)])
+def test_window_attention_is_one_batched_attention_per_window_size(qwen_zoo, size):
+    """Qwen2.5-VL's window blocks: BatchedWindowAttention equals the stock per-window attention, at sizes whose
+    merged grid divides into whole windows (224 x 336) and sizes leaving edge windows of other sizes; the traced
+    tower holds one softmax per window size per window block (the stock one: one per window), and the stock
+    per-window path (batched_windows=False) stays bit-exact."""
+    model, _ = load_qwen2_vl(qwen_zoo["tiny-qwen2.5-vl"])
+    visual = model.model.visual
+    height, width = size
+    grid_thw = torch.tensor([[1, height // 14, width // 14]])
+    pixels = torch.randn(height // 14 * width // 14, 1176, generator=torch.Generator().manual_seed(0))
+    _, cu_window_seqlens = get_vision_window_index(grid_thw, 2, visual.config.window_size, 14)
+    sizes = len(window_groups(cu_window_seqlens.numpy()))
+    window_blocks = len(visual.blocks) - len(visual.fullatt_block_indexes)
+    softmaxes = {}
+    with torch.no_grad():
+        expected = model.model.get_image_features(pixels, grid_thw).pooler_output[0]  # [N, D]
+        for batched in (True, False):
+            encoder = StaticVisionEncoder(visual, size, batched_windows=batched)
+            program = torch.export.export(encoder, (pixels,), strict=False)
+            out = program.module()(pixels)[0]
+            softmaxes[batched] = sum("softmax" in str(node.target) for node in program.graph.nodes)
+            if batched:
+                assert torch.allclose(out, expected, rtol=0, atol=1e-5), (out - expected).abs().max()
+            else:
+                assert torch.equal(out, expected)
+    full = len(visual.fullatt_block_indexes)
+    assert softmaxes[True] == full + window_blocks * sizes
+    assert softmaxes[False] == full + window_blocks * (len(cu_window_seqlens) - 1)
+    assert softmaxes[False] > softmaxes[True]
+    assert (sizes == 1) == (size == (224, 336))
+
+
+def test_window_groups_group_segments_by_length():
+    groups = window_groups(np.array([0, 4, 8, 10, 10, 14, 16]))
+    assert [group.tolist() for group in groups] == [[[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13]],
+                                                     [[8, 9], [14, 15]]]
+    with pytest.raises(ValueError, match="non-decreasing from 0"):
+        window_groups(np.array([0, 4, 2]))
 
 
 @pytest.mark.parametrize("size", [(224, 336), (448, 448), (56, 840)])

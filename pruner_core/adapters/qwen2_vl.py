@@ -25,7 +25,6 @@ Shapes: B batch, T prompt length, N image tokens, R kept, D text width, P = grid
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from .qwen2_vl_inputs import (
     qwen_prompt,
 )
 from .qwen2_vl_tiny import IMAGE_PAD, SPEC_FILE, VARIANTS, TinyQwen2VLSpec, build_tiny_qwen2_vl
-from .qwen2_vl_vision import FlatPatchEmbedding
+from .qwen2_vl_vision import StaticVisionEncoder
 
 HUB_ALIASES: dict[str, str] = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
@@ -174,50 +173,6 @@ def encode_image(model: nn.Module, pixel_values: torch.Tensor,
         image_grid_thw = torch.tensor([[1, height // 14, width // 14]])
     features = inner.get_image_features(pixel_values.to(inner.visual.dtype), image_grid_thw, return_dict=True)
     return torch.cat(list(features.pooler_output), dim=0)[None]
-
-
-PATCH_EMBEDDINGS = ("conv3d", "matmul")
-
-
-class StaticVisionEncoder(nn.Module):
-    """The vision tower and 2x2 merger at one fixed resolution, exportable: pixel_values [P, 1176] -> [1, N, D].
-
-    The grid-dependent tensors (rotary position ids, attention segments and, for Qwen2.5-VL, the window order and
-    window segments) are computed once here with transformers' ``vision_utils`` and handed to the stock tower as its
-    precomputed inputs, so the traced graph holds no ``.tolist()``, loop over the grid or other data-dependent op.
-    Segment boundaries go over as NumPy arrays: the stock attention splits by ``lengths.tolist()``, which on a tensor
-    traces to one ``item`` per segment; on NumPy it gives Python ints at trace time (static slices).
-
-    patch_embedding: ``"conv3d"`` (the stock Conv3d) or ``"matmul"`` (``FlatPatchEmbedding``, the same numbers for
-    backends without 5-D convolution): the tower is then a shallow copy of the model's with that one submodule
-    replaced; the model itself is not changed and every weight is shared.
-    """
-
-    def __init__(self, model: nn.Module, image_size: tuple[int, int], patch_embedding: str = "conv3d") -> None:
-        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-        super().__init__()
-        if patch_embedding not in PATCH_EMBEDDINGS:
-            raise ValueError(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {patch_embedding!r}")
-        visual = _inner(model).visual
-        if patch_embedding == "matmul":
-            tower = copy.copy(visual)  # the same submodules and weights, its own module table
-            tower._modules = dict(visual._modules, patch_embed=FlatPatchEmbedding(visual.patch_embed))
-            visual = tower
-        self.visual = visual
-        config = self.visual.config
-        height, width = check_image_size(image_size)
-        self.grid_thw = torch.tensor([[1, height // 14, width // 14]])  # [1, 3]
-        self.precomputed = {"position_ids": get_vision_position_ids(self.grid_thw, config.spatial_merge_size),
-                            "cu_seqlens": get_vision_cu_seqlens(self.grid_thw).numpy()}
-        if getattr(config, "window_size", None):  # Qwen2.5-VL: window attention, full at fullatt_block_indexes
-            window_index, window_seqlens = get_vision_window_index(
-                self.grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
-            self.precomputed.update(window_index=window_index, cu_window_seqlens=window_seqlens.numpy())
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.visual(pixel_values.to(self.visual.dtype), self.grid_thw, **dict(self.precomputed))
-        return out.pooler_output[None]  # [1, N, D]
 
 
 def rope_positions(model: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None,
@@ -489,8 +444,9 @@ class Qwen2VLAdapter(DecoderAdapter):
                        patch_matmul: bool = False) -> nn.Module:
         """The exportable vision tower at ``image_size``: pixel_values [P, 1176] -> image tokens [1, N, D].
         patch_matmul: the Conv3d patch embedding as the equal matmul over flattened patches (``FlatPatchEmbedding``:
-        for backends without 5-D convolution)."""
-        return StaticVisionEncoder(model, image_size, "matmul" if patch_matmul else "conv3d")
+        for backends without 5-D convolution). Qwen2.5-VL's window blocks run one batched attention per window size
+        (``BatchedWindowAttention``), not one per window."""
+        return StaticVisionEncoder(_inner(model).visual, image_size, "matmul" if patch_matmul else "conv3d")
 
     def prompt_image_start(self, tokenizer: Any, image_token_id: int) -> int:
         ids = list(tokenizer(qwen_prompt("?"))["input_ids"])
