@@ -68,7 +68,7 @@ from .executorch_layer_k import (
     RunnerState,
     SplitCacheTextDecoder,
 )
-from .memory import CheckpointPages, checkpoint_files, return_freed_memory_promptly
+from .memory import CheckpointPages, checkpoint_files, release_tracing_caches, return_freed_memory_promptly
 from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_layers, slot_mask
 
 PROGRAM_FILE = "model.pte"
@@ -424,6 +424,7 @@ def export_executorch(
         progress("serialise")
         write_program(edge, out_dir / PROGRAM_FILE)
         del edge
+        release_tracing_caches()  # its keys hold the lowered modules and, through them, every weight
     payload = build_export_config(
         options,
         random_weights=random_weights(model_dir),
