@@ -75,10 +75,12 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_memory(counts, options: ExportOptions, stored_dtype: str, available: int | None, stream: TextIO) -> None:
+def check_memory(counts, options: ExportOptions, stored_dtype: str, available: int | None, stream: TextIO,
+                 validate: bool = True) -> bool:
     """Say what the export needs (export/memory.py's measured model of its peak); refuse when the estimated peak
-    exceeds the free memory, saying what would fit."""
-    from .memory import BYTES_PER_PARAM, GIB, estimate_export_memory
+    exceeds the free memory, saying what would fit. Returns whether the validation that follows (``validate``) fits
+    too; when it does not, says so: the export is then written unchecked (``Validation skipped`` in the caller)."""
+    from .memory import BYTES_PER_PARAM, GIB, estimate_export_memory, estimate_validation_memory
 
     estimate = estimate_export_memory(counts, options, stored_dtype)
     weights = counts.total * BYTES_PER_PARAM[options.dtype]
@@ -87,8 +89,14 @@ def check_memory(counts, options: ExportOptions, stored_dtype: str, available: i
     held = f"{weights / GIB:.1f} GiB" if weights >= GIB / 10 else f"{weights / 2**20:.1f} MiB"
     print(f"model: {size} parameters, {options.dtype} weights {held}; "
           f"{options.target} export {estimate.describe()}; {have}", file=stream)
+    validation = estimate_validation_memory(counts, options, stored_dtype)
+    validation_fits = not validate or available is None or validation <= available
+    if not validation_fits:
+        print(f"note: validation needs ~{validation / GIB:.1f} GiB (running the written files, then the eager "
+              f"model), more than the {available / GIB:.1f} GiB available: the export will be written unchecked; "
+              "run it with pruner-run on a machine with more memory", file=stream)
     if available is None or estimate.peak <= available:
-        return
+        return validation_fits
     hints = []
     if options.dtype == "fp32" and stored_dtype != "fp32":
         hints.append(f"--dtype auto (the checkpoint's {stored_dtype}: no fp32 copy)")
@@ -197,10 +205,10 @@ def check_android_runnable(adapter, model_dir: Path, image_size: tuple[int, int]
 
 
 def check_and_describe(staging: Path, out: Path, model_dir: Path, options: ExportOptions, progress: Progress,
-                       stream: TextIO, tolerance: Tolerance | None) -> dict:
+                       stream: TextIO, tolerance: Tolerance | None, skipped: str | None = "--no-validate") -> dict:
     """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
-    ``tolerance`` is None (--no-validate), record the figures in export_config.json["validation"] (None when
-    skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
+    ``tolerance`` is None (``skipped``: why, "--no-validate" or "not enough memory"), record the figures in
+    export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
     caller's staging folder is then removed: nothing is written)."""
     from pruner_core.adapters.hub import random_weights
 
@@ -222,9 +230,9 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
         if not validation.passed:
             raise ExportError(failure_message(validation))
     else:
-        print("validation skipped (--no-validate): the written files were not run", file=stream)
+        print(f"validation skipped ({skipped}): the written files were not run", file=stream)
     config = read_export_config(staging)
-    config["validation"] = None if validation is None else validation.to_dict()
+    config["validation"] = {"skipped": skipped} if validation is None else validation.to_dict()
     write_json(staging / "export_config.json", config)
     write_card(staging, config, out, source_revision(model_dir, random_weights(model_dir)))
     return config
@@ -401,19 +409,21 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
             raise ExportError(str(error)) from None
     plans = resolved
     available = available_memory_bytes()
-    for options, _ in plans:
-        check_memory(adapter_for(model_dir).parameter_counts(model_dir), options, checkpoint_dtype(model_dir),
-                     available, stream)
+    validations = [check_memory(adapter_for(model_dir).parameter_counts(model_dir), options,
+                                checkpoint_dtype(model_dir), available, stream, validate=not args.no_validate)
+                   for options, _ in plans]
     written = []
-    for options, out in plans:
+    for (options, out), validation_fits in zip(plans, validations):
         export = exporter_for(options.target)
+        skipped = "--no-validate" if args.no_validate else None if validation_fits else "not enough memory"
         try:
             with staging_directory(out, overwrite=args.overwrite) as staging:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
                 payload = check_and_describe(staging, out, model_dir, options, progress, stream,
-                                             tolerance=None if args.no_validate else (
+                                             tolerance=None if skipped else (
                                                  tolerance or tolerance_for(options.dtype, options.quantize,
-                                                                            options.quantize_vision)))
+                                                                            options.quantize_vision)),
+                                             skipped=skipped)
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
         summarise(out, payload, progress.finish(), stream, notes)

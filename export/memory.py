@@ -158,6 +158,14 @@ INT4_BYTES_PER_PARAM = 0.5 + 2 / 32  # 4-bit weights + one 16-bit scale per grou
 QUANTIZED_FLOAT_SHARE = 0.5
 
 
+# Validation (export/validate.py, on by default) runs the written files, then the eager reference, one at a time in
+# the exporter's process. Running them: the peak RSS of `pruner-run` per byte of the files' weights, measured by the
+# benchmarks (README): an XNNPACK .pte 3.1x (the mapped program plus XNNPACK's packed copy of the weights; LLaVA-1.5-7B
+# widths fp32 13.9 GB for 4.51 GB, 8da4w at full depth 12.6 GiB for 4.0; Qwen2.5-VL-3B widths 12.1 GB for 3.91),
+# onnxruntime 1.7x (Qwen2.5-VL-3B widths 6.2-6.6 GB for 3.94 GB).
+RUN_BYTES_PER_FILE_BYTE = {"executorch": 3.1, "onnx": 1.7}
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """What an export holds at its peak, in bytes, by part."""
@@ -202,3 +210,14 @@ def estimate_export_memory(counts: Any, options: Any, stored_dtype: str) -> Memo
         working = 2 * largest  # one decoder graph at either placement (layer K prunes inside it)
     base = BASE_BYTES[options.target] + GRAPH_BYTES_PER_LAYER[options.target] * layers
     return MemoryEstimate(base=base, output=output, held=held, working=working)
+
+
+def estimate_validation_memory(counts: Any, options: Any, stored_dtype: str) -> int:
+    """The peak resident bytes of the validation after an export (same arguments as ``estimate_export_memory``):
+    the exporter, plus the larger of running the written files (``RUN_BYTES_PER_FILE_BYTE`` times their weights) and
+    the eager reference in the export's dtype (every weight, a converted copy when the checkpoint is stored in
+    another dtype). A measured model (see the constants)."""
+    export = estimate_export_memory(counts, options, stored_dtype)
+    run = int(RUN_BYTES_PER_FILE_BYTE[options.target] * export.output)
+    eager = counts.total * BYTES_PER_PARAM[options.dtype]
+    return export.base + max(run, eager)

@@ -91,7 +91,7 @@ def test_model_card_lists_files_sizes_placement_and_how_to_run(llava_onnx):
 def test_no_validate_skips_and_says_so(qwen_unvalidated):
     folder, printed = qwen_unvalidated
     config = json.loads((folder / "export_config.json").read_text())
-    assert config["validation"] is None and "validation skipped (--no-validate)" in printed
+    assert config["validation"] == {"skipped": "--no-validate"} and "validation skipped (--no-validate)" in printed
     assert "validation passed" not in printed and "validation FAILED" not in printed
     card = (folder / CARD_FILE).read_text()
     assert "Not validated: exported with `--no-validate`." in card
@@ -174,3 +174,53 @@ def test_source_revision(tmp_path):
     assert source_revision(snapshot, False) == f"llava-hf/llava-1.5-7b-hf at commit {'a' * 40}"
     assert source_revision(snapshot, True) == "random weights, tiny"
     assert "no hub revision" in source_revision(tmp_path, False)
+
+
+def seven_b_counts():
+    """LLaVA-1.5-7B's parameters by part, by config arithmetic (CLIP ViT-L/14-336 + projector; Llama-2-7B layers)."""
+    from pruner_core.adapters.base import ParameterCounts
+
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
+    return ParameterCounts(vision=303_507_456 + 21_000_192, decoder_layer=layer, decoder_layers=32,
+                           embedding=32064 * 4096, lm_head=32064 * 4096, other=4096)
+
+
+@pytest.mark.parametrize("quantize, validation_fits", [("none", False), ("8da4w", True)])
+def test_validation_that_does_not_fit_is_announced(quantize, validation_fits):
+    """LLaVA-1.5-7B in fp16 on a 22 GiB machine: the export fits either way; running the unquantized fp16 .pte
+    (the mapped program plus XNNPACK's packed copy: ~3x its 13 GiB) does not, so the export is to be written
+    unchecked, with a note; the 8da4w one's validation fits (the eager fp16 model, 13 GiB, is its larger half)."""
+    from export.cli import check_memory
+    from export.memory import GIB, estimate_export_memory, estimate_validation_memory
+
+    counts = seven_b_counts()
+    options = ExportOptions(model="m", target="executorch", pruner=PrunerConfig(keep=0.12, layer=2), dtype="fp16",
+                            quantize=quantize)
+    available = 22 * GIB
+    assert estimate_export_memory(counts, options, "fp16").peak < available
+    validation = estimate_validation_memory(counts, options, "fp16")
+    assert validation > counts.total * 2  # at least the eager fp16 weights
+    stream = io.StringIO()
+    assert check_memory(counts, options, "fp16", available, stream) is validation_fits
+    assert ("validation needs" in stream.getvalue()) is not validation_fits
+    if not validation_fits:
+        assert validation > 3 * estimate_export_memory(counts, options, "fp16").output
+        assert "written unchecked" in stream.getvalue() and "pruner-run" in stream.getvalue()
+    quiet = io.StringIO()  # --no-validate: nothing to announce
+    assert check_memory(counts, options, "fp16", available, quiet, validate=False)
+    assert "validation needs" not in quiet.getvalue()
+
+
+def test_an_export_whose_validation_does_not_fit_is_written_unchecked(cache, tmp_path, monkeypatch):
+    """Through the CLI, with the validation's estimate above the free memory and a tolerance nothing meets: the
+    export is written (so validation really did not run), and says why in what it prints, export_config.json and
+    the model card."""
+    import export.memory
+
+    monkeypatch.setattr(export.memory, "estimate_validation_memory", lambda *args: 1 << 60)
+    folder, printed = cli_export(["--model", "tiny-llava", "--keep", "0.12", "--prune-layer", "0", "--target", "onnx",
+                                  "--out", str(tmp_path / "unchecked")], cache, tolerance=Tolerance(0.0))
+    assert "validation needs" in printed and "validation skipped (not enough memory)" in printed
+    config = json.loads((folder / "export_config.json").read_text())
+    assert config["validation"] == {"skipped": "not enough memory"}
+    assert "Not validated (not enough memory)" in (folder / CARD_FILE).read_text()
