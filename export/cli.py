@@ -208,8 +208,9 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
                        stream: TextIO, tolerance: Tolerance | None, skipped: str | None = "--no-validate") -> dict:
     """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
     ``tolerance`` is None (``skipped``: why, "--no-validate" or "not enough memory"), record the figures in
-    export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
-    caller's staging folder is then removed: nothing is written)."""
+    export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the
+    config. ExportError when validation fails or cannot run (the caller's staging folder is then removed: nothing is
+    written)."""
     from pruner_core.adapters.hub import random_weights
 
     from .common import read_export_config, write_json
