@@ -89,13 +89,14 @@ def check_memory(counts, options: ExportOptions, stored_dtype: str, available: i
     held = f"{weights / GIB:.1f} GiB" if weights >= GIB / 10 else f"{weights / 2**20:.1f} MiB"
     print(f"model: {size} parameters, {options.dtype} weights {held}; "
           f"{options.target} export {estimate.describe()}; {have}", file=stream)
-    validation = estimate_validation_memory(counts, options, stored_dtype)
-    validation_fits = not validate or available is None or validation <= available
-    if not validation_fits:
-        print(f"note: validation needs ~{validation / GIB:.1f} GiB (running the written files, then the eager "
-              f"model), more than the {available / GIB:.1f} GiB available: the export will be written unchecked; "
-              "run it with pruner-run on a machine with more memory", file=stream)
     if available is None or estimate.peak <= available:
+        validation = estimate_validation_memory(counts, options, stored_dtype)
+        validation_fits = not validate or available is None or validation <= available
+        if not validation_fits:
+            print(f"note: validation of the {options.target} export needs ~{validation / GIB:.1f} GiB (running the "
+                  f"written files, then the eager model), more than the {available / GIB:.1f} GiB available: that "
+                  "export will be written unchecked; run it with pruner-run on a machine with more memory",
+                  file=stream)
         return validation_fits
     hints = []
     if options.dtype == "fp32" and stored_dtype != "fp32":
@@ -208,8 +209,9 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
                        stream: TextIO, tolerance: Tolerance | None, skipped: str | None = "--no-validate") -> dict:
     """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
     ``tolerance`` is None (``skipped``: why, "--no-validate" or "not enough memory"), record the figures in
-    export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the config. ExportError when validation fails or cannot run (the
-    caller's staging folder is then removed: nothing is written)."""
+    export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the
+    config. ExportError when validation fails or cannot run (the caller's staging folder is then removed: nothing is
+    written)."""
     from pruner_core.adapters.hub import random_weights
 
     from .common import read_export_config, write_json

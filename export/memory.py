@@ -117,8 +117,8 @@ def release_tracing_caches() -> None:
     configs' module-level ``WhyNoPartition`` reporters (each keeps the last node it rejected), torch's fake-tensor
     dispatch cache (``FakeTensorMode.cache_clear``: its keys hold cached ops' arguments, delegate modules among
     them) and the ``lru_cache``s on ``ShapeEnv``'s methods (keyed by the ShapeEnv, whose own fake-tensor cache holds
-    the same keys). Measured: a Qwen2.5-VL-3B-width export still held all 3.6 GiB of its weights after writing the ``.pte``,
-    under the validation that runs next. Call once a program is written; the next export fills them again."""
+    the same keys). Measured: a Qwen2.5-VL-3B-width export still held all 3.6 GiB of its weights after writing the
+    ``.pte``, under the validation that runs next. Call once a program is written; the next export fills them again."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
