@@ -89,13 +89,14 @@ def check_memory(counts, options: ExportOptions, stored_dtype: str, available: i
     held = f"{weights / GIB:.1f} GiB" if weights >= GIB / 10 else f"{weights / 2**20:.1f} MiB"
     print(f"model: {size} parameters, {options.dtype} weights {held}; "
           f"{options.target} export {estimate.describe()}; {have}", file=stream)
-    validation = estimate_validation_memory(counts, options, stored_dtype)
-    validation_fits = not validate or available is None or validation <= available
-    if not validation_fits:
-        print(f"note: validation needs ~{validation / GIB:.1f} GiB (running the written files, then the eager "
-              f"model), more than the {available / GIB:.1f} GiB available: the export will be written unchecked; "
-              "run it with pruner-run on a machine with more memory", file=stream)
     if available is None or estimate.peak <= available:
+        validation = estimate_validation_memory(counts, options, stored_dtype)
+        validation_fits = not validate or available is None or validation <= available
+        if not validation_fits:
+            print(f"note: validation of the {options.target} export needs ~{validation / GIB:.1f} GiB (running the "
+                  f"written files, then the eager model), more than the {available / GIB:.1f} GiB available: that "
+                  "export will be written unchecked; run it with pruner-run on a machine with more memory",
+                  file=stream)
         return validation_fits
     hints = []
     if options.dtype == "fp32" and stored_dtype != "fp32":

@@ -202,13 +202,26 @@ def test_validation_that_does_not_fit_is_announced(quantize, validation_fits):
     assert validation > counts.total * 2  # at least the eager fp16 weights
     stream = io.StringIO()
     assert check_memory(counts, options, "fp16", available, stream) is validation_fits
-    assert ("validation needs" in stream.getvalue()) is not validation_fits
+    assert ("validation of the executorch export needs" in stream.getvalue()) is not validation_fits
     if not validation_fits:
         assert validation > 3 * estimate_export_memory(counts, options, "fp16").output
         assert "written unchecked" in stream.getvalue() and "pruner-run" in stream.getvalue()
     quiet = io.StringIO()  # --no-validate: nothing to announce
     assert check_memory(counts, options, "fp16", available, quiet, validate=False)
-    assert "validation needs" not in quiet.getvalue()
+    assert "validation" not in quiet.getvalue()
+
+
+def test_an_export_that_does_not_fit_is_refused_without_the_validation_note():
+    """When the export itself does not fit, check_memory refuses it: no note that it "will be written unchecked"
+    (it will not be written at all)."""
+    from export.cli import check_memory
+    from export.memory import GIB
+
+    options = ExportOptions(model="m", target="executorch", pruner=PrunerConfig(keep=0.12, layer=2), dtype="fp16")
+    stream = io.StringIO()
+    with pytest.raises(ExportError, match="not enough memory"):
+        check_memory(seven_b_counts(), options, "fp16", 8 * GIB, stream)
+    assert "written unchecked" not in stream.getvalue()
 
 
 def test_an_export_whose_validation_does_not_fit_is_written_unchecked(cache, tmp_path, monkeypatch):
@@ -220,7 +233,7 @@ def test_an_export_whose_validation_does_not_fit_is_written_unchecked(cache, tmp
     monkeypatch.setattr(export.memory, "estimate_validation_memory", lambda *args: 1 << 60)
     folder, printed = cli_export(["--model", "tiny-llava", "--keep", "0.12", "--prune-layer", "0", "--target", "onnx",
                                   "--out", str(tmp_path / "unchecked")], cache, tolerance=Tolerance(0.0))
-    assert "validation needs" in printed and "validation skipped (not enough memory)" in printed
+    assert "validation of the onnx export needs" in printed and "validation skipped (not enough memory)" in printed
     config = json.loads((folder / "export_config.json").read_text())
     assert config["validation"] == {"skipped": "not enough memory"}
     assert "Not validated (not enough memory)" in (folder / CARD_FILE).read_text()
