@@ -19,6 +19,17 @@ REGIMES = ("orthogonal", "moderate", "similar", "clustered", "duplicates", "real
 PATCH = 14
 
 
+# LLaVA-1.5-7B's config.json as llava-hf ships it, the parts parameter counts and geometry read (no weights)
+LLAVA_7B_CONFIG = {
+    "model_type": "llava",
+    "text_config": {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "patch_size": 14,
+                      "num_attention_heads": 16, "projection_dim": 768,
+                      "image_size": 336},
+}
+
+
 @dataclass(frozen=True)
 class Case:
     index: int

@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 
 from pruner_core.config import Keep
+from cases import LLAVA_7B_CONFIG
 from export.cli import ExportError, build_parser, default_out, main, parse_keep, run
-
-LLAVA_7B_CONFIG = {
-    "model_type": "llava",
-    "text_config": {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,
-                    "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32064},
-    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "patch_size": 14,
-                      "num_attention_heads": 16, "projection_dim": 768,
-                      "image_size": 336},
-}
 
 
 def run_cli(argv: list[str], tmp_path: Path) -> tuple[int, str]:

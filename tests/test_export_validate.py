@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cases import LLAVA_7B_CONFIG
 from onnx import numpy_helper
 
 from export.cli import ExportError, build_parser, check_and_describe, run
@@ -176,24 +177,25 @@ def test_source_revision(tmp_path):
     assert "no hub revision" in source_revision(tmp_path, False)
 
 
-def seven_b_counts():
-    """LLaVA-1.5-7B's parameters by part, by config arithmetic (CLIP ViT-L/14-336 + projector; Llama-2-7B layers)."""
-    from pruner_core.adapters.base import ParameterCounts
+@pytest.fixture(scope="module")
+def seven_b_counts(tmp_path_factory):
+    """LLaVA-1.5-7B's parameters by part, as pruner-export counts them from its config.json alone."""
+    from pruner_core.adapters import adapter_for
 
-    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
-    return ParameterCounts(vision=303_507_456 + 21_000_192, decoder_layer=layer, decoder_layers=32,
-                           embedding=32064 * 4096, lm_head=32064 * 4096, other=4096)
+    model = tmp_path_factory.mktemp("llava-7b-config")
+    (model / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
+    return adapter_for(model).parameter_counts(model)
 
 
 @pytest.mark.parametrize("quantize, validation_fits", [("none", False), ("8da4w", True)])
-def test_validation_that_does_not_fit_is_announced(quantize, validation_fits):
+def test_validation_that_does_not_fit_is_announced(seven_b_counts, quantize, validation_fits):
     """LLaVA-1.5-7B in fp16 on a 22 GiB machine: the export fits either way; running the unquantized fp16 .pte
     (the mapped program plus XNNPACK's packed copy: ~3x its 13 GiB) does not, so the export is to be written
     unchecked, with a note; the 8da4w one's validation fits (the eager fp16 model, 13 GiB, is its larger half)."""
     from export.cli import check_memory
     from export.memory import GIB, estimate_export_memory, estimate_validation_memory
 
-    counts = seven_b_counts()
+    counts = seven_b_counts
     options = ExportOptions(model="m", target="executorch", pruner=PrunerConfig(keep=0.12, layer=2), dtype="fp16",
                             quantize=quantize)
     available = 22 * GIB
@@ -211,7 +213,7 @@ def test_validation_that_does_not_fit_is_announced(quantize, validation_fits):
     assert "validation" not in quiet.getvalue()
 
 
-def test_an_export_that_does_not_fit_is_refused_without_the_validation_note():
+def test_an_export_that_does_not_fit_is_refused_without_the_validation_note(seven_b_counts):
     """When the export itself does not fit, check_memory refuses it: no note that it "will be written unchecked"
     (it will not be written at all)."""
     from export.cli import check_memory
@@ -220,7 +222,7 @@ def test_an_export_that_does_not_fit_is_refused_without_the_validation_note():
     options = ExportOptions(model="m", target="executorch", pruner=PrunerConfig(keep=0.12, layer=2), dtype="fp16")
     stream = io.StringIO()
     with pytest.raises(ExportError, match="not enough memory"):
-        check_memory(seven_b_counts(), options, "fp16", 8 * GIB, stream)
+        check_memory(seven_b_counts, options, "fp16", 8 * GIB, stream)
     assert "written unchecked" not in stream.getvalue()
 
 

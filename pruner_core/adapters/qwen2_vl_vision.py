@@ -78,10 +78,9 @@ class BatchedWindowAttention(nn.Module):
         self.attention = attention
         groups = window_groups(cu_seqlens)
         order = np.concatenate([group.reshape(-1) for group in groups])  # [P] position of each batched row
-        self.in_order = bool(np.array_equal(order, np.arange(order.size)))
-        self.lengths = [group.shape[1] for group in groups]
-        for i, group in enumerate(groups):
-            self.register_buffer(f"group_{i}", torch.from_numpy(group.reshape(-1)), persistent=False)  # [n * L]
+        self.in_order = bool(np.array_equal(order, np.arange(order.size)))  # then no gather, no restore
+        self.groups = [(group.size, group.shape[1]) for group in groups]  # (rows n * L, window length L)
+        self.register_buffer("order", torch.from_numpy(order), persistent=False)  # [P]
         self.register_buffer("restore", torch.from_numpy(np.argsort(order, kind="stable")), persistent=False)  # [P]
         modeling = importlib.import_module(type(attention).__module__)
         self._rotary, self._eager = modeling.apply_rotary_pos_emb_vision, modeling.eager_attention_forward
@@ -94,11 +93,13 @@ class BatchedWindowAttention(nn.Module):
         length = hidden_states.shape[0]
         q, k, v = attn.qkv(hidden_states).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = self._rotary(q, k, *position_embeddings)  # each [P, H, d]
+        if not self.in_order:  # rows in batched order: the groups one after another
+            q, k, v = (x.index_select(0, self.order) for x in (q, k, v))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self._eager)
+        sizes = [rows for rows, _ in self.groups]
         outputs = []
-        for i, window in enumerate(self.lengths):
-            batch = [self._gather(x, i).reshape(-1, window, attn.num_heads, x.shape[-1]).transpose(1, 2)
-                     for x in (q, k, v)]  # each [n, H, L, d]
+        for (_, window), *batch in zip(self.groups, *(x.split(sizes) for x in (q, k, v))):
+            batch = [x.reshape(-1, window, *x.shape[1:]).transpose(1, 2) for x in batch]  # each [n, H, L, d]
             out = attention(attn, *batch, attention_mask=None, scaling=attn.scaling, dropout=0.0,
                             is_causal=False, **kwargs)[0]  # [n, L, H, d]
             outputs.append(out.reshape(-1, out.shape[-2] * out.shape[-1]))  # [n * L, E]
@@ -106,9 +107,6 @@ class BatchedWindowAttention(nn.Module):
         if not self.in_order:
             out = out.index_select(0, self.restore)
         return attn.proj(out)
-
-    def _gather(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        return x if self.in_order and len(self.lengths) == 1 else x.index_select(0, getattr(self, f"group_{group}"))
 
 
 class StaticVisionEncoder(nn.Module):
