@@ -120,11 +120,11 @@ def release_tracing_caches() -> None:
     them) and the ``lru_cache``s on ``ShapeEnv``'s methods (keyed by the ShapeEnv, whose own fake-tensor cache holds
     the same keys). Measured: a Qwen2.5-VL-3B-width export still held all 3.6 GiB of its weights after writing the
     ``.pte``, under the validation that runs next. Then the fake-tensor caches of every ShapeEnv still alive (some
-    outlive the export: at 7B widths with 8da4w they held the traced programs' quantized weights, 1.2 GiB of a
-    4-layer model's 2.2 GiB left after the export) and a full collection: the lowered programs sit in reference
-    cycles, which Python's collector, counting objects rather than bytes, may not reach before validation allocates
-    its own weights (a 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 1.0 GiB after this). Call once
-    a program is written; the next export fills them again."""
+    outlive the export and keep its traced programs' weights: a full-depth LLaVA-7B 8da4w
+    export was killed for memory in the validation after it) and a full collection (the lowered programs sit in
+    reference cycles, which Python's collector, counting objects rather than bytes, may not reach before the caller
+    allocates again). A 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 2.2 GiB after a collection
+    alone, 1.0 GiB after this. Call once a program is written; the next export fills them again."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -133,7 +133,7 @@ def release_tracing_caches() -> None:
         if callable(getattr(method, "cache_clear", None)):
             method.cache_clear()
     for obj in gc.get_objects():
-        if isinstance(obj, ShapeEnv):
+        if issubclass(type(obj), ShapeEnv):  # not isinstance: some objects warn when their __class__ is read
             obj.fake_tensor_cache.clear()
     backend_utils = sys.modules.get("executorch.exir.backend.utils")  # only where an ExecuTorch export ran
     if backend_utils is not None:
