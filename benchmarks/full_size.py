@@ -14,6 +14,13 @@ Settings (all ExecuTorch, XNNPACK, dtype auto = fp16):
     k64-layer0-8da4w    64 of 576 before the LLM, 8da4w
     k64-layer2-8da4w    64 of 576 at layer 2, 8da4w
 
+Exports run with --no-validate: the checkpoint's weights are random, and at full depth the 8da4w export's logits no
+longer follow the fp16 eager model's (measured: logit correlation 0.07 at the first step, k64-layer0-8da4w; the
+tolerance asks 0.5), so validation refuses it and nothing is left to run (random weights cannot tell quantization
+noise compounded over 32 random layers from a fault); and the fp16 `.pte`'s validation needs more
+memory than this machine has (pruner-export says so and skips it). With validation, k64-layer0-8da4w peaked at
+18.2 GiB, export and validation together (README "Export memory").
+
 Each export takes tens of minutes and most of the machine's memory: run nothing else alongside. Results go to
 --out (JSON) as each setting finishes; a setting already there is skipped (resumable).
 """
@@ -83,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         folder = args.work_dir / name
         code, wall, peak = child_peak("export.cli", ["--model", model.resolve(), *SETTINGS[name], "--target",
-                                                     "executorch", "--out", folder, "--overwrite"],
+                                                     "executorch", "--out", folder, "--overwrite", "--no-validate"],
                                       args.work_dir / f"{name}-export.log")
         row = {"argv": SETTINGS[name], "export_rc": code, "export_wall_s": round(wall, 1),
                "export_peak_rss_gib": peak and round(peak / 2**30, 2)}
         if code == 0:
             row["pte_gib"] = round((folder / "model.pte").stat().st_size / 2**30, 2)
             run_json = args.work_dir / f"{name}-run.json"  # pruner-run --json: stdout is the JSON object alone
-            code, wall, peak = child_peak("runtime.cli", [folder, "--image", "astronaut", "--prompt",
-                                                          "What is in the picture?", "--max-new-tokens", "16", "--json"],
-                                          args.work_dir / f"{name}-run.log", stdout=run_json)
+            run_args = [folder, "--image", "astronaut", "--prompt", "What is in the picture?", "--max-new-tokens", "16",
+                        "--json"]
+            code, wall, peak = child_peak("runtime.cli", run_args, args.work_dir / f"{name}-run.log", stdout=run_json)
             profile = json.loads(run_json.read_text()) if code == 0 else {}
             row |= {"run_rc": code, "run_peak_rss_gib": peak and round(peak / 2**30, 2),
                     **{key: profile.get(key) for key in ("time_to_first_token_ms", "prefill_ms", "vision_ms",
