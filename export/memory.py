@@ -120,10 +120,10 @@ def release_tracing_caches() -> None:
     them) and the ``lru_cache``s on ``ShapeEnv``'s methods (keyed by the ShapeEnv, whose own fake-tensor cache holds
     the same keys). Measured: a Qwen2.5-VL-3B-width export still held all 3.6 GiB of its weights after writing the
     ``.pte``, under the validation that runs next. Then the fake-tensor caches of every ShapeEnv still alive (some
-    outlive the export and keep its traced programs' weights: a full-depth LLaVA-7B 8da4w
-    export was killed for memory in the validation after it) and a full collection (the lowered programs sit in
-    reference cycles, which Python's collector, counting objects rather than bytes, may not reach before the caller
-    allocates again). A 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 2.2 GiB after a collection
+    outlive the export and keep its traced programs' weights: a full-depth LLaVA-7B 8da4w export was killed for
+    memory in the validation after it) are cleared, and a full collection runs (the lowered programs sit in reference
+    cycles, which Python's collector, counting objects rather than bytes, may not reach before the caller allocates
+    again). A 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 2.2 GiB after a collection
     alone, 1.0 GiB after this. Call once a program is written; the next export fills them again."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv

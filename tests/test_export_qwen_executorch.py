@@ -115,8 +115,9 @@ def test_an_export_lets_go_of_its_weights(zoo, tmp_path):
     (export/memory.py release_tracing_caches) had kept every lowered program alive, which at Qwen2.5-VL-3B widths
     held all 3.6 GiB of weights under the validation; the ShapeEnvs that outlive an 8da4w export kept its quantized
     weights in their fake-tensor caches, and lowering in several passes (``lowering_slice_bytes``) leaves the programs
-    in reference cycles (at LLaVA-7B widths, 4 layers, 8da4w: 3.5 GiB resident after writing, 1.0 GiB since). A few
-    small parameters stay referenced from a tracing cycle torch keeps (measured: no large ones)."""
+    in reference cycles (at LLaVA-7B widths, 4 layers, 8da4w: 3.5 GiB resident after writing, 1.0 GiB with the
+    ShapeEnv caches cleared and a collection). Measured here: 0 bytes alive; 24 % without either step, 0.15 % with the
+    collection alone: at tiny widths this test guards the collection; the ShapeEnv clearing changes only 0.15 %."""
     out = tmp_path / "export"
     out.mkdir()
     done = subprocess.run([sys.executable, "-c", WEIGHTS_ALIVE_SCRIPT, str(zoo["tiny-qwen2.5-vl"]), str(out)],
