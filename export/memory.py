@@ -133,8 +133,9 @@ def release_tracing_caches() -> None:
         if callable(getattr(method, "cache_clear", None)):
             method.cache_clear()
     for obj in gc.get_objects():
-        if issubclass(type(obj), ShapeEnv):  # not isinstance: some objects warn when their __class__ is read
-            obj.fake_tensor_cache.clear()
+        cache = getattr(obj, "fake_tensor_cache", None) if issubclass(type(obj), ShapeEnv) else None  # type(): some
+        if cache is not None:  # objects warn when their __class__ is read (isinstance)
+            cache.clear()
     backend_utils = sys.modules.get("executorch.exir.backend.utils")  # only where an ExecuTorch export ran
     if backend_utils is not None:
         backend_utils.is_same_node.cache_clear()

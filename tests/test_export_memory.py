@@ -14,7 +14,7 @@ from torch import nn
 
 from export.common import checkpoint_dtype, resolve_dtype
 from export.lowering import LayerPass, SharedNamedData, layer_key, layer_passes
-from export.memory import CheckpointPages, mapped_ranges
+from export.memory import CheckpointPages, mapped_ranges, release_tracing_caches
 
 
 class Stack(nn.Module):
@@ -134,8 +134,22 @@ def test_deciding_partitioner_skips_the_check_only_when_every_op_passes(traced):
     ops, check = slice_partitioner(everything, True).ops_to_not_decompose(program)
     linears = [n for n in program.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default]
     assert torch.ops.aten.linear.default in ops and len(linears) == 6 and check is None
-    odd = torch.export.export(InputWeight(), (torch.randn(2, 8), torch.randn(4, 8)), strict=False).run_decompositions({})
+    odd = torch.export.export(InputWeight(), (torch.randn(2, 8), torch.randn(4, 8)), strict=False)
+    odd = odd.run_decompositions({})
     ops, check = slice_partitioner(everything, True).ops_to_not_decompose(odd)
     node = next(n for n in odd.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default)
     assert check is not None and not check(node)
     assert slice_partitioner(everything, False).ops_to_not_decompose(odd)[1] is None
+
+
+def test_release_tracing_caches_empties_live_shape_envs_fake_tensor_caches():
+    """A ShapeEnv that outlives an export keeps cached fake-tensor results, and through their keys the traced weights
+    (a full-depth LLaVA-7B 8da4w export was killed for memory in the validation after it): release_tracing_caches
+    empties the cache of every ShapeEnv still alive."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    weight = torch.zeros(4, 4)
+    env.fake_tensor_cache["key holding a weight"] = weight
+    release_tracing_caches()
+    assert env.fake_tensor_cache == {}
