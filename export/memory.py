@@ -123,8 +123,8 @@ def release_tracing_caches() -> None:
     outlive the export and keep its traced programs' weights: a full-depth LLaVA-7B 8da4w export was killed for
     memory in the validation after it) are cleared, and a full collection runs (the lowered programs sit in reference
     cycles, which Python's collector, counting objects rather than bytes, may not reach before the caller allocates
-    again). A 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 2.2 GiB after a collection
-    alone, 1.0 GiB after this. Call once a program is written; the next export fills them again."""
+    again). A 4-layer 7B-width 8da4w export: 3.5 GiB resident after writing, 2.2 GiB after a collection alone, 1.0
+    GiB after this. Call once a program is written; the next export fills them again."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
