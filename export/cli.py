@@ -206,9 +206,9 @@ def check_android_runnable(adapter, model_dir: Path, image_size: tuple[int, int]
 
 
 def check_and_describe(staging: Path, out: Path, model_dir: Path, options: ExportOptions, progress: Progress,
-                       stream: TextIO, tolerance: Tolerance | None, skipped: str | None = "--no-validate") -> dict:
-    """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model unless
-    ``tolerance`` is None (``skipped``: why, "--no-validate" or "not enough memory"), record the figures in
+                       stream: TextIO, tolerance: Tolerance, skipped: str | None = None) -> dict:
+    """After an export wrote ``staging`` (to become ``out``): validate it against the eager pruned model within
+    ``tolerance`` unless ``skipped`` says why not ("--no-validate" or "not enough memory"), record the figures in
     export_config.json["validation"] (``{"skipped": why}`` when skipped), write the README.md model card -> the
     config. ExportError when validation fails or cannot run (the caller's staging folder is then removed: nothing is
     written)."""
@@ -219,7 +219,7 @@ def check_and_describe(staging: Path, out: Path, model_dir: Path, options: Expor
     from .validate import failure_message, validate_export
 
     validation = None
-    if tolerance is not None:
+    if skipped is None:
         progress("validate")
         gc.collect()  # the exporter's model copies go before the export and its eager reference are loaded
         try:
@@ -421,11 +421,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         try:
             with staging_directory(out, overwrite=args.overwrite) as staging:
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
-                payload = check_and_describe(staging, out, model_dir, options, progress, stream,
-                                             tolerance=None if skipped else (
-                                                 tolerance or tolerance_for(options.dtype, options.quantize,
-                                                                            options.quantize_vision)),
-                                             skipped=skipped)
+                payload = check_and_describe(staging, out, model_dir, options, progress, stream, skipped=skipped,
+                                             tolerance=tolerance or tolerance_for(options.dtype, options.quantize,
+                                                                                  options.quantize_vision))
         except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
             raise ExportError(str(error)) from None
         summarise(out, payload, progress.finish(), stream, notes)

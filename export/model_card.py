@@ -49,11 +49,12 @@ def _bound(value: float | None, words: str) -> str:
 
 
 def _validation_lines(validation: dict[str, Any] | None) -> list[str]:
-    if validation is None or "skipped" in validation:  # None: an export from before the reason was recorded
-        why = (validation or {}).get("skipped", "--no-validate")
-        return ["Not validated: exported with `--no-validate`." if why == "--no-validate" else
-                f"Not validated ({why}): pruner-export estimated that running this folder and the eager model needs "
-                "more memory than the exporting machine had. Run it with `pruner-run` where it fits."]
+    validation = validation or {"skipped": "--no-validate"}  # None: a config from before the reason was recorded
+    if validation.get("skipped") == "--no-validate":
+        return ["Not validated: exported with `--no-validate`."]
+    if "skipped" in validation:
+        return [f"Not validated ({validation['skipped']}): pruner-export estimated that running this folder and the "
+                "eager model needs more memory than the exporting machine had. Run it with `pruner-run` where it fits."]
     tolerance = validation["tolerance"]
     tokens = "every greedy token identical" if tolerance["tokens_must_agree"] else "reported only (quantized)"
     return [
