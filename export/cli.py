@@ -349,6 +349,8 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     tolerance: what validation requires instead of ``tolerance_for(dtype, quantize, quantize_vision)`` (tests)."""
     from pruner_core.adapters import adapter_for, resolve_model
 
+    from .memory import fewer_collections
+
     stream = stream or sys.stderr
     if args.prune_layer < 0:
         raise ExportError(f"--prune-layer {args.prune_layer}: give a decoder layer K >= 0 (0 = before the LLM, 2 = "
@@ -419,7 +421,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         export = exporter_for(options.target)
         skipped = "--no-validate" if args.no_validate else None if validation_fits else "not enough memory"
         try:
-            with staging_directory(out, overwrite=args.overwrite) as staging:
+            with staging_directory(out, overwrite=args.overwrite) as staging, fewer_collections():
                 payload = export(model_dir, staging, options, model_id=args.model, progress=progress)
                 payload = check_and_describe(staging, out, model_dir, options, progress, stream, skipped=skipped,
                                              tolerance=tolerance or tolerance_for(options.dtype, options.quantize,

@@ -18,7 +18,7 @@ from torch import nn
 from pruner_core.primitives import stable_argsort
 
 from .common import ExportOptions
-from .lowering import SharedNamedData, layer_passes, slice_partitioner
+from .lowering import LoweringMemory, layer_passes, slice_partitioner
 
 QUANT_GROUP_SIZE = 128  # torchao 8da4w group size, as ExecuTorch's LLaVA / Llama exports
 
@@ -35,13 +35,13 @@ class BackendUnavailableError(ImportError):
 @dataclass(frozen=True)
 class BackendRecipe:
     """How one ExecuTorch backend lowers a method: ``check`` raises before any work; ``partitioners(options,
-    method, program, shared)`` is called per method with its traced program and the program's ``SharedNamedData``,
+    method, program, memory)`` is called per method with its traced program and the program's ``LoweringMemory``,
     and returns the lowering passes, each a list of partitioners applied in order (partitioner objects keep state;
     see ``lower``)."""
 
     name: str
     check: Callable[[ExportOptions], None]
-    partitioners: Callable[[ExportOptions, str, torch.export.ExportedProgram, SharedNamedData], list[list]]
+    partitioners: Callable[[ExportOptions, str, torch.export.ExportedProgram, LoweringMemory], list[list]]
 
 
 def _check_nothing(options: ExportOptions) -> None:
@@ -51,7 +51,7 @@ def _check_nothing(options: ExportOptions) -> None:
 
 
 def _xnnpack_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
-                          shared: SharedNamedData) -> list[list]:
+                          memory: LoweringMemory) -> list[list]:
     """One pass per slice of layers (export/lowering.py: bounds the backend's working copy of the weights)."""
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 
@@ -59,10 +59,10 @@ def _xnnpack_partitioners(options: ExportOptions, method: str, program: torch.ex
     if options.quantize == "8da4w" or options.quantize_vision == "int8":
         # dynamically quantised linears first, one per partition (keeps one unpacked weight in memory at a time),
         # then everything else, as ExecuTorch's LLaVA export does
-        return [[slice_partitioner(p, i == 0, shared, config_precisions=ConfigPrecisionType.DYNAMIC_QUANT,
+        return [[slice_partitioner(p, i == 0, memory, config_precisions=ConfigPrecisionType.DYNAMIC_QUANT,
                                    per_op_mode=True),
-                 slice_partitioner(p, i == 0, shared)] for i, p in enumerate(passes)]
-    return [[slice_partitioner(p, i == 0, shared)] for i, p in enumerate(passes)]
+                 slice_partitioner(p, i == 0, memory)] for i, p in enumerate(passes)]
+    return [[slice_partitioner(p, i == 0, memory)] for i, p in enumerate(passes)]
 
 
 def _check_portable(options: ExportOptions) -> None:
@@ -90,7 +90,7 @@ def _check_coreml(options: ExportOptions) -> None:
 
 
 def _coreml_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
-                          shared: SharedNamedData) -> list[list]:
+                          memory: LoweringMemory) -> list[list]:
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
     return [[CoreMLPartitioner()]]
@@ -121,7 +121,7 @@ def _check_qnn(options: ExportOptions) -> None:
 
 
 def _qnn_partitioners(options: ExportOptions, method: str, program: torch.export.ExportedProgram,
-                          shared: SharedNamedData) -> list[list]:
+                          memory: LoweringMemory) -> list[list]:
     # Untested here (needs the SDK): HTP in fp16 for a Snapdragon 8 Gen 3 (SM8650), ExecuTorch's documented default.
     from executorch.backends.qualcomm.partition.qnn_partitioner import QnnPartitioner
     from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
@@ -138,7 +138,7 @@ def _qnn_partitioners(options: ExportOptions, method: str, program: torch.export
 
 BACKENDS: dict[str, BackendRecipe] = {
     "xnnpack": BackendRecipe("xnnpack", _check_nothing, _xnnpack_partitioners),
-    "portable": BackendRecipe("portable", _check_portable, lambda options, method, program, shared: [[]]),
+    "portable": BackendRecipe("portable", _check_portable, lambda options, method, program, memory: [[]]),
     "coreml": BackendRecipe("coreml", _check_coreml, _coreml_partitioners),
     "qnn": BackendRecipe("qnn", _check_qnn, _qnn_partitioners),
 }
@@ -242,11 +242,13 @@ def trace(plans: list) -> dict[str, torch.export.ExportedProgram]:
 
 
 def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
-    """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners."""
+    """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners.
+    The traced ``programs`` give up their weights on the way (export/lowering.py ``LoweringMemory``): they cannot
+    be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    shared = SharedNamedData()  # methods that share weights share the backend's copy of them
-    partitioners = {name: [p for step in recipe.partitioners(options, name, program, shared) for p in step]
+    memory = LoweringMemory(programs.values())
+    partitioners = {name: [p for step in recipe.partitioners(options, name, program, memory) for p in step]
                     for name, program in programs.items()}
     with torch.no_grad():
         edge = to_edge_transform_and_lower(
@@ -254,7 +256,7 @@ def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constan
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
     for name in edge.methods:
-        shared.adopt(edge.exported_program(name).graph_module)  # the last pass's duplicates
+        memory.pass_starts(edge.exported_program(name).graph_module)  # what the last pass left
     return edge
 
 

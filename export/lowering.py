@@ -9,10 +9,18 @@ method's layers (``...layers.<i>`` in the module paths torch.export records on e
 one pass, so each deep copy holds one slice. Nodes outside any layer (embeddings, final norm, LM head, projector,
 glue) go in a last pass. The program is the same as with one pass (tested: same tokens), with a delegate per slice.
 
-Methods that share weights (layer K's ``prefill`` and ``decode`` hold the same decoder) each get the backend's
-serialised copy of them, until the program is written and the copies merged by content. ``SharedNamedData`` merges
-them as the passes go: each slice partitioner first points the delegates already made at one copy per content key
-(XNNPACK keys its data by SHA-256), so at most a slice's worth of duplicates lives at a time.
+``LoweringMemory`` lets go of what the passes no longer need, as each pass starts:
+
+* Methods that share weights (layer K's ``prefill`` and ``decode`` hold the same decoder) each get the backend's
+  serialised copy of them, until the program is written and the copies merged by content: the delegates already
+  made are pointed at one copy per content key (XNNPACK keys its data by SHA-256), so at most a slice's worth of
+  duplicates lives at a time.
+* A delegate keeps the edge program it was lowered from, weights included, though the backend has serialised them
+  (``release_delegated_weights``), and the traced programs share those weights' storage until the lowering returns.
+  When the first pass starts, ExecuTorch has made every method's edge program and does not read the traced programs
+  again: their weights are released, and from then on each weight lives until its slice is lowered, then only as
+  the backend's copy. For 8da4w that is the decoder's int8-unpacked 4-bit weights (1 byte per parameter, 6.1 GiB
+  for LLaVA-1.5-7B) next to their packed copy; in fp16, every delegated weight a second time.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -85,12 +93,62 @@ def layer_passes(program: torch.export.ExportedProgram, budget_bytes: int) -> li
     return [LayerPass(frozenset(k for k in group if k is not None), rest=None in group) for group in groups]
 
 
-class SharedNamedData:
-    """One bytes object per named-data key across every delegate of every method (see the module docstring)."""
+def _weightless(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain stand-in with ``tensor``'s shape, dtype, device and kind (parameter or not) and one element of
+    storage (a tensor subclass becomes a plain tensor of its outer shape and dtype)."""
+    stand_in = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+    return torch.nn.Parameter(stand_in, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else stand_in
 
-    def __init__(self) -> None:
+
+def _held_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of ``tensor``'s data, a tensor subclass's inner tensors summed (torchao's quantized weights)."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return tensor.numel() * tensor.element_size()
+    names = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else []
+    return sum(_held_bytes(getattr(tensor, name)) for name in names)
+
+
+def release_program_weights(program: torch.export.ExportedProgram, subclasses: bool = True) -> int:
+    """Swap every entry of ``program``'s state dict (parameters and persistent buffers) for a one-element stand-in
+    of the same shape and dtype; returns the bytes let go from this program (storage another holder shares lives
+    on). subclasses: also swap tensor subclasses (torchao's quantized weights) for plain stand-ins. Lifted constants
+    are left: they are small, and ExecuTorch hands a method's edge program the same constants dict as the program
+    it was made from. The graph is left as it is: shapes and dtypes still read right, but the program computes
+    with zeros and must not be run again."""
+    released = 0
+    table = program.state_dict
+    for name, tensor in list(table.items()):
+        plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        if isinstance(tensor, torch.Tensor) and (plain or subclasses) and tensor.numel() > 1 and (
+                not plain or any(tensor.stride())):
+            released += _held_bytes(tensor)
+            table[name] = _weightless(tensor)
+    return released
+
+
+def release_delegated_weights(graph_module: torch.nn.Module) -> int:
+    """Swap the weights of every delegate's original program under ``graph_module`` for stand-ins
+    (``release_program_weights``, plain tensors only); returns the bytes let go.
+
+    A ``LoweredBackendModule`` keeps the edge program it was lowered from until the program is written, though the
+    backend has serialised its weights into its own bytes (XNNPACK: the named data, a copy) and only the graph is
+    read again: the emitter maps its debug handles, and ExecuTorch's passes re-run ``executorch_call_delegate`` on
+    fake tensors, which need shapes and dtypes only (tested: the written program is byte-identical). The lowered
+    modules cannot be run eagerly afterwards: call this only on a program that is going to be written."""
+    return sum(release_program_weights(module.original_module, subclasses=False)
+               for module in graph_module.modules() if type(module).__name__ == "LoweredBackendModule")
+
+
+class LoweringMemory:
+    """What the lowering passes of one program let go of as they go (see the module docstring): one bytes object
+    per named-data key across every delegate of every method, no weights in the delegates' original programs, and,
+    from the first pass on, none in the traced programs ``traced``."""
+
+    def __init__(self, traced: Iterable[torch.export.ExportedProgram] = ()) -> None:
         self.by_key: dict[str, Any] = {}
-        self.merged_bytes = 0
+        self.merged_bytes = 0  # duplicate named data dropped
+        self.released_bytes = 0  # weights swapped for stand-ins
+        self.traced = list(traced)
 
     def adopt(self, graph_module: torch.nn.Module) -> None:
         """Point the named data of every lowered module under ``graph_module`` at the first copy of each key."""
@@ -104,6 +162,16 @@ class SharedNamedData:
                 if kept is not buffer and len(kept) == len(buffer):
                     output.buffers[entry.buffer_index] = kept
                     self.merged_bytes += len(buffer)
+
+    def pass_starts(self, graph_module: torch.nn.Module) -> None:
+        """A lowering pass over ``graph_module`` (a method's current edge program) starts, or the last has ended:
+        release the traced programs' weights (once: ExecuTorch has made every edge program from them by now), merge
+        the named data, release the delegates' weights."""
+        for program in self.traced:
+            self.released_bytes += release_program_weights(program)
+        self.traced = []
+        self.adopt(graph_module)
+        self.released_bytes += release_delegated_weights(graph_module)
 
 
 def _every_op_passes(program: torch.export.ExportedProgram, ops: set, check) -> bool:
@@ -120,16 +188,16 @@ def _slice_partitioner_class() -> type:
     class XnnpackSlicePartitioner(XnnpackPartitioner):
         """An XnnpackPartitioner that delegates only the nodes one ``LayerPass`` owns (and their constants)."""
 
-        def __init__(self, layer_pass: LayerPass, decides_decomposition: bool, shared: SharedNamedData | None,
+        def __init__(self, layer_pass: LayerPass, decides_decomposition: bool, memory: LoweringMemory | None,
                      **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.layer_pass = layer_pass
             self.decides_decomposition = decides_decomposition
-            self.shared = shared
+            self.memory = memory
 
         def partition(self, exported_program):  # noqa: ANN001 - ExecuTorch's signature
-            if self.shared is not None:  # the delegates of the previous passes: one copy of each weight
-                self.shared.adopt(exported_program.graph_module)
+            if self.memory is not None:  # what the previous passes no longer need
+                self.memory.pass_starts(exported_program.graph_module)
             return super().partition(exported_program)
 
         def ops_to_not_decompose(self, ep):  # noqa: ANN001 - ExecuTorch's signature
@@ -159,9 +227,9 @@ def _slice_partitioner_class() -> type:
     return XnnpackSlicePartitioner
 
 
-def slice_partitioner(layer_pass: LayerPass, decides_decomposition: bool, shared: SharedNamedData | None = None,
+def slice_partitioner(layer_pass: LayerPass, decides_decomposition: bool, memory: LoweringMemory | None = None,
                       **kwargs: Any):
     """An XNNPACK partitioner (``XnnpackPartitioner(**kwargs)``) restricted to ``layer_pass``; pass
     ``decides_decomposition`` for the first pass of each partitioner kind (see ``ops_to_not_decompose``) and one
-    ``shared`` store for every partitioner of a program."""
-    return _slice_partitioner_class()(layer_pass, decides_decomposition, shared, **kwargs)
+    ``LoweringMemory`` for every partitioner of a program."""
+    return _slice_partitioner_class()(layer_pass, decides_decomposition, memory, **kwargs)

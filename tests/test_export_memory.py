@@ -3,8 +3,10 @@ handed back, the dtype a checkpoint is stored in."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +15,14 @@ import torch
 from torch import nn
 
 from export.common import checkpoint_dtype, resolve_dtype
-from export.lowering import LayerPass, SharedNamedData, layer_key, layer_passes
-from export.memory import CheckpointPages, mapped_ranges, release_tracing_caches
+from export.lowering import (
+    LayerPass,
+    LoweringMemory,
+    layer_key,
+    layer_passes,
+    release_delegated_weights,
+)
+from export.memory import CheckpointPages, fewer_collections, mapped_ranges, release_tracing_caches
 
 
 class Stack(nn.Module):
@@ -57,7 +65,7 @@ def test_layer_passes_split_by_weight_budget(traced):
     assert owned == calls and all(sum(p.owns(node) for p in one_each) == 1 for node in calls)  # a partition
 
 
-def test_shared_named_data_keeps_one_copy_per_key():
+def test_lowering_memory_keeps_one_copy_per_named_data_key():
     def delegate(*entries: tuple[str, bytes]) -> nn.Module:
         module = nn.Module()
         module.named_data_store_output = SimpleNamespace(
@@ -71,7 +79,7 @@ def test_shared_named_data_keeps_one_copy_per_key():
     assert second.named_data_store_output.buffers[0] is not weight  # an equal copy, as a second method makes
     root = nn.Module()
     root.a, root.b = first, second
-    shared = SharedNamedData()
+    shared = LoweringMemory()
     shared.adopt(root)
     assert second.named_data_store_output.buffers[0] is first.named_data_store_output.buffers[0]
     assert shared.merged_bytes == len(weight)
@@ -153,3 +161,99 @@ def test_release_tracing_caches_empties_live_shape_envs_fake_tensor_caches():
     env.fake_tensor_cache["key holding a weight"] = weight
     release_tracing_caches()
     assert env.fake_tensor_cache == {}
+
+
+def _lowered(program: torch.export.ExportedProgram):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+
+
+def test_release_delegated_weights_frees_the_lowered_originals_and_writes_the_same_program(traced):
+    """Each delegate's original program keeps its weights after the backend has copied them into its own bytes: they
+    are swapped for one-element stand-ins of the same shape and dtype, and the written program does not change."""
+    kept, released = _lowered(traced), _lowered(traced)
+    graph_module = released.exported_program().graph_module
+    originals = [m.original_module for m in graph_module.modules() if type(m).__name__ == "LoweredBackendModule"]
+    weights = {name: (t.shape, t.dtype) for o in originals for name, t in o.state_dict.items()}
+    total = sum(t.numel() * t.element_size() for o in originals for t in o.state_dict.values())
+    assert originals and total == (8 * 16 + 16 * 16 * 2 + 16 * 32 * 2 + 16 * 4) * 4  # every Linear is delegated
+
+    assert release_delegated_weights(graph_module) == total
+    after = {name: t for o in originals for name, t in o.state_dict.items()}
+    assert {name: (t.shape, t.dtype) for name, t in after.items()} == weights
+    assert all(t.untyped_storage().nbytes() == t.element_size() for t in after.values())
+    assert all(isinstance(t, nn.Parameter) for t in after.values())  # what ExportedProgram.module() expects
+    assert release_delegated_weights(graph_module) == 0  # nothing left to let go
+    assert released.to_executorch().buffer == kept.to_executorch().buffer
+
+
+def test_lowering_memory_releases_the_traced_programs_once_the_first_pass_starts():
+    """ExecuTorch makes every method's edge program before its first partitioner runs and never reads the traced
+    programs again: their weights (torchao's quantized tensors included) go when the first pass starts, the edge
+    program keeps its own references, and the written program is the one lowered without any release."""
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from export.lowering import slice_partitioner
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(2))
+            self.register_buffer("scale", torch.linspace(0.5, 1.5, 32))  # not delegated: the edge program keeps it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return torch.cumsum(x, -1) * self.scale  # cumsum: portable, so the buffer stays outside the delegates
+
+    def lowered(release: bool) -> bytes:
+        torch.manual_seed(0)
+        model = Decoder().eval()
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                               weight_granularity=PerGroup(32)))
+        with torch.no_grad():
+            traced = torch.export.export(model, (torch.randn(2, 32),), strict=False)
+        memory = LoweringMemory([traced] if release else [])
+        passes = [LayerPass(frozenset({("layers", 0)})), LayerPass(frozenset({("layers", 1)}), rest=True)]
+        partitioners = [p for i, layer_pass in enumerate(passes) for p in (
+            slice_partitioner(layer_pass, i == 0, memory, config_precisions=ConfigPrecisionType.DYNAMIC_QUANT,
+                              per_op_mode=True),
+            slice_partitioner(layer_pass, i == 0, memory))]
+        edge = to_edge_transform_and_lower(traced, partitioner=partitioners,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        memory.pass_starts(edge.exported_program().graph_module)
+        if release:
+            left = list(traced.state_dict.values())
+            assert len(left) == 3 and all(type(t) in (torch.Tensor, nn.Parameter) for t in left)  # no subclass left
+            assert all(t.untyped_storage().nbytes() <= t.element_size() for t in left)
+            assert memory.released_bytes >= 2 * 32 * 32  # the int8-unpacked 4-bit weights, at least
+        return edge.to_executorch().buffer
+
+    assert lowered(release=True) == lowered(release=False)
+
+
+def test_fewer_collections_restores_the_collector():
+    thresholds = gc.get_threshold()
+    with fewer_collections(gen0_threshold=12345):
+        assert gc.get_threshold()[0] == 12345 and gc.get_freeze_count() > 0  # the imports are out of the scans
+        cycle = [None]
+        cycle[0] = cycle  # garbage made inside is still collected
+        probe = weakref.ref(Probe(cycle))
+        del cycle
+        gc.collect()
+        assert probe() is None
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), fewer_collections():
+        raise RuntimeError("an export that fails")
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
+
+
+class Probe:
+    def __init__(self, cycle: list) -> None:
+        self.cycle = cycle
+        cycle.append(self)
