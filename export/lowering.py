@@ -63,10 +63,31 @@ class LayerPass:
         return key in self.layers if key is not None else self.rest
 
 
+def _reader_layer(node: torch.fx.Node, hops: int = 4) -> LayerKey | None:
+    """The block of the first node that reads ``node``'s output, following nodes traced outside any block for up
+    to ``hops`` steps (breadth first), or None."""
+    frontier = [node]
+    for _ in range(hops):
+        frontier = [user for reader in frontier for user in reader.users]
+        for user in frontier:
+            key = layer_key(user) if user.op == "call_function" else None
+            if key is not None:
+                return key
+    return None
+
+
 def layer_passes(program: torch.export.ExportedProgram, budget_bytes: int) -> list[LayerPass]:
     """Split the layers of a traced program into passes of at most ``budget_bytes`` of parameters each (a layer
     larger than the budget is a pass of its own), in graph order; the nodes outside any layer go with the last
-    pass, or in one of their own when they do not fit. A model within the budget is one pass."""
+    pass, or in one of their own when they do not fit. A model within the budget is one pass.
+
+    A parameter counts for the layer of the node that reads it, or, when that node was traced outside any layer,
+    for the layer of the first node that reads what it made (``_reader_layer``): torch.export reads a tensor
+    subclass's data (torchao's 8da4w and int8 weights) through ``access_subclass_inner_tensor`` nodes at the top of
+    the graph, and counting those weights as outside every layer made the whole quantized decoder one pass
+    (measured at full size: a transient 6.4 GiB, all 224 linears of LLaVA-1.5-7B copied for the backend at once).
+    Sizes are the bytes held (a subclass's inner tensors: 1 byte per int8-unpacked 4-bit weight), not the weights'
+    nominal dtype."""
     parameters = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers}
     state = program.state_dict
     sizes: dict[LayerKey | None, int] = {}  # None: outside any layer
@@ -80,7 +101,8 @@ def layer_passes(program: torch.export.ExportedProgram, budget_bytes: int) -> li
             name = parameters.get(source.name)
             if name is not None and name not in counted and isinstance(state.get(name), torch.Tensor):
                 counted.add(name)
-                sizes[key] += state[name].numel() * state[name].element_size()
+                owner = key if key is not None else _reader_layer(node)
+                sizes[owner] = sizes.get(owner, 0) + _held_bytes(state[name])
     rest = sizes.pop(None, 0)
     groups: list[list[LayerKey | None]] = [[]]
     used = 0
@@ -194,8 +216,10 @@ def _slice_partitioner_class() -> type:
             self.layer_pass = layer_pass
             self.decides_decomposition = decides_decomposition
             self.memory = memory
+            self.partitioned = False
 
         def partition(self, exported_program):  # noqa: ANN001 - ExecuTorch's signature
+            self.partitioned = True
             if self.memory is not None:  # what the previous passes no longer need
                 self.memory.pass_starts(exported_program.graph_module)
             return super().partition(exported_program)
@@ -206,14 +230,23 @@ def _slice_partitioner_class() -> type:
             # answer); the later ones list the same ops without a filter: the graph then holds nothing left to
             # decompose, so their turn costs no retrace.
             ops, check = super().ops_to_not_decompose(ep)
-            if not self.decides_decomposition or check is None or _every_op_passes(ep, set(ops), check):
-                # Every node of those ops passes the backend's check (the usual case: linears on weights), so
-                # keeping them all is what the check would keep: ExecuTorch then takes its one-decomposition path
-                # instead of two more whole-graph retraces per method (EDGE_DO_NOT_DECOMP). Same graph -- for
-                # XNNPACK's kept ops (linear, elu, hardswish, prelu, pooling, upsampling, torchao's quant ops),
-                # which no decomposition of another op produces, so checking the graph before decomposing suffices.
-                return ops, None
-            return ops, check
+            if self.decides_decomposition and check is not None and not _every_op_passes(ep, set(ops), check):
+                return [*ops, *self._size_queries()], check
+            # Every node of those ops passes the backend's check (the usual case: linears on weights), so keeping
+            # them all is what the check would keep: ExecuTorch then takes its one-decomposition path instead of two
+            # more whole-graph retraces per method (EDGE_DO_NOT_DECOMP). Same graph -- for XNNPACK's kept ops
+            # (linear, elu, hardswish, prelu, pooling, upsampling, torchao's quant ops), which no decomposition of
+            # another op produces, so checking the graph before decomposing suffices.
+            return [*ops, *self._size_queries()], None
+
+        def _size_queries(self) -> list:
+            # aten.sym_size.int is in ExecuTorch's decomposition table, "decomposes" into itself, and a method with
+            # a dynamic dimension keeps one (its runtime shape checks): left in the table, it makes ExecuTorch re-run
+            # the whole method's decomposition for every partitioner (a tiny 8da4w decoder lowered one layer per
+            # pass: 10 more retraces, 40 s). Listed while the edge program is made (the graph is the same); not once
+            # this partitioner has partitioned, when ExecuTorch asks again, to check that every op kept from
+            # decomposition was delegated.
+            return [] if self.partitioned else [torch.ops.aten.sym_size.int]
 
         def get_matched_nodes_from_configs(self, ep):  # noqa: ANN001 - ExecuTorch's signature
             kept = []

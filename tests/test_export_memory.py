@@ -65,6 +65,27 @@ def test_layer_passes_split_by_weight_budget(traced):
     assert owned == calls and all(sum(p.owns(node) for p in one_each) == 1 for node in calls)  # a partition
 
 
+def test_layer_passes_count_quantized_weights_in_their_layers():
+    """torch.export reads torchao's quantized weights through access_subclass_inner_tensor nodes traced outside
+    every layer: they still count for the layer whose linear reads them, at the bytes they hold (int8-unpacked 4-bit
+    data plus scales), so a quantized decoder is lowered a slice at a time (it was one pass: a transient 6.4 GiB
+    at full size)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    model = Stack([16, 16, 16, 32, 16]).eval()
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(16)),
+              filter_fn=lambda module, fqn: fqn.startswith("layers."))
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 8),), strict=False)
+    one_each = layer_passes(program, budget_bytes=1)
+    assert [sorted(p.layers) for p in one_each] == [[("layers", i)] for i in range(4)] + [[]]
+    int8_bytes = 16 * 16 + 16 * 16 + 16 * 32 + 32 * 16  # the layers' int8-unpacked weights alone
+    assert len(layer_passes(program, budget_bytes=int8_bytes)) > 1  # scales count too: they do not all fit
+    whole = layer_passes(program, budget_bytes=1 << 30)
+    assert whole == [LayerPass(frozenset(("layers", i) for i in range(4)), rest=True)]
+
+
 def test_lowering_memory_keeps_one_copy_per_named_data_key():
     def delegate(*entries: tuple[str, bytes]) -> nn.Module:
         module = nn.Module()
