@@ -192,10 +192,11 @@ BASE_BYTES = {"executorch": int(0.55 * GIB), "onnx": int(0.5 * GIB)}
 GRAPH_BYTES_PER_LAYER = {"executorch": int(0.03 * GIB), "onnx": int(0.01 * GIB)}
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 INT4_BYTES_PER_PARAM = 0.5 + 2 / 32  # 4-bit weights + one 16-bit scale per group (8da4w groups <= 128, q4: 32)
-# ExecuTorch 8da4w: the full-depth LLaVA-1.5-7B export (fp16 checkpoint) peaked 6.5 GiB above the parts counted below
-# (18.1 GiB measured, 11.6 estimated without this term): about half the float decoder, held while torchao's
-# quantized tensors are traced and lowered. Not yet attributed to one allocation; fitted to that measurement.
-QUANTIZED_FLOAT_SHARE = 0.5
+# ExecuTorch 8da4w: torchao holds the decoder's 4-bit weights int8-unpacked (1 byte per parameter, a 16-bit scale and
+# an 8-bit zero point per group of 128) until their lowering slice is lowered; XNNPACK's packed copy (the output)
+# then replaces them (export/lowering.py LoweringMemory). At the start of lowering the whole decoder is held so: the
+# output plus the excess of the unpacked form over the packed one.
+UNPACKED_INT4_BYTES_PER_PARAM = 1 + 3 / 128
 
 
 # Validation (export/validate.py, on by default) runs the written files, then the eager reference, one at a time in
@@ -236,10 +237,11 @@ def estimate_export_memory(counts: Any, options: Any, stored_dtype: str) -> Memo
     held = 0
     if options.dtype != stored_dtype:  # a converted copy of every weight, in anonymous memory
         held += counts.total * width
-    if options.quantize in ("8da4w", "int4") or options.quantize_vision == "int8":
-        held += output - counts.embedding * width  # the quantized tensors themselves, alive until lowered
-    if options.target == "executorch" and options.quantize == "8da4w":
-        held += int(QUANTIZED_FLOAT_SHARE * counts.decoder * width)
+    if options.target == "executorch":  # quantized tensors give way to the backend's copy slice by slice
+        if options.quantize == "8da4w":
+            held += int(counts.decoder * (UNPACKED_INT4_BYTES_PER_PARAM - INT4_BYTES_PER_PARAM))
+    elif options.quantize == "int4":
+        held += output - counts.embedding * width  # the quantized tensors themselves, alive until exported
     largest = max(counts.embedding, counts.lm_head, counts.decoder_layer // 3) * width
     layers = counts.decoder_layers
     if options.target == "executorch":
