@@ -132,8 +132,9 @@ def test_7b_export_memory_on_this_machine(tmp_path):
     peaks = [float(re.search(r"export ~([0-9.]+) GiB at peak", text).group(1)) for text in (headline, fp32)]
     quantized = run_with(["--keep", "0.12", "--target", "executorch", "--quantize", "8da4w"])
     peaks.append(float(re.search(r"export ~([0-9.]+) GiB at peak", quantized).group(1)))
-    # measured on this machine (README "Export memory"): fp16 16.9 GiB, 8da4w 18.1 GiB; both fit, fp32 does not
-    assert max(peaks[0], peaks[2]) < 19 < 24 < peaks[1] and 16 < peaks[0] and 17 < peaks[2]
+    # measured on this machine (README "Export memory"): fp16 16.9 GiB, 8da4w 9.35 GiB (64 kept at layer 0; layer 2
+    # adds a lowering slice's duplicate); both fit, fp32 does not
+    assert max(peaks[0], peaks[2]) < 19 < 24 < peaks[1] and 16 < peaks[0] and 9 < peaks[2] < 12
     assert not (tmp_path / "o").exists()
 
 
