@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
@@ -435,18 +438,43 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     return written
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill``, ``timeout``, a container stopping)."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C does, so the export unwinds and its
+    staging folder is removed (Python's default on SIGTERM exits at once and leaves the hidden ``.partial`` folder;
+    SIGKILL cannot be caught). The previous handler is restored on exit. Off the main thread, where Python cannot set
+    handlers, the body runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     try:
-        with native_notices_filtered(args.verbose):
+        with terminate_as_interrupt(), native_notices_filtered(args.verbose):
             run(args)
     except ExportError as error:
         print(f"pruner-export: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pruner-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"pruner-export: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; nothing was "
+              "written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     return 0
 
 

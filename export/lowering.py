@@ -63,6 +63,13 @@ class LayerPass:
         return key in self.layers if key is not None else self.rest
 
 
+def _reads_subclass_data(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is torch.export's read of a tensor subclass's inner tensor (``access_subclass_inner_tensor``,
+    registered by torch.export when a program holds subclass weights)."""
+    target = getattr(torch.ops.export, "access_subclass_inner_tensor", None)
+    return target is not None and node.target is target.default
+
+
 def _reader_layer(node: torch.fx.Node, hops: int = 4) -> LayerKey | None:
     """The block of the first node that reads ``node``'s output, following nodes traced outside any block for up
     to ``hops`` steps (breadth first), or None."""
@@ -81,28 +88,27 @@ def layer_passes(program: torch.export.ExportedProgram, budget_bytes: int) -> li
     larger than the budget is a pass of its own), in graph order; the nodes outside any layer go with the last
     pass, or in one of their own when they do not fit. A model within the budget is one pass.
 
-    A parameter counts for the layer of the node that reads it, or, when that node was traced outside any layer,
-    for the layer of the first node that reads what it made (``_reader_layer``): torch.export reads a tensor
-    subclass's data (torchao's 8da4w and int8 weights) through ``access_subclass_inner_tensor`` nodes at the top of
-    the graph, and counting those weights as outside every layer made the whole quantized decoder one pass
-    (measured at full size: a transient 6.4 GiB, all 224 linears of LLaVA-1.5-7B copied for the backend at once).
-    Sizes are the bytes held (a subclass's inner tensors: 1 byte per int8-unpacked 4-bit weight), not the weights'
-    nominal dtype."""
+    A parameter counts for the layer of the node that reads it. torch.export reads a tensor subclass's data
+    (torchao's 8da4w and int8 weights) through ``access_subclass_inner_tensor`` nodes at the top of the graph,
+    outside every layer: such a weight counts for the layer of the first node that reads what they made
+    (``_reader_layer``); counting them as outside every layer made the whole quantized decoder one pass (measured at
+    full size: a transient 6.4 GiB, all 224 linears of LLaVA-1.5-7B copied for the backend at once). A plain weight
+    read outside every layer (embeddings, LM head, projector) counts for the nodes outside any layer, with which it
+    is delegated. Sizes are the bytes held (a subclass's inner tensors: 1 byte per int8-unpacked 4-bit weight), not
+    the weights' nominal dtype."""
     parameters = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers}
     state = program.state_dict
-    sizes: dict[LayerKey | None, int] = {}  # None: outside any layer
+    calls = [node for node in program.graph_module.graph.nodes if node.op == "call_function"]
+    sizes: dict[LayerKey | None, int] = {layer_key(node): 0 for node in calls}  # graph order; None: outside layers
     counted: set[str] = set()
-    for node in program.graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
+    for node in calls:
         key = layer_key(node)
-        sizes.setdefault(key, 0)
         for source in node.all_input_nodes:
             name = parameters.get(source.name)
             if name is not None and name not in counted and isinstance(state.get(name), torch.Tensor):
                 counted.add(name)
-                owner = key if key is not None else _reader_layer(node)
-                sizes[owner] = sizes.get(owner, 0) + _held_bytes(state[name])
+                owner = key if key is not None or not _reads_subclass_data(node) else _reader_layer(node)
+                sizes[owner] += _held_bytes(state[name])
     rest = sizes.pop(None, 0)
     groups: list[list[LayerKey | None]] = [[]]
     used = 0

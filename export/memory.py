@@ -72,17 +72,23 @@ def fewer_collections(gen0_threshold: int = GEN0_THRESHOLD) -> Iterator[None]:
     (``gc.freeze``) and young collections run every ``gen0_threshold`` allocations instead of 700: 1.5 s of
     collection in the same export. Garbage is collected as before, a few thousand allocations later (a decoder
     layer's lowering allocates ~10^5), so memory is let go at the same points of the export. On exit the frozen
-    objects rejoin the collector (``gc.unfreeze``) and the thresholds are restored, exceptions or not. pruner-export
-    runs each export and its validation inside; benchmarks/export_time.py measures it against the defaults."""
+    objects rejoin the collector (``gc.unfreeze``) and the thresholds are restored, exceptions or not. When objects
+    are frozen already on entry (the caller's own ``gc.freeze``, or a ``fewer_collections`` around this one), the
+    frozen set is left as it is: unfreezing on exit would hand the caller's frozen objects back to the collector.
+    pruner-export runs each export and its validation inside; benchmarks/export_time.py measures it against the
+    defaults."""
     thresholds = gc.get_threshold()
-    gc.collect()  # nothing collectable is frozen
-    gc.freeze()
+    freezes = gc.get_freeze_count() == 0
+    if freezes:
+        gc.collect()  # nothing collectable is frozen
+        gc.freeze()
     gc.set_threshold(gen0_threshold, *thresholds[1:])
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if freezes:
+            gc.unfreeze()
 
 
 def mapped_ranges(files: Iterable[Path], maps: str | None = None) -> list[tuple[int, int]]:

@@ -301,6 +301,20 @@ def test_a_failed_export_leaves_no_folder_it_created(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_sigterm_unwinds_like_ctrl_c():
+    """SIGTERM inside an export raises a KeyboardInterrupt (staging_directory then removes its folder); the handler
+    before it comes back."""
+    import os
+    import signal
+
+    from export.cli import Terminated, terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_pruner_run_refuses_an_operator_profile_of_an_eager_model(tmp_path, capsys):
     from runtime.cli import main as run_main
 

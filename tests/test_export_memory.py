@@ -60,6 +60,8 @@ def test_layer_passes_split_by_weight_budget(traced):
     two = layer_passes(traced, budget_bytes=layer_bytes[2] + rest_bytes)
     assert [sorted(i for _, i in p.layers) for p in two] == [[0, 1], [2], [3]]
     assert [p.rest for p in two] == [False, False, True]  # the glue fits with the last layer
+    pair = layer_passes(traced, budget_bytes=layer_bytes[0] + layer_bytes[1])  # embed's weight: with the glue,
+    assert sorted(pair[0].layers) == [("layers", 0), ("layers", 1)]  # not counted in layer 0, which reads its output
     owned = [node for node in traced.graph_module.graph.nodes if any(p.owns(node) for p in one_each)]
     calls = [node for node in traced.graph_module.graph.nodes if node.op == "call_function"]
     assert owned == calls and all(sum(p.owns(node) for p in one_each) == 1 for node in calls)  # a partition
@@ -272,6 +274,26 @@ def test_fewer_collections_restores_the_collector():
     with pytest.raises(RuntimeError), fewer_collections():
         raise RuntimeError("an export that fails")
     assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
+
+
+def test_fewer_collections_leaves_objects_frozen_before_it_frozen():
+    """Nested, or inside a caller's own gc.freeze: the inner one's exit neither unfreezes the outer's objects nor
+    leaves its own threshold behind."""
+    thresholds = gc.get_threshold()
+    with fewer_collections(gen0_threshold=4321):
+        frozen = gc.get_freeze_count()
+        with fewer_collections(gen0_threshold=12345):
+            assert gc.get_threshold()[0] == 12345 and gc.get_freeze_count() == frozen
+        assert gc.get_threshold()[0] == 4321 and gc.get_freeze_count() == frozen
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with fewer_collections():
+            pass
+        assert gc.get_freeze_count() == frozen  # the caller's freeze stands
+    finally:
+        gc.unfreeze()
 
 
 class Probe:
