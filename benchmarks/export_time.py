@@ -134,11 +134,11 @@ def median_row(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny-llava")
-    parser.add_argument("--keep", default="0.12")
-    parser.add_argument("--prune-layer", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--model", default="tiny-llava", help="what pruner-export --model takes (default: the demo's)")
+    parser.add_argument("--keep", default="0.12", help="token count or fraction, as pruner-export --keep")
+    parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each kind; medians are reported")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run that splits lowering")
     parser.add_argument("--child", choices=["default", "fewer", "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "export_time.json")
     args = parser.parse_args(argv)
@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.runs < 1:
         parser.error("--runs takes a count >= 1")
+    from pruner_core.config import KeepError, parse_keep
+
+    try:
+        parse_keep(args.keep)
+    except KeepError as error:
+        parser.error(f"--keep {args.keep}: {error}")
 
     cli = [cli_seconds(args) for _ in range(args.runs)]
     runs = {"default": [], "fewer": []}

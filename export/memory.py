@@ -65,11 +65,12 @@ def fewer_collections(gen0_threshold: int = GEN0_THRESHOLD) -> Iterator[None]:
     """Run the body with Python's cyclic garbage collector doing less needless work, then restore its settings.
 
     Lowering allocates millions of short-lived graph objects (fx nodes, their metadata, fake tensors), and with
-    CPython's defaults the collector runs thousands of times, each young collection re-scanning survivors and each
-    full one the whole imported world (torch, transformers, ExecuTorch): 4.0 s of the tiny demo's 27 s of
-    lowering, measured with ``gc.callbacks``. Inside, the objects alive on entry (the imports; call this before
-    loading a model, whose weights must stay collectable) are frozen out of the collector's scans
-    (``gc.freeze``) and young collections run every ``gen0_threshold`` allocations instead of 700: 1.5 s of
+    CPython's defaults the collector runs thousands of times; the full collections among them scan every tracked
+    object, the imported world (torch, transformers, ExecuTorch) included: 4.6 s of the tiny demo's 35 s export in
+    17 full collections, measured with ``gc.callbacks``. Inside, the objects alive on entry are frozen out of the
+    scans (``gc.freeze``; call this before loading a model: a frozen object in a reference cycle is collected only
+    after the exit) and young collections run every ``gen0_threshold`` allocations instead of 700, so fewer of them
+    cascade into full ones: 7 full collections, 1.4 s (2.5-3.3 s on a loaded machine) of
     collection in the same export. Garbage is collected as before, a few thousand allocations later (a decoder
     layer's lowering allocates ~10^5), so memory is let go at the same points of the export. On exit the frozen
     objects rejoin the collector (``gc.unfreeze``) and the thresholds are restored, exceptions or not. When objects
