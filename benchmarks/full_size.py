@@ -19,7 +19,8 @@ longer follow the fp16 eager model's (measured: logit correlation 0.07 at the fi
 tolerance asks 0.5), so validation refuses it and nothing is left to run (random weights cannot tell quantization
 noise compounded over 32 random layers from a fault: fp32 8da4w at 4 decoder layers gave 0.61, fp16 0.28); and the
 fp16 `.pte`'s validation needs more memory than this machine has (pruner-export says so and skips it). With
-validation, k64-layer0-8da4w peaked at 18.2 GiB, export and validation together (README "Export memory").
+validation, k64-layer0-8da4w peaked at 18.2 GiB, export and validation together, before the lowering let go of
+quantized weights slice by slice (its export alone now peaks at 9.35 GiB; README "Export memory").
 
 Each export takes tens of minutes and most of the machine's memory: run nothing else alongside. Results go to
 --out (JSON) as each setting finishes; a setting already there is skipped (resumable).
