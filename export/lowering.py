@@ -136,10 +136,10 @@ def _held_bytes(tensor: torch.Tensor) -> int:
     return sum(_held_bytes(getattr(tensor, name)) for name in names)
 
 
-def release_program_weights(program: torch.export.ExportedProgram, subclasses: bool = True) -> int:
-    """Swap every entry of ``program``'s state dict (parameters and persistent buffers) for a one-element stand-in
-    of the same shape and dtype; returns the bytes let go from this program (storage another holder shares lives
-    on). subclasses: also swap tensor subclasses (torchao's quantized weights) for plain stand-ins. Lifted constants
+def release_program_weights(program: torch.export.ExportedProgram) -> int:
+    """Swap every entry of ``program``'s state dict (parameters and persistent buffers; a tensor subclass, such as
+    torchao's quantized weights, becomes a plain stand-in) for a one-element stand-in of the same shape and dtype;
+    returns the bytes let go from this program (storage another holder shares lives on). Lifted constants
     are left: they are small, and ExecuTorch hands a method's edge program the same constants dict as the program
     it was made from. The graph is left as it is: shapes and dtypes still read right, but the program computes
     with zeros and must not be run again."""
@@ -147,8 +147,7 @@ def release_program_weights(program: torch.export.ExportedProgram, subclasses: b
     table = program.state_dict
     for name, tensor in list(table.items()):
         plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
-        if isinstance(tensor, torch.Tensor) and (plain or subclasses) and tensor.numel() > 1 and (
-                not plain or any(tensor.stride())):
+        if isinstance(tensor, torch.Tensor) and tensor.numel() > 1 and (not plain or any(tensor.stride())):
             released += _held_bytes(tensor)
             table[name] = _weightless(tensor)
     return released
@@ -156,14 +155,14 @@ def release_program_weights(program: torch.export.ExportedProgram, subclasses: b
 
 def release_delegated_weights(graph_module: torch.nn.Module) -> int:
     """Swap the weights of every delegate's original program under ``graph_module`` for stand-ins
-    (``release_program_weights``, plain tensors only); returns the bytes let go.
+    (``release_program_weights``); returns the bytes let go.
 
     A ``LoweredBackendModule`` keeps the edge program it was lowered from until the program is written, though the
     backend has serialised its weights into its own bytes (XNNPACK: the named data, a copy) and only the graph is
     read again: the emitter maps its debug handles, and ExecuTorch's passes re-run ``executorch_call_delegate`` on
     fake tensors, which need shapes and dtypes only (tested: the written program is byte-identical). The lowered
     modules cannot be run eagerly afterwards: call this only on a program that is going to be written."""
-    return sum(release_program_weights(module.original_module, subclasses=False)
+    return sum(release_program_weights(module.original_module)
                for module in graph_module.modules() if type(module).__name__ == "LoweredBackendModule")
 
 

@@ -67,17 +67,22 @@ def test_layer_passes_split_by_weight_budget(traced):
     assert owned == calls and all(sum(p.owns(node) for p in one_each) == 1 for node in calls)  # a partition
 
 
+def _quantize_8da4w(model: nn.Module, group: int, filter_fn=None) -> None:
+    """torchao's 8da4w (int8 dynamic activations, int4 weights in groups of ``group``), as the exporter applies it."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
+              filter_fn=filter_fn)
+
+
 def test_layer_passes_count_quantized_weights_in_their_layers():
     """torch.export reads torchao's quantized weights through access_subclass_inner_tensor nodes traced outside
     every layer: they still count for the layer whose linear reads them, at the bytes they hold (int8-unpacked 4-bit
     data plus scales), so a quantized decoder is lowered a slice at a time (it was one pass: a transient 6.4 GiB
     at full size)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
     model = Stack([16, 16, 16, 32, 16]).eval()
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(16)),
-              filter_fn=lambda module, fqn: fqn.startswith("layers."))
+    _quantize_8da4w(model, group=16, filter_fn=lambda module, fqn: fqn.startswith("layers."))
     with torch.no_grad():
         program = torch.export.export(model, (torch.randn(2, 8),), strict=False)
     one_each = layer_passes(program, budget_bytes=1)
@@ -218,8 +223,6 @@ def test_lowering_memory_releases_the_traced_programs_once_the_first_pass_starts
     program keeps its own references, and the written program is the one lowered without any release."""
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
 
     from export.lowering import slice_partitioner
 
@@ -237,8 +240,7 @@ def test_lowering_memory_releases_the_traced_programs_once_the_first_pass_starts
     def lowered(release: bool) -> bytes:
         torch.manual_seed(0)
         model = Decoder().eval()
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                               weight_granularity=PerGroup(32)))
+        _quantize_8da4w(model, group=32)
         with torch.no_grad():
             traced = torch.export.export(model, (torch.randn(2, 32),), strict=False)
         memory = LoweringMemory([traced] if release else [])
