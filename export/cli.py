@@ -146,6 +146,17 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
 def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None,
                      model_name: str | None = None) -> None:
     """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded); model_name: as
@@ -329,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixels or a single N for a square NxN (448 = 448x448); default: the model family's "
                              "own: LLaVA-1.5 its CLIP size (336x336, the only one it takes), Qwen2-VL / Qwen2.5-VL "
                              "672x672 (a tiny build: its own; any size in multiples of 28)")
+    target.add_argument("--jobs", type=positive_int, default=2, metavar="N",
+                        help="executorch: processes that lower the model's methods at once (default 2, used on Linux "
+                             "with 2+ CPUs for models up to 256 MiB of weights; 1: one process)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -382,7 +396,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         try:  # "auto" becomes the checkpoint's dtype once the model is found
             options = ExportOptions(model=args.model, target=target, pruner=pruner, backend=args.backend or "xnnpack",
                                     quantize=quantize, dtype="fp32" if args.dtype == "auto" else args.dtype,
-                                    max_seq_len=args.max_seq_len, image_size=args.image_size,
+                                    max_seq_len=args.max_seq_len, image_size=args.image_size, jobs=args.jobs,
                                     quantize_vision=args.quantize_vision if target == "executorch" else "none")
         except ValueError as error:
             raise ExportError(str(error)) from None

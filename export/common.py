@@ -54,6 +54,7 @@ class ExportOptions:
     quantize_vision: str = "none"  # executorch: none | int8 (dynamic int8 activations, per-channel int8 weights)
     lowering_slice_bytes: int = 1 << 29  # ExecuTorch: weights per XNNPACK lowering pass (export/lowering.py)
     image_size: tuple[int, int] | None = None  # (H, W) the export takes images at; None = the model's default
+    jobs: int = 2  # ExecuTorch: processes lowering methods at once (export/parallel_lowering.py says when 2 apply)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -79,6 +80,8 @@ class ExportOptions:
             raise ValueError(f"image_size must be (height, width) in pixels, got {self.image_size!r}")
         if not isinstance(self.lowering_slice_bytes, int) or self.lowering_slice_bytes < 1:
             raise ValueError(f"lowering_slice_bytes must be an int >= 1, got {self.lowering_slice_bytes!r}")
+        if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
+            raise ValueError(f"jobs must be an int >= 1, got {self.jobs!r}")
 
     @property
     def placement(self) -> str:

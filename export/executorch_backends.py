@@ -19,6 +19,7 @@ from pruner_core.primitives import stable_argsort
 
 from .common import ExportOptions
 from .lowering import LoweringMemory, layer_passes, slice_partitioner
+from .parallel_lowering import lower_in_two_processes, second_process_methods
 
 QUANT_GROUP_SIZE = 128  # torchao 8da4w group size, as ExecuTorch's LLaVA / Llama exports
 
@@ -244,7 +245,18 @@ def trace(plans: list) -> dict[str, torch.export.ExportedProgram]:
 def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
     """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners.
     The traced ``programs`` give up their weights on the way (export/lowering.py ``LoweringMemory``): they cannot
-    be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly."""
+    be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly.
+    With ``options.jobs`` >= 2, a small model's methods are lowered in two processes at once where they can be
+    (export/parallel_lowering.py); the program written is the same."""
+    second = second_process_methods(programs, options.jobs)
+    if not second:
+        return _lower_here(programs, recipe, options, constants)
+    return lower_in_two_processes(programs, second, lambda group, methods: _lower_here(group, recipe, options,
+                                                                                        methods), constants)
+
+
+def _lower_here(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
+    """``lower`` in this process."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     memory = LoweringMemory(programs.values())

@@ -13,7 +13,9 @@ second process started with the first export, so it overlaps the others on a mul
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cases import BackgroundExport
@@ -24,6 +26,7 @@ from skimage import data
 from export.common import ExportOptions, checkpoint_dtype
 from export.executorch_export import BackendUnavailableError, export_executorch, quant_group_size
 from export.memory import estimate_export_memory
+from export.parallel_lowering import lower_in_two_processes, usable_cpus
 from export.pte_weights import StoredConstant, duplicated, stored_constants
 from pruner_core import PrunerConfig
 from pruner_core.adapters import apply_pruner, llava_prompt, load_llava, parameter_counts, resolve_model
@@ -103,11 +106,15 @@ def exports(et_zoo, tmp_path_factory, quantised_cli_export):
             )
             folder = tmp_path_factory.mktemp(f"{name}-L{layer}-k{keep}-{backend}-{quantize}-{dtype}")
             stages = []
-            payload = export_executorch(et_zoo[name], folder, options, model_id=name, progress=stages.append)
+            with mock.patch("export.executorch_backends.lower_in_two_processes",
+                            wraps=lower_in_two_processes) as spy:
+                payload = export_executorch(et_zoo[name], folder, options, model_id=name, progress=stages.append)
             assert stages == ["trace", "lower", "serialise"]
+            export.lowered_apart[key] = [call.args[1] for call in spy.call_args_list]
             done[key] = folder, payload
         return done[key]
 
+    export.lowered_apart = {}  # key -> the methods each export lowered in a second process (export/parallel_lowering)
     return export
 
 
@@ -509,6 +516,22 @@ def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(quantised_cli_
     measured = quantised_cli_export.peak_rss
     assert folder.is_dir() and measured
     assert abs(estimate.peak - measured) <= 0.25 * measured, (estimate.describe(), measured / 2**30)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or usable_cpus() < 2, reason="two-process lowering: Linux, 2+ CPUs")
+def test_two_process_lowering_writes_the_program_one_process_writes(exports, et_zoo, tmp_path):
+    """The shared layer-0 XNNPACK export lowered text_decoder and token_embedding in a second process
+    (export/parallel_lowering.py, the default): its model.pte is byte for byte the one-process lowering's."""
+    name, layer, keep = "tiny-llava", 0, 0.12
+    folder, _ = exports(name, layer, keep)
+    apart = exports.lowered_apart[(name, layer, keep, "xnnpack", "none", "fp32")]
+    assert apart == [["token_embedding", "text_decoder"]]
+    options = ExportOptions(model=name, target="executorch", pruner=PrunerConfig(keep=keep, layer=layer),
+                            max_seq_len=MAX_SEQ_LEN, jobs=1)
+    with mock.patch("export.executorch_backends.lower_in_two_processes") as spy:
+        export_executorch(et_zoo[name], tmp_path, options, model_id=name)
+    assert not spy.called
+    assert (tmp_path / "model.pte").read_bytes() == (folder / "model.pte").read_bytes()
 
 
 def test_fp16_export_generates(exports, prompts):
