@@ -242,21 +242,36 @@ def trace(plans: list) -> dict[str, torch.export.ExportedProgram]:
     return programs
 
 
+def trace_and_lower(plans: list, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any],
+                    progress: Callable[[str], None] | None = None):
+    """``trace`` then ``lower`` every method (``MethodPlan``s), saying "trace" and "lower" to ``progress`` as each
+    stage starts -> the edge programs, for ``write_program``.
+
+    Takes the plans: ``plans`` is emptied, and each plan let go once traced, so that with the caller holding no
+    module of the model only the traced programs reference the weights (which lowering releases as it goes). With
+    ``options.jobs`` >= 2, a small model's methods without control flow are traced and lowered in a second process
+    meanwhile (export/parallel_lowering.py); the program written is the same."""
+    progress = progress or (lambda stage: None)
+    second = second_process_methods(plans, options.jobs)
+    names = [plan.name for plan in plans]
+    pending = {plan.name: plan for plan in plans}
+    plans.clear()
+
+    def make(group: list[str], methods: dict[str, Any], report: Callable[[str], None]):
+        report("trace")
+        programs = trace([pending.pop(name) for name in group])
+        report("lower")
+        return lower(programs, recipe, options, methods)
+
+    if not second:
+        return make(names, constants, progress)
+    return lower_in_two_processes(names, second, make, constants, progress)
+
+
 def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
     """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners.
     The traced ``programs`` give up their weights on the way (export/lowering.py ``LoweringMemory``): they cannot
-    be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly.
-    With ``options.jobs`` >= 2, a small model's methods are lowered in two processes at once where they can be
-    (export/parallel_lowering.py); the program written is the same."""
-    second = second_process_methods(programs, options.jobs)
-    if not second:
-        return _lower_here(programs, recipe, options, constants)
-    return lower_in_two_processes(programs, second, lambda group, methods: _lower_here(group, recipe, options,
-                                                                                        methods), constants)
-
-
-def _lower_here(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
-    """``lower`` in this process."""
+    be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     memory = LoweringMemory(programs.values())

@@ -60,6 +60,7 @@ from .executorch_backends import (  # noqa: F401 - re-exported: the ExecuTorch t
     quantize_decoder_8da4w,
     quantize_vision_int8,
     trace,
+    trace_and_lower,
     write_program,
 )
 from .executorch_layer_k import (
@@ -250,6 +251,8 @@ class MethodPlan:
     dynamic_shapes: tuple | None
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    control_flow: bool = False  # holds a higher-order op (the selection's scan): traced and lowered in the main
+    # process (export/parallel_lowering.py)
 
 
 def _position(value: int) -> torch.Tensor:
@@ -282,7 +285,7 @@ def plan_methods(model: nn.Module, geometry: PteGeometry, config: PrunerConfig, 
     vision = MethodPlan(
         "vision_encoder", encoder, (torch.randn(*geometry.pixel_input, generator=generator),), None,
         [tensor_spec("pixel_values", list(geometry.pixel_input), "float32")],
-        [tensor_spec("image_embeddings", [1, budget, d], name), *kept_spec],
+        [tensor_spec("image_embeddings", [1, budget, d], name), *kept_spec], control_flow=True,
     )
     tokens = torch.export.Dim("T", min=1, max=geometry.runner_max_seq_len)
     embed = MethodPlan(
@@ -415,12 +418,8 @@ def export_executorch(
         plans = plan_methods(model, geometry, options.pruner, dtype, patch_matmul=True)
         contracts = {plan.name: {"inputs": plan.inputs, "outputs": plan.outputs} for plan in plans}
 
-        progress("trace")
-        programs = trace(plans)
-        del plans, model  # from here on only the traced programs reference the weights
-        progress("lower")
-        edge = lower(programs, recipe, options, constants)
-        del programs
+        del model  # from here on the plans, then only the traced programs, reference the weights
+        edge = trace_and_lower(plans, recipe, options, constants, progress)  # says "trace", "lower"
         progress("serialise")
         write_program(edge, out_dir / PROGRAM_FILE)
         del edge

@@ -1,20 +1,22 @@
-"""Lowering a program's methods in two processes at once.
+"""Tracing and lowering a program's methods in two processes at once.
 
 ExecuTorch's lowering (``to_edge_transform_and_lower``: decompositions, edge passes, partitioning, XNNPACK's
-per-partition passes and serialisation) is single-threaded Python and handles each method on its own, so the
-methods of one program can be lowered side by side. The traced methods reach a forked child as they are (copy on
-write, nothing serialised); the child lowers its share and hands the edge programs back through ExecuTorch's own
-edge-program serde (``executorch.exir.serde``: graphs, delegates with their processed bytes and named data,
-weights), and the parent assembles every method into one ``EdgeProgramManager`` to write as usual. The written
-program is byte-identical to a one-process lowering (tested).
+per-partition passes and serialisation) is single-threaded Python and handles each method on its own, and so does
+``torch.export``: the methods of one program can be traced and lowered side by side. A forked child gets the
+methods' modules as they are (copy on write, nothing serialised), traces and lowers its share and hands the edge
+programs back through ExecuTorch's own edge-program serde (``executorch.exir.serde``: graphs, delegates with their
+processed bytes and named data, weights); the parent assembles every method into one ``EdgeProgramManager`` to
+write as usual. The written program is byte-identical to a one-process export (tested).
 
-Measured on the demo export (tiny-llava, layer 2, keep 0.12; 2 cores): vision_encoder 20.7 s and text_decoder +
-token_embedding 19.8 s lowered apart, the serde round trip 1.7 s (benchmarks/export_time.py).
+Measured on the demo export (tiny-llava, layer 2, keep 0.12; this 2-core VM): vision_encoder 17.7 s and
+text_decoder + token_embedding 18.4 s lowered side by side (20.7 s and 19.8 s one after the other, alone on the
+machine: two processes on its two cores each run slower), the serde round trip 1.7 s; README.md "Export time".
 
 When it applies (``second_process_methods``): Linux (fork; macOS forks badly under its system frameworks), two or
 more usable CPUs, weights of at most ``PARALLEL_MAX_WEIGHT_BYTES`` (the serde carries named data as base64 JSON,
-and a full-size model needs its memory for one lowering), and a method that the serde can carry: exir's serde
-cannot serialise control flow (the selection's ``scan`` stays in the parent).
+and a full-size model needs the machine's memory for one lowering), and a method without control flow for the
+child: exir's serde cannot serialise a higher-order op (the selection's ``scan`` stays in the parent, which its
+``MethodPlan`` says). The child's private memory was 0.22 GiB on the demo export.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .lowering import _held_bytes
 PARALLEL_MAX_WEIGHT_BYTES = 256 << 20  # weights above this: one process (memory, serde cost)
 
 RAISED_AS_THEMSELVES = {"ValueError": ValueError, "MemoryError": MemoryError}
-LowerFn = Callable[[dict, dict], Any]  # (traced programs, constant methods) -> EdgeProgramManager
+MakeEdge = Callable[[list, dict, Callable[[str], None]], Any]  # (methods, constant methods, progress) -> edge
 
 
 class LoweringProcessError(RuntimeError):
@@ -48,47 +50,53 @@ def usable_cpus() -> int:
 
 
 def has_control_flow(program: torch.export.ExportedProgram) -> bool:
-    """Whether ``program`` calls a higher-order operator (scan, cond, while_loop, map): exir's serde cannot carry
-    those."""
+    """Whether ``program`` (traced or lowered) calls a higher-order operator other than a delegate call (scan,
+    cond, while_loop, map): exir's serde cannot carry those."""
     return any(node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
-               for node in program.graph_module.graph.nodes)
+               and node.target.name() != "executorch_call_delegate" for node in program.graph_module.graph.nodes)
 
 
-def _weight_bytes(programs: dict[str, torch.export.ExportedProgram]) -> int:
-    """Bytes of every program's state dict and constants, each tensor once (methods share the decoder's)."""
+def _weight_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of the modules' parameters and buffers, each tensor once (methods share the model's)."""
     seen: dict[int, int] = {}
-    for program in programs.values():
-        for tensor in [*program.state_dict.values(), *program.constants.values()]:
+    for module in modules:
+        for tensor in module.state_dict(keep_vars=True).values():
             if isinstance(tensor, torch.Tensor):
                 seen[id(tensor)] = _held_bytes(tensor)
     return sum(seen.values())
 
 
-def second_process_methods(programs: dict[str, torch.export.ExportedProgram], jobs: int) -> list[str]:
-    """The methods to lower in a second process, or [] to lower all in this one (see the module docstring for
-    when). The second process gets every method without control flow, except that when all are movable the one with
-    the most nodes stays here."""
-    if jobs < 2 or sys.platform != "linux" or usable_cpus() < 2 or len(programs) < 2:
+def second_process_methods(plans: list, jobs: int) -> list[str]:
+    """The methods (``MethodPlan``s: ``name``, ``module``, ``control_flow``) to trace and lower in a second process,
+    or [] to do all in this one (see the module docstring for when). The second process gets every method without
+    control flow, except that when all are movable the first stays here."""
+    if jobs < 2 or sys.platform != "linux" or usable_cpus() < 2 or len(plans) < 2:
         return []
-    if _weight_bytes(programs) > PARALLEL_MAX_WEIGHT_BYTES:
+    if _weight_bytes([plan.module for plan in plans]) > PARALLEL_MAX_WEIGHT_BYTES:
         return []
-    movable = [name for name, program in programs.items() if not has_control_flow(program)]
-    if len(movable) == len(programs):
-        movable.remove(max(movable, key=lambda name: len(programs[name].graph_module.graph.nodes)))
-    return movable
+    movable = [plan.name for plan in plans if not plan.control_flow]
+    return movable[1:] if len(movable) == len(plans) else movable
 
 
-def _lower_and_send(programs: dict, lower: LowerFn, sender) -> None:  # noqa: ANN001 - a multiprocessing Connection
-    """The child: lower ``programs`` and send ("ok", {method: serialised edge program}) or ("error", exception
-    class name, message, traceback text). The parent stops it with SIGKILL; Ctrl-C is the parent's to handle."""
+def _make_and_send(names: list[str], make: MakeEdge, sender) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    """The child: trace and lower the methods ``names`` and send ("ok", {method: serialised edge program}) or
+    ("error", exception class name, message, traceback text). The parent stops it with SIGKILL; Ctrl-C is the
+    parent's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)  # the parent's thread pool does not survive fork; lowering computes little
     try:
         from executorch.exir.serde.serialize import serialize
 
-        edge = lower(programs, {})
-        message: tuple = ("ok", {name: serialize(edge.exported_program(name)) for name in edge.methods})
+        edge = make(names, {}, lambda stage: None)
+        carried = {}
+        for name in edge.methods:
+            program = edge.exported_program(name)
+            if has_control_flow(program):
+                raise RuntimeError(f"method {name} holds control flow, which exir's serde cannot carry back: its "
+                                   "MethodPlan must say control_flow=True")
+            carried[name] = serialize(program)
+        message: tuple = ("ok", carried)
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent
         message = ("error", type(error).__name__, str(error), traceback.format_exc())
     sender.send(message)
@@ -106,11 +114,12 @@ def _raise_child_error(names: list[str], kind: str, text: str, trace: str) -> No
     )
 
 
-def lower_in_two_processes(programs: dict[str, torch.export.ExportedProgram], second: list[str], lower: LowerFn,
-                           constants: dict[str, Any]):
-    """Lower the methods ``second`` in a forked child and the rest here, with ``lower(programs, constant_methods)``
-    (each side a ``to_edge_transform_and_lower`` of its share; the constant methods go with this side), and return
-    one ``EdgeProgramManager`` with every method in the order of ``programs``.
+def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, constants: dict[str, Any],
+                           progress: Callable[[str], None]):
+    """Trace and lower the methods ``second`` in a forked child and the rest of ``names`` here, each side with
+    ``make(methods, constant_methods, progress)`` (a trace and a ``to_edge_transform_and_lower`` of its share; the
+    constant methods and ``progress`` go with this side), and return one ``EdgeProgramManager`` with every method,
+    in the order of ``names``.
 
     Raises the child's exception (see ``_raise_child_error``), or LoweringProcessError when the child ends without a
     result (killed, out of memory). The child is killed if this side fails or is interrupted."""
@@ -119,13 +128,12 @@ def lower_in_two_processes(programs: dict[str, torch.export.ExportedProgram], se
 
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    there = {name: programs[name] for name in second}
-    here = {name: program for name, program in programs.items() if name not in there}
-    child = context.Process(target=_lower_and_send, args=(there, lower, sender), name="lowering", daemon=True)
+    here = [name for name in names if name not in second]
+    child = context.Process(target=_make_and_send, args=(list(second), make, sender), name="lowering", daemon=True)
     child.start()
     sender.close()
     try:
-        edge = lower(here, constants)
+        edge = make(here, constants, progress)
         try:
             message = receiver.recv()
         except EOFError:
@@ -143,6 +151,6 @@ def lower_in_two_processes(programs: dict[str, torch.export.ExportedProgram], se
     if message[0] != "ok":
         _raise_child_error(second, *message[1:])
     lowered = {name: edge.exported_program(name) if name in here else deserialize(message[1][name])
-               for name in programs}
+               for name in names}
     return EdgeProgramManager(lowered, constant_methods=constants,
                               compile_config=EdgeCompileConfig(_check_ir_validity=False))

@@ -1,13 +1,14 @@
 """Lowering a program's methods in two processes (export/parallel_lowering.py): which methods go to the second
 process, the same program as one process lowers, the child's failures raised here, no child left behind.
 
-Small traced stacks of linears stand in for a VLM's methods (the demo export's byte-identity is in
+Small stacks of linears stand in for a VLM's methods (the demo export's byte-identity is in
 test_export_executorch.py)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,11 +57,15 @@ def _trace(module: nn.Module, width: int = 8) -> torch.export.ExportedProgram:
         return torch.export.export(module.eval(), (torch.randn(4, width),), strict=False)
 
 
+def _plan(name: str, module: nn.Module, control_flow: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(name=name, module=module, control_flow=control_flow)  # what a MethodPlan tells
+
+
 @pytest.fixture()
-def programs() -> dict[str, torch.export.ExportedProgram]:
+def plans() -> list[SimpleNamespace]:
     torch.manual_seed(0)
-    return {"vision_encoder": _trace(Stack(8, 3)), "token_embedding": _trace(Stack(8, 1)),
-            "text_decoder": _trace(Stack(8, 2))}
+    return [_plan("vision_encoder", Stack(8, 3)), _plan("token_embedding", Stack(8, 1)),
+            _plan("text_decoder", Stack(8, 2))]
 
 
 def _to_edge(programs: dict, constants: dict):
@@ -71,90 +76,112 @@ def _to_edge(programs: dict, constants: dict):
                                        constant_methods=constants)
 
 
-@needs_fork
-def test_the_largest_method_stays_and_control_flow_never_moves(programs, monkeypatch):
-    assert not has_control_flow(programs["text_decoder"])
-    assert second_process_methods(programs, jobs=2) == ["token_embedding", "text_decoder"]
-    assert second_process_methods(programs, jobs=1) == []
-    assert second_process_methods({"vision_encoder": programs["vision_encoder"]}, jobs=2) == []
+def _maker(plans: list, child=None, parent=None):
+    """make(methods, constants, progress) for lower_in_two_processes: trace and lower; ``child`` / ``parent``, if
+    given, run first on the side they name."""
+    modules = {plan.name: plan.module for plan in plans}
+    main = os.getpid()
 
-    looped = {"vision_encoder": _trace(Looped()), **{k: v for k, v in programs.items() if k != "vision_encoder"}}
-    assert has_control_flow(looped["vision_encoder"])
+    def make(group: list[str], constants: dict, progress):
+        hook = parent if os.getpid() == main else child
+        if hook is not None:
+            hook()
+        progress("trace")
+        programs = {name: _trace(modules[name]) for name in group}
+        progress("lower")
+        return _to_edge(programs, constants)
+
+    return make
+
+
+@needs_fork
+def test_the_first_method_stays_and_control_flow_never_moves(plans, monkeypatch):
+    assert second_process_methods(plans, jobs=2) == ["token_embedding", "text_decoder"]
+    assert second_process_methods(plans, jobs=1) == []
+    assert second_process_methods(plans[:1], jobs=2) == []
+
+    looped = [_plan("vision_encoder", Looped(), control_flow=True), *plans[1:]]
     assert second_process_methods(looped, jobs=2) == ["token_embedding", "text_decoder"]
-    assert second_process_methods({"a": _trace(Looped()), "b": _trace(Looped())}, jobs=2) == []
+    assert second_process_methods([_plan("a", Looped(), True), _plan("b", Looped(), True)], jobs=2) == []
 
-    weights = sum(t.numel() * t.element_size() for p in programs.values() for t in p.state_dict.values())
+    weights = sum(t.numel() * t.element_size() for plan in plans for t in plan.module.state_dict().values())
     monkeypatch.setattr(parallel_lowering, "PARALLEL_MAX_WEIGHT_BYTES", weights - 1)
-    assert second_process_methods(programs, jobs=2) == []  # too large to hand between processes
+    assert second_process_methods(plans, jobs=2) == []  # too large to hand between processes
+
+
+def test_control_flow_is_what_serde_cannot_carry():
+    assert has_control_flow(_trace(Looped()))
+    assert not has_control_flow(_trace(Stack(8, 2)))
+    lowered = _to_edge({"forward": _trace(Stack(8, 2))}, {}).exported_program()
+    assert "executorch_call_delegate" in str(lowered.graph) and not has_control_flow(lowered)  # serde carries those
 
 
 @needs_fork
-def test_two_processes_write_the_program_one_process_writes(programs):
+def test_two_processes_write_the_program_one_process_writes(plans):
     constants = {"get_max_seq_len": 64}
-    alone = _to_edge(programs, constants)
-    parent = os.getpid()
-    where: dict[str, int] = {}
-
-    def lower(group: dict, methods: dict):
-        if os.getpid() == parent:  # the child's record stays in the child; the parent sees only its own share
-            where.update({name: os.getpid() for name in group})
-        return _to_edge(group, methods)
-
-    together = lower_in_two_processes(programs, ["token_embedding", "text_decoder"], lower, constants)
-    assert where == {"vision_encoder": parent}
+    names = [plan.name for plan in plans]
+    alone = _to_edge({name: _trace(plan.module) for name, plan in zip(names, plans)}, constants)
+    stages: list[str] = []
+    together = lower_in_two_processes(names, ["token_embedding", "text_decoder"], _maker(plans), constants,
+                                      stages.append)
+    assert stages == ["trace", "lower"]  # this side's; the child reports nothing
     assert together.to_executorch().buffer == alone.to_executorch().buffer
     assert not multiprocessing.active_children()
 
 
 @needs_fork
-def test_the_childs_error_is_raised_here(programs):
-    parent = os.getpid()
+def test_a_method_with_control_flow_is_refused_by_the_child(plans):
+    looped = [plans[0], _plan("text_decoder", Looped())]  # a plan that does not say control_flow=True
+    with pytest.raises(LoweringProcessError, match="text_decoder holds control flow.*control_flow=True"):
+        lower_in_two_processes(["vision_encoder", "text_decoder"], ["text_decoder"], _maker(looped), {},
+                               lambda stage: None)
 
-    def lower(group: dict, methods: dict):
-        if os.getpid() != parent:
-            raise ValueError("max_seq_len=4 cannot hold the prompt")
-        return _to_edge(group, methods)
+
+@needs_fork
+def test_the_childs_error_is_raised_here(plans):
+    names = [plan.name for plan in plans]
+
+    def fixable():
+        raise ValueError("max_seq_len=4 cannot hold the prompt")
 
     with pytest.raises(ValueError, match="max_seq_len=4 cannot hold the prompt"):
-        lower_in_two_processes(programs, ["text_decoder"], lower, {})
+        lower_in_two_processes(names, ["text_decoder"], _maker(plans, child=fixable), {}, lambda stage: None)
 
-    def fails_oddly(group: dict, methods: dict):
-        if os.getpid() != parent:
-            raise LookupError("no kernel")  # not a built-in error the options can fix: named with its traceback
-        return _to_edge(group, methods)
+    class NoKernel(Exception):
+        pass
 
-    with pytest.raises(LoweringProcessError, match=r"(?s)text_decoder in a second process failed: LookupError: no "
-                                                   r"kernel.*--jobs 1"):
-        lower_in_two_processes(programs, ["text_decoder"], fails_oddly, {})
+    def odd():
+        raise NoKernel("no kernel")  # not an error the options can fix: named, with the child's traceback
+
+    with pytest.raises(LoweringProcessError, match=r"(?s)text_decoder in a second process failed: NoKernel: no "
+                                                   r"kernel.*Traceback.*--jobs 1"):
+        lower_in_two_processes(names, ["text_decoder"], _maker(plans, child=odd), {}, lambda stage: None)
     assert not multiprocessing.active_children()
 
 
 @needs_fork
-def test_a_child_that_dies_is_reported_with_the_fix(programs):
-    parent = os.getpid()
-
-    def lower(group: dict, methods: dict):
-        if os.getpid() != parent:
-            os._exit(9)  # as if killed for memory: no message ever comes
-        return _to_edge(group, methods)
+def test_a_child_that_dies_is_reported_with_the_fix(plans):
+    def dies():
+        os._exit(9)  # as if killed for memory: no message ever comes
 
     with pytest.raises(LoweringProcessError, match=r"ended without a result \(exit code 9.*--jobs 1"):
-        lower_in_two_processes(programs, ["text_decoder"], lower, {})
+        lower_in_two_processes([p.name for p in plans], ["text_decoder"], _maker(plans, child=dies), {},
+                               lambda stage: None)
     assert not multiprocessing.active_children()
 
 
 @needs_fork
-def test_an_interrupted_export_leaves_no_child(programs):
-    parent = os.getpid()
+def test_an_interrupted_export_leaves_no_child(plans):
+    def interrupted():
+        raise KeyboardInterrupt  # Ctrl-C while this side works; the child would still be working
 
-    def lower(group: dict, methods: dict):
-        if os.getpid() == parent:
-            raise KeyboardInterrupt  # Ctrl-C while this side lowers; the child would still be working
+    def slow():
         import time
 
         time.sleep(60)
-        return _to_edge(group, methods)
 
     with pytest.raises(KeyboardInterrupt):
-        lower_in_two_processes(programs, ["text_decoder"], lower, {})
+        lower_in_two_processes([p.name for p in plans], ["text_decoder"], _maker(plans, child=slow,
+                                                                                 parent=interrupted), {},
+                               lambda stage: None)
     assert not multiprocessing.active_children()
