@@ -1,4 +1,5 @@
-"""Where the demo export's time goes, and what the exporter's collector settings save, side by side in one run.
+"""Where the demo export's time goes, and what the exporter's collector settings and two-process lowering save,
+side by side in one run.
 
     .venv/bin/python benchmarks/export_time.py [--model tiny-llava] [--keep 0.12] [--prune-layer 2] [--runs 3]
                                                [--no-profile]
@@ -6,9 +7,12 @@
 1. The demo export as a user runs it: `pruner-export --model tiny-llava --keep 0.12 --target executorch` in a child
    process, wall time from start to exit (imports and validation included), --runs times.
 2. The export alone (``export_executorch``: load, trace, lower, serialise; no validation), each run in a fresh
-   child, alternating Python's collector at CPython's defaults and inside ``export.memory.fewer_collections`` (what
-   pruner-export uses): each stage's seconds and the seconds the collector ran (``gc.callbacks``).
-3. Unless --no-profile: one more child under cProfile, lowering split into ExecuTorch's edge generation
+   child, rotating through: Python's collector at CPython's defaults, one process (``jobs=1``); inside
+   ``export.memory.fewer_collections``, one process; and ``fewer_collections`` with the methods traced and lowered
+   in two processes (``jobs=2``, export/parallel_lowering.py): what pruner-export does. Each stage's seconds (with
+   two processes: this process's stages; the second process works during "trace" and "lower") and the seconds this
+   process's collector ran (``gc.callbacks``).
+3. Unless --no-profile: one more child under cProfile (one process), lowering split into ExecuTorch's edge generation
    (``_gen_edge_manager_for_partitioners``: decompositions and edge passes, per method), XNNPACK's preprocess (its
    passes and serialisation, per partition) and the rest of ``to_backend`` (partitioning, per-partition copies), and
    serialisation (``to_executorch`` and the write). cProfile inflates Python-heavy code about 2x: its shares, not its
@@ -43,9 +47,15 @@ PROFILED = (
 )
 
 
-def export_once(model: str, keep: str, prune_layer: int, collector: str) -> dict:
+MODES = {"default": ("default", 1), "fewer": ("fewer", 1), "parallel": ("fewer", 2)}  # mode: (collector, jobs)
+LABELS = {"default": "CPython collector, 1 process", "fewer": "fewer_collections, 1 process",
+          "parallel": "fewer_collections, 2 processes"}
+
+
+def export_once(model: str, keep: str, prune_layer: int, mode: str) -> dict:
     """One export_executorch in this process -> {"stages": {stage: s}, "total_s", "gc_s", "collections"}.
-    collector: "default" (CPython's settings) or "fewer" (``fewer_collections``)."""
+    mode: a key of MODES (the collector: "default", CPython's settings, or "fewer", ``fewer_collections``; the
+    processes lowering: ``ExportOptions.jobs``)."""
     from export.cli import DEFAULT_CACHE
     from export.common import ExportOptions, resolve_dtype
     from export.executorch_export import export_executorch
@@ -56,7 +66,8 @@ def export_once(model: str, keep: str, prune_layer: int, collector: str) -> dict
 
     model_dir = resolve_model(model, DEFAULT_CACHE)
     dtype = resolve_dtype("auto", model_dir, "executorch", "none")[0]
-    options = ExportOptions(model=model, target="executorch", dtype=dtype,
+    collector, jobs = MODES[mode]
+    options = ExportOptions(model=model, target="executorch", dtype=dtype, jobs=jobs,
                             pruner=PrunerConfig(keep=parse_keep(keep), layer=prune_layer))
     spent = {"gc_s": 0.0, "collections": 0}
     began = [0.0]
@@ -77,12 +88,13 @@ def export_once(model: str, keep: str, prune_layer: int, collector: str) -> dict
         marks.append(("end", time.perf_counter()))
     gc.callbacks.remove(on_collection)
     stages = {stage: round(marks[i + 1][1] - at, 2) for i, (stage, at) in enumerate(marks[:-1])}
-    return {"collector": collector, "stages": stages, "total_s": round(marks[-1][1] - marks[0][1], 2),
+    return {"mode": mode, "stages": stages, "total_s": round(marks[-1][1] - marks[0][1], 2),
             "gc_s": round(spent["gc_s"], 2), "collections": spent["collections"]}
 
 
 def profile_once(model: str, keep: str, prune_layer: int) -> dict:
-    """One export under cProfile (``fewer_collections``) -> {label: share of the export's profiled time}."""
+    """One export under cProfile (``fewer_collections``, one process: every stage in the profile) -> {label: share
+    of the export's profiled time}."""
     import cProfile
     import pstats
 
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind; medians are reported")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run that splits lowering")
-    parser.add_argument("--child", choices=["default", "fewer", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*MODES, "profile"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "export_time.json")
     args = parser.parse_args(argv)
     if args.child:
@@ -157,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--keep {args.keep}: {error}")
 
     cli = [cli_seconds(args) for _ in range(args.runs)]
-    runs = {"default": [], "fewer": []}
+    runs = {mode: [] for mode in MODES}
     for _ in range(args.runs):
-        for collector in runs:
-            runs[collector].append(child(collector, args))
-    rows = {collector: median_row(results) for collector, results in runs.items()}
+        for mode in runs:
+            runs[mode].append(child(mode, args))
+    rows = {mode: median_row(results) for mode, results in runs.items()}
     profile = None if args.no_profile else child("profile", args)
 
     command = (f"pruner-export --model {args.model} --keep {args.keep} --prune-layer {args.prune_layer} "
@@ -169,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{command}: median {statistics.median(cli):.1f} s wall (runs: {', '.join(f'{s:.1f}' for s in cli)}; "
           "imports and validation included)")
     print("\nexport_executorch alone, median of", args.runs, "fresh processes (s):")
-    print(f"  {'collector':<22}" + "".join(f"{stage:>10}" for stage in STAGES) + f"{'total':>10}{'in gc':>10}"
+    print(f"  {'':<32}" + "".join(f"{stage:>10}" for stage in STAGES) + f"{'total':>10}{'in gc':>10}"
           f"{'collections':>13}")
-    for collector, row in rows.items():
-        label = "CPython defaults" if collector == "default" else "fewer_collections"
-        print(f"  {label:<22}" + "".join(f"{row[stage]:>10.1f}" for stage in STAGES) + f"{row['total_s']:>10.1f}"
-              f"{row['gc_s']:>10.1f}{row['collections']:>13.0f}")
-    print(f"  fewer_collections saves {rows['default']['total_s'] - rows['fewer']['total_s']:.1f} s "
-          f"({rows['default']['total_s'] / rows['fewer']['total_s']:.2f}x the export's speed)")
+    for mode, row in rows.items():
+        print(f"  {LABELS[mode]:<32}" + "".join(f"{row[stage]:>10.1f}" for stage in STAGES)
+              + f"{row['total_s']:>10.1f}{row['gc_s']:>10.1f}{row['collections']:>13.0f}")
+    for slower, faster, what in (("default", "fewer", "fewer_collections"), ("fewer", "parallel", "two processes")):
+        print(f"  {what} saves {rows[slower]['total_s'] - rows[faster]['total_s']:.1f} s "
+              f"({rows[slower]['total_s'] / rows[faster]['total_s']:.2f}x the export's speed)")
     if profile:
         print(f"\nprofiled export ({profile['profiled_total_s']} s under cProfile), share of export_executorch:")
         for label, entry in profile["shares"].items():

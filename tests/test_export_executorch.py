@@ -80,6 +80,7 @@ def quantised_cli_export(et_zoo, tmp_path_factory):
         "--keep", keep, "--prune-layer", layer, "--target", "executorch", "--backend", "xnnpack",
         "--quantize", "8da4w", "--quantize-vision", "int8", "--max-seq-len", MAX_SEQ_LEN,
         "--no-validate",  # the measured peak is the export's (test_memory_estimate...); validated in a test below
+        "--jobs", "1",  # one process: its peak RSS is the export's (two processes: README "Export memory")
     ], out)
     yield export
     export.stop()

@@ -61,7 +61,8 @@ def cli_export(zoo, tmp_path_factory):
     export = BackgroundExport.start([
         "--model", name, "--cache-dir", zoo[name].parent, "--keep", KEEP, "--prune-layer", layer,
         "--target", "executorch", "--backend", "xnnpack", "--max-seq-len", MAX_SEQ_LEN,
-        "--no-validate"], out)  # the measured peak is the export's alone (the estimate's subject)
+        "--no-validate",  # the measured peak is the export's alone (the estimate's subject)
+        "--jobs", "1"], out)  # one process: its peak RSS is the export's (two: README "Export memory")
 
     def wait():
         folder = export()
@@ -91,17 +92,17 @@ def exports(zoo, tmp_path_factory, cli_export):
 WEIGHTS_ALIVE_SCRIPT = """
 import sys, weakref
 from pathlib import Path
-from export import executorch_export
+from export import executorch_backends, executorch_export
 from export.common import ExportOptions
 from pruner_core import PrunerConfig
-traced, trace = [], executorch_export.trace
-def recording_trace(plans):  # the weights as traced: the decoder's quantized ones (8da4w) included
+traced, trace = [], executorch_backends.trace
+def recording_trace(plans):  # the weights as traced here: the decoder's quantized ones (8da4w) included
     seen = {}
     for plan in plans:
         seen |= {id(p): p for p in [*plan.module.parameters(), *plan.module.buffers()]}
     traced.extend((weakref.ref(p), p.numel() * p.element_size()) for p in seen.values())
     return trace(plans)
-executorch_export.trace = recording_trace
+executorch_backends.trace = recording_trace
 options = ExportOptions(model="m", target="executorch", pruner=PrunerConfig(keep=0.12, layer=2), backend="xnnpack",
                         max_seq_len=256, quantize="8da4w", lowering_slice_bytes=1)
 executorch_export.export_executorch(Path(sys.argv[1]), Path(sys.argv[2]), options, model_id="m")
