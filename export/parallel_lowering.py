@@ -34,6 +34,7 @@ from .lowering import _held_bytes
 
 PARALLEL_MAX_WEIGHT_BYTES = 256 << 20  # weights above this: one process (memory, serde cost)
 
+CHILD_POLL_SECONDS = 1.0  # how often a parent waiting for the child's message checks that it is still alive
 RAISED_AS_THEMSELVES = {"ValueError": ValueError, "MemoryError": MemoryError}
 MakeEdge = Callable[[list, dict, Callable[[str], None]], Any]  # (methods, constant methods, progress) -> edge
 
@@ -114,6 +115,25 @@ def _raise_child_error(names: list[str], kind: str, text: str, trace: str) -> No
     )
 
 
+def _receive(receiver, child, second: list[str]) -> tuple:  # noqa: ANN001 - a Connection and a Process
+    """The child's message, once it comes; LoweringProcessError as soon as the child has ended without one (killed,
+    out of memory). Polls the child's exit (waitpid) every ``CHILD_POLL_SECONDS`` as well as the pipe: neither the
+    pipe nor the process sentinel reports an end while another process still holds their write ends (one forked
+    from the child, or by another thread of this process while the child was being started)."""
+    while not receiver.poll(CHILD_POLL_SECONDS) and child.is_alive():
+        pass
+    if receiver.poll():  # a message comes before the child exits: it waits in send until it is read
+        try:
+            return receiver.recv()
+        except (EOFError, OSError):  # closed, or closed part way through the message
+            pass
+    child.join(timeout=10)
+    raise LoweringProcessError(
+        f"the process lowering {', '.join(second)} ended without a result (exit code {child.exitcode}; "
+        "-9 is a kill, often for memory): export with --jobs 1 to lower every method in one process"
+    )
+
+
 def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, constants: dict[str, Any],
                            progress: Callable[[str], None]):
     """Trace and lower the methods ``second`` in a forked child and the rest of ``names`` here, each side with
@@ -134,14 +154,7 @@ def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, 
     sender.close()
     try:
         edge = make(here, constants, progress)
-        try:
-            message = receiver.recv()
-        except EOFError:
-            child.join(timeout=10)
-            raise LoweringProcessError(
-                f"the process lowering {', '.join(second)} ended without a result (exit code {child.exitcode}; "
-                "-9 is a kill, often for memory): export with --jobs 1 to lower every method in one process"
-            ) from None
+        message = _receive(receiver, child, second)
         child.join(timeout=60)  # it exits once the message is read
     finally:
         receiver.close()

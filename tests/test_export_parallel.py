@@ -171,6 +171,35 @@ def test_a_child_that_dies_is_reported_with_the_fix(plans):
 
 
 @needs_fork
+def test_a_child_that_dies_is_reported_while_another_process_holds_the_pipe(plans, tmp_path):
+    """A process forked from the child (as a lowering tool's helper would be) keeps the pipe's write end open after
+    the child dies: the end is seen all the same, at once, not when that process ends."""
+    import signal
+    import time
+
+    helper = tmp_path / "helper.pid"
+
+    def forks_then_dies():
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        helper.write_text(str(pid))
+        os._exit(9)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(LoweringProcessError, match=r"ended without a result \(exit code 9.*--jobs 1"):
+            lower_in_two_processes([p.name for p in plans], ["text_decoder"], _maker(plans, child=forks_then_dies),
+                                   {}, lambda stage: None)
+        assert time.monotonic() - started < 30
+    finally:
+        if helper.exists():
+            os.kill(int(helper.read_text()), signal.SIGKILL)
+    assert not multiprocessing.active_children()
+
+
+@needs_fork
 def test_an_interrupted_export_leaves_no_child(plans):
     def interrupted():
         raise KeyboardInterrupt  # Ctrl-C while this side works; the child would still be working
