@@ -34,6 +34,7 @@ from .lowering import _held_bytes
 
 PARALLEL_MAX_WEIGHT_BYTES = 256 << 20  # weights above this: one process (memory, serde cost)
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
 CHILD_POLL_SECONDS = 1.0  # how often a parent waiting for the child's message checks that it is still alive
 RAISED_AS_THEMSELVES = {"ValueError": ValueError, "MemoryError": MemoryError}
 MakeEdge = Callable[[list, dict, Callable[[str], None]], Any]  # (methods, constant methods, progress) -> edge
@@ -79,10 +80,24 @@ def second_process_methods(plans: list, jobs: int) -> list[str]:
     return movable[1:] if len(movable) == len(plans) else movable
 
 
-def _make_and_send(names: list[str], make: MakeEdge, sender) -> None:  # noqa: ANN001 - a multiprocessing Connection
+def _die_with_parent(parent: int) -> None:
+    """This (forked) process gets SIGKILL when the thread that forked it ends, e.g. its process killed with SIGKILL
+    (Linux's PR_SET_PDEATHSIG; nothing elsewhere); ends at once if ``parent`` (a pid) is already gone."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name is not None:
+        ctypes.CDLL(name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _make_and_send(names: list[str], make: MakeEdge, sender, parent: int) -> None:  # noqa: ANN001 - a Connection
     """The child: trace and lower the methods ``names`` and send ("ok", {method: serialised edge program}) or
-    ("error", exception class name, message, traceback text). The parent stops it with SIGKILL; Ctrl-C is the
-    parent's to handle."""
+    ("error", exception class name, message, traceback text). The parent (pid ``parent``) stops it with SIGKILL,
+    and the kernel does if the parent dies; Ctrl-C is the parent's to handle."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)  # the parent's thread pool does not survive fork; lowering computes little
@@ -149,7 +164,8 @@ def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, 
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     here = [name for name in names if name not in second]
-    child = context.Process(target=_make_and_send, args=(list(second), make, sender), name="lowering", daemon=True)
+    child = context.Process(target=_make_and_send, args=(list(second), make, sender, os.getpid()), name="lowering",
+                            daemon=True)
     child.start()
     sender.close()
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -197,6 +198,49 @@ def test_a_child_that_dies_is_reported_while_another_process_holds_the_pipe(plan
         if helper.exists():
             os.kill(int(helper.read_text()), signal.SIGKILL)
     assert not multiprocessing.active_children()
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie no one reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@needs_fork
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_child_ends_when_the_parent_is_killed(plans, tmp_path):
+    """SIGKILL on the exporting process (no finally runs there) ends the lowering child too, instead of leaving it
+    lowering for nothing."""
+    import signal
+    import time
+
+    record = tmp_path / "child.pid"
+
+    def works():
+        record.write_text(str(os.getpid()))
+        time.sleep(60)
+
+    exporter = os.fork()
+    if exporter == 0:  # the exporting process, killed while both sides work
+        try:
+            lower_in_two_processes([p.name for p in plans], ["text_decoder"],
+                                   _maker(plans, child=works, parent=lambda: time.sleep(60)), {}, lambda stage: None)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(record.read_text())
+    os.kill(exporter, signal.SIGKILL)
+    os.waitpid(exporter, 0)
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _gone(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the lowering child outlived its killed parent")
 
 
 @needs_fork
