@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "own: LLaVA-1.5 its CLIP size (336x336, the only one it takes), Qwen2-VL / Qwen2.5-VL "
                              "672x672 (a tiny build: its own; any size in multiples of 28)")
     target.add_argument("--jobs", type=positive_int, default=2, metavar="N",
-                        help="executorch: processes that lower the model's methods at once (default 2, used on Linux "
-                             "with 2+ CPUs for models up to 256 MiB of weights; 1: one process)")
+                        help="executorch: processes that trace and lower the model's methods at once: 1 or 2 (default "
+                             "2: a second process on Linux with 2+ CPUs for models up to 256 MiB of weights; more "
+                             "than 2 is the same as 2; 1: one process)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, help="default: exported/<model>-keep<k>-<target>")
     output.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -367,6 +368,7 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
     from pruner_core.adapters import adapter_for, resolve_model
 
     from .memory import fewer_collections
+    from .parallel_lowering import LoweringProcessError
 
     stream = stream or sys.stderr
     if args.prune_layer < 0:
@@ -443,8 +445,9 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
                 payload = check_and_describe(staging, out, model_dir, options, progress, stream, skipped=skipped,
                                              tolerance=tolerance or tolerance_for(options.dtype, options.quantize,
                                                                                   options.quantize_vision))
-        except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError) as error:
-            raise ExportError(str(error)) from None
+        except (ValueError, FileExistsError, PermissionError, NotImplementedError, ImportError,
+                LoweringProcessError) as error:  # the last: the second lowering process failed, its message names
+            raise ExportError(str(error)) from None  # --jobs 1
         summarise(out, payload, progress.finish(), stream, notes)
         written.append(out)
         if args.android and options.target == "executorch":

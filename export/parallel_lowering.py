@@ -34,6 +34,8 @@ from .lowering import _held_bytes
 
 PARALLEL_MAX_WEIGHT_BYTES = 256 << 20  # weights above this: one process (memory, serde cost)
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
+CHILD_POLL_SECONDS = 1.0  # how often a parent waiting for the child's message checks that it is still alive
 RAISED_AS_THEMSELVES = {"ValueError": ValueError, "MemoryError": MemoryError}
 MakeEdge = Callable[[list, dict, Callable[[str], None]], Any]  # (methods, constant methods, progress) -> edge
 
@@ -78,10 +80,24 @@ def second_process_methods(plans: list, jobs: int) -> list[str]:
     return movable[1:] if len(movable) == len(plans) else movable
 
 
-def _make_and_send(names: list[str], make: MakeEdge, sender) -> None:  # noqa: ANN001 - a multiprocessing Connection
+def _die_with_parent(parent: int) -> None:
+    """This (forked) process gets SIGKILL when the thread that forked it ends, e.g. its process killed with SIGKILL
+    (Linux's PR_SET_PDEATHSIG; nothing elsewhere); ends at once if ``parent`` (a pid) is already gone."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and name is not None:
+        ctypes.CDLL(name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _make_and_send(names: list[str], make: MakeEdge, sender, parent: int) -> None:  # noqa: ANN001 - a Connection
     """The child: trace and lower the methods ``names`` and send ("ok", {method: serialised edge program}) or
-    ("error", exception class name, message, traceback text). The parent stops it with SIGKILL; Ctrl-C is the
-    parent's to handle."""
+    ("error", exception class name, message, traceback text). The parent (pid ``parent``) stops it with SIGKILL,
+    and the kernel does if the parent dies; Ctrl-C is the parent's to handle."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)  # the parent's thread pool does not survive fork; lowering computes little
@@ -114,6 +130,25 @@ def _raise_child_error(names: list[str], kind: str, text: str, trace: str) -> No
     )
 
 
+def _receive(receiver, child, second: list[str]) -> tuple:  # noqa: ANN001 - a Connection and a Process
+    """The child's message, once it comes; LoweringProcessError as soon as the child has ended without one (killed,
+    out of memory). Polls the child's exit (waitpid) every ``CHILD_POLL_SECONDS`` as well as the pipe: neither the
+    pipe nor the process sentinel reports an end while another process still holds their write ends (one forked
+    from the child, or by another thread of this process while the child was being started)."""
+    while not receiver.poll(CHILD_POLL_SECONDS) and child.is_alive():
+        pass
+    if receiver.poll():  # a message comes before the child exits: it waits in send until it is read
+        try:
+            return receiver.recv()
+        except (EOFError, OSError):  # closed, or closed part way through the message
+            pass
+    child.join(timeout=10)
+    raise LoweringProcessError(
+        f"the process lowering {', '.join(second)} ended without a result (exit code {child.exitcode}; "
+        "-9 is a kill, often for memory): export with --jobs 1 to lower every method in one process"
+    )
+
+
 def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, constants: dict[str, Any],
                            progress: Callable[[str], None]):
     """Trace and lower the methods ``second`` in a forked child and the rest of ``names`` here, each side with
@@ -129,19 +164,13 @@ def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, 
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     here = [name for name in names if name not in second]
-    child = context.Process(target=_make_and_send, args=(list(second), make, sender), name="lowering", daemon=True)
+    child = context.Process(target=_make_and_send, args=(list(second), make, sender, os.getpid()), name="lowering",
+                            daemon=True)
     child.start()
     sender.close()
     try:
         edge = make(here, constants, progress)
-        try:
-            message = receiver.recv()
-        except EOFError:
-            child.join(timeout=10)
-            raise LoweringProcessError(
-                f"the process lowering {', '.join(second)} ended without a result (exit code {child.exitcode}; "
-                "-9 is a kill, often for memory): export with --jobs 1 to lower every method in one process"
-            ) from None
+        message = _receive(receiver, child, second)
         child.join(timeout=60)  # it exits once the message is read
     finally:
         receiver.close()

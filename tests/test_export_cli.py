@@ -343,3 +343,28 @@ def test_target_all_says_which_target_a_quantization_skips(tmp_path):
                          str(tmp_path / "o")], tmp_path)
     assert code == 2 and "note: --quantize int8 does not apply to executorch" in err and "--quantize 8da4w" in err
     assert "does not apply to onnx" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_failed_second_lowering_process_is_one_line_naming_jobs_1(tmp_path, monkeypatch):
+    """The second lowering process killed (for memory, by the user): a one-line error naming the fix, exit 2, no
+    traceback, nothing written."""
+    import export.cli as cli
+    from export.parallel_lowering import LoweringProcessError
+
+    def killed(*args, **kwargs):
+        raise LoweringProcessError("the process lowering token_embedding, text_decoder ended without a result (exit "
+                                   "code -9; -9 is a kill, often for memory): export with --jobs 1 to lower every "
+                                   "method in one process")
+
+    monkeypatch.setattr(cli, "exporter_for", lambda target: killed)
+    out = tmp_path / "model"
+    code, err = run_cli(["--model", "tiny-llava", "--target", "executorch", "--out", str(out), "--no-validate"],
+                        tmp_path)
+    assert code == 2 and "pruner-export: error: the process lowering" in err and "--jobs 1" in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert_nothing_left(tmp_path)
+
+
+def test_jobs_help_says_two_processes_at_most():
+    text = " ".join(build_parser().format_help().split())
+    assert "more than 2 is the same as 2" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -168,6 +169,78 @@ def test_a_child_that_dies_is_reported_with_the_fix(plans):
         lower_in_two_processes([p.name for p in plans], ["text_decoder"], _maker(plans, child=dies), {},
                                lambda stage: None)
     assert not multiprocessing.active_children()
+
+
+@needs_fork
+def test_a_child_that_dies_is_reported_while_another_process_holds_the_pipe(plans, tmp_path):
+    """A process forked from the child (as a lowering tool's helper would be) keeps the pipe's write end open after
+    the child dies: the end is seen all the same, at once, not when that process ends."""
+    import signal
+    import time
+
+    helper = tmp_path / "helper.pid"
+
+    def forks_then_dies():
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        helper.write_text(str(pid))
+        os._exit(9)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(LoweringProcessError, match=r"ended without a result \(exit code 9.*--jobs 1"):
+            lower_in_two_processes([p.name for p in plans], ["text_decoder"], _maker(plans, child=forks_then_dies),
+                                   {}, lambda stage: None)
+        assert time.monotonic() - started < 30
+    finally:
+        if helper.exists():
+            os.kill(int(helper.read_text()), signal.SIGKILL)
+    assert not multiprocessing.active_children()
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie no one reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@needs_fork
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_child_ends_when_the_parent_is_killed(plans, tmp_path):
+    """SIGKILL on the exporting process (no finally runs there) ends the lowering child too, instead of leaving it
+    lowering for nothing."""
+    import signal
+    import time
+
+    record = tmp_path / "child.pid"
+
+    def works():
+        record.write_text(str(os.getpid()))
+        time.sleep(60)
+
+    exporter = os.fork()
+    if exporter == 0:  # the exporting process, killed while both sides work
+        try:
+            lower_in_two_processes([p.name for p in plans], ["text_decoder"],
+                                   _maker(plans, child=works, parent=lambda: time.sleep(60)), {}, lambda stage: None)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(record.read_text())
+    os.kill(exporter, signal.SIGKILL)
+    os.waitpid(exporter, 0)
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _gone(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the lowering child outlived its killed parent")
 
 
 @needs_fork
