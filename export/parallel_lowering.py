@@ -21,6 +21,7 @@ child: exir's serde cannot serialise a higher-order op (the selection's ``scan``
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -149,6 +150,21 @@ def _receive(receiver, child, second: list[str]) -> tuple:  # noqa: ANN001 - a C
     )
 
 
+def _deserialize(artifact: Any) -> torch.export.ExportedProgram:
+    """exir serde's ``deserialize``, without its warning that a dynamic dimension's symbol (``s79``) "did not appear
+    in the graph": the symbol is made again from the program's range constraints (the written program is the same,
+    tested), so the warning only worries a user."""
+    from executorch.exir.serde.serialize import deserialize
+
+    logger = logging.getLogger("executorch.exir.serde.export_serialize")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return deserialize(artifact)
+    finally:
+        logger.setLevel(level)
+
+
 def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, constants: dict[str, Any],
                            progress: Callable[[str], None]):
     """Trace and lower the methods ``second`` in a forked child and the rest of ``names`` here, each side with
@@ -159,7 +175,6 @@ def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, 
     Raises the child's exception (see ``_raise_child_error``), or LoweringProcessError when the child ends without a
     result (killed, out of memory). The child is killed if this side fails or is interrupted."""
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
-    from executorch.exir.serde.serialize import deserialize
 
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
@@ -179,7 +194,7 @@ def lower_in_two_processes(names: list[str], second: list[str], make: MakeEdge, 
         child.join()
     if message[0] != "ok":
         _raise_child_error(second, *message[1:])
-    lowered = {name: edge.exported_program(name) if name in here else deserialize(message[1][name])
+    lowered = {name: edge.exported_program(name) if name in here else _deserialize(message[1][name])
                for name in names}
     return EdgeProgramManager(lowered, constant_methods=constants,
                               compile_config=EdgeCompileConfig(_check_ir_validity=False))
