@@ -146,17 +146,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return values
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
-    return value
-
-
 def check_model_fits(model_dir: Path, pruner: PrunerConfig, image_size: tuple[int, int] | None = None,
                      model_name: str | None = None) -> None:
     """keep, --prune-layer and --image-size against the model's config (cheap: no weights loaded); model_name: as
@@ -340,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixels or a single N for a square NxN (448 = 448x448); default: the model family's "
                              "own: LLaVA-1.5 its CLIP size (336x336, the only one it takes), Qwen2-VL / Qwen2.5-VL "
                              "672x672 (a tiny build: its own; any size in multiples of 28)")
-    target.add_argument("--jobs", type=positive_int, default=2, metavar="N",
+    target.add_argument("--jobs", type=int, default=2, metavar="N",
                         help="executorch: processes that trace and lower the model's methods at once: 1 or 2 (default "
                              "2: a second process on Linux with 2+ CPUs for models up to 256 MiB of weights; more "
                              "than 2 is the same as 2; 1: one process)")

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .lowering import _held_bytes
+from .memory import _libc
 
 PARALLEL_MAX_WEIGHT_BYTES = 256 << 20  # weights above this: one process (memory, serde cost)
 
@@ -84,12 +85,9 @@ def second_process_methods(plans: list, jobs: int) -> list[str]:
 def _die_with_parent(parent: int) -> None:
     """This (forked) process gets SIGKILL when the thread that forked it ends, e.g. its process killed with SIGKILL
     (Linux's PR_SET_PDEATHSIG; nothing elsewhere); ends at once if ``parent`` (a pid) is already gone."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name is not None:
-        ctypes.CDLL(name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc = _libc()  # None off Linux
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
