@@ -25,7 +25,7 @@ from .common import (DTYPES, EXECUTORCH_BACKENDS, ExportOptions, check_replaceab
                      staging_directory)
 from .model_card import human_size
 from .validate import Tolerance, tolerance_for, tolerances_text
-from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
+from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries, run_program
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -484,5 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from runtime.console import run_program
+
 from . import PrunerConfig, method_names, select_tokens
 from .config import Keep, parse_keep
 from .methods import get_method
@@ -79,5 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

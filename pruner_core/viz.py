@@ -34,7 +34,7 @@ from .methods import get_method, method_names
 from .viz_render import (  # noqa: F401  (the colours: re-exported, the sidecar and tests name them)
     DIM, KEPT_RGB, PIVOT_RGB, Layout, ModelView, PanelSelection, atomic_write, render,
 )
-from runtime.console import HelpFormatter, add_verbose, quiet_libraries
+from runtime.console import HelpFormatter, add_verbose, quiet_libraries, run_program
 from runtime.preprocess import SAMPLE_IMAGES
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
@@ -420,5 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import current_rss_bytes
-from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
+from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries, run_program
 
 
 class PeakSampler:
@@ -329,5 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .devices import NoNpuError
 from .openvino_backend import NoDeviceError
-from .console import HelpFormatter, add_verbose, escape_controls, native_notices_filtered, quiet_libraries
+from .console import (HelpFormatter, add_verbose, escape_controls, native_notices_filtered, quiet_libraries,
+                      run_program)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,5 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

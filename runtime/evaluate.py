@@ -62,7 +62,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries
+from .console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries, run_program
 from .eval_questions import EvalError, SkippedLine, read_questions, shipped_questions
 from .eval_report import EvalReport
 from .eval_run import Loader, default_loader, evaluate
@@ -172,5 +172,10 @@ def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The console script's entry point (pyproject.toml): main() for a process that exits next."""
+    return run_program(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -121,3 +121,36 @@ def test_native_notices_are_dropped_and_everything_else_kept_in_order():
     assert "[cpuinfo_utils.cpp:99] after the block" in shown  # only inside the block
     verbose = _native_stderr("verbose")
     assert "Reading file" in verbose and "runtime loaded" in verbose and "one [two] three" in verbose
+
+
+ENTRY_PROBE = """
+import atexit, gc, sys, tempfile
+from runtime.console import run_program
+folder = tempfile.TemporaryDirectory()  # cleaned by its finalizer at exit, frozen or not
+print(folder.name)
+def main():
+    print("frozen while main runs:", gc.get_freeze_count())
+    return 3
+code = run_program(main)
+print("frozen after:", gc.get_freeze_count() > 0, "collector on:", gc.isenabled())
+sys.exit(code)
+"""
+
+
+def test_console_entry_points_skip_the_exit_collection_and_keep_the_exit_code():
+    """Every console script goes through run_program (pyproject.toml names each module's console_main): main()'s
+    exit code, then the objects frozen so the interpreter's final collections do not scan them; finalizers still
+    run at exit (a TemporaryDirectory is removed)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts and all(target.endswith(":console_main") for target in scripts.values()), scripts
+    for target in scripts.values():
+        module = (ROOT / target.split(":")[0].replace(".", "/")).with_suffix(".py").read_text()
+        assert "def console_main() -> int:\n" in module and "return run_program(main)" in module, target
+    done = subprocess.run([sys.executable, "-c", ENTRY_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    folder, during, after = done.stdout.splitlines()
+    assert during == "frozen while main runs: 0"
+    assert after == "frozen after: True collector on: True"
+    assert not Path(folder).exists()
