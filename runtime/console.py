@@ -31,8 +31,10 @@ def run_program(main: Callable[[], int]) -> int:
     every object alone (``gc.freeze``) for the exit that follows. The interpreter's final collections would scan
     everything the command imported (torch, transformers, ExecuTorch) only for the process to end: 1.3 s of a bare
     ``import torch, transformers, executorch.exir`` exit and ~1.5 s of pruner-export's on this VM, 0.15 s frozen
-    (measured). Finalizers still run (``atexit``, ``weakref.finalize``: temporary folders go); the memory goes with
-    the process. Only for a process about to exit: called in-process (tests), ``main`` itself is."""
+    (measured). ``atexit`` and ``weakref.finalize`` still run (temporary folders go: ``TemporaryDirectory``); what
+    no longer runs is ``__del__`` of an object still caught in a reference cycle at exit, so nothing a command
+    writes may be left to one (files are closed by ``with``, not at exit). The memory goes with the process. Only
+    for a process about to exit: called in-process (tests), ``main`` itself is."""
     code = main()
     gc.freeze()
     return code
