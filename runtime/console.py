@@ -34,8 +34,17 @@ def run_program(main: Callable[[], int]) -> int:
     (measured). ``atexit`` and ``weakref.finalize`` still run (temporary folders go: ``TemporaryDirectory``); what
     no longer runs is ``__del__`` of an object still caught in a reference cycle at exit, so nothing a command
     writes may be left to one (files are closed by ``with``, not at exit). The memory goes with the process. Only
-    for a process about to exit: called in-process (tests), ``main`` itself is."""
-    code = main()
+    for a process about to exit: called in-process (tests), ``main`` itself is.
+
+    A reader that stops early (``pruner-run ... | head -1``) ends the command quietly with 141 (128 + SIGPIPE, as
+    a shell reports a command the closed pipe ended), not with a BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+    except BrokenPipeError:
+        # the rest of the output has nowhere to go: stdout to /dev/null, so that the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE (13)
     gc.freeze()
     return code
 

@@ -154,3 +154,29 @@ def test_console_entry_points_skip_the_exit_collection_and_keep_the_exit_code():
     assert during == "frozen while main runs: 0"
     assert after == "frozen after: True collector on: True"
     assert not Path(folder).exists()
+
+
+PIPE_PROBE = """
+import sys
+from runtime.console import run_program
+def main():
+    print("first", flush=True)
+    sys.stdin.readline()  # the reader has closed its end by now
+    for _ in range(1000):
+        print("more output than the closed pipe takes")
+    return 0
+sys.exit(run_program(main))
+"""
+
+
+def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
+    """`pruner-run ... | head -1`: the output's reader closes the pipe while the command still prints; the command
+    ends with 141 (128 + SIGPIPE, as a shell reports it) and says nothing (it was a BrokenPipeError traceback, and
+    then Python's "Exception ignored" when the interpreter flushed stdout at exit)."""
+    child = subprocess.Popen([sys.executable, "-c", PIPE_PROBE], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "first\n"
+    child.stdout.close()  # head -1 has its line and exits
+    _, err = child.communicate("go on\n", timeout=120)
+    assert child.returncode == 141, err
+    assert err == ""
