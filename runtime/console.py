@@ -37,10 +37,15 @@ def run_program(main: Callable[[], int]) -> int:
     for a process about to exit: called in-process (tests), ``main`` itself is.
 
     A reader that stops early (``pruner-run ... | head -1``) ends the command quietly with 141 (128 + SIGPIPE, as
-    a shell reports a command the closed pipe ended), not with a BrokenPipeError traceback."""
+    a shell reports a command the closed pipe ended), not with a BrokenPipeError traceback; Ctrl-C that ``main``
+    does not answer itself (pruner-export and pruner-eval do) with one line and 130 (128 + SIGINT), not a
+    KeyboardInterrupt traceback."""
     try:
         code = main()
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        code = 130
     except BrokenPipeError:
         # the rest of the output has nowhere to go: stdout to /dev/null, so that the flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -180,3 +180,12 @@ def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
     _, err = child.communicate("go on\n", timeout=120)
     assert child.returncode == 141, err
     assert err == ""
+
+
+def test_ctrl_c_ends_a_command_with_one_line():
+    """Ctrl-C in a command whose main does not answer it (pruner-run, pruner-bench, pruner-viz, pruner-demo): one
+    line naming the command and 130 (128 + SIGINT), as pruner-export and pruner-eval say it; no traceback."""
+    probe = ("import sys\nfrom runtime.console import run_program\nsys.argv[0] = '/venv/bin/pruner-run'\n"
+             "def main():\n    raise KeyboardInterrupt\nsys.exit(run_program(main))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "pruner-run: interrupted\n", "")
