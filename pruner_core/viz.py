@@ -11,8 +11,8 @@ here). The grid is the image-token grid the pruner selects over: LLaVA-1.5's 14-
 tokens (28 x 28 px each at the resized image). One PNG, one panel per method: kept tokens at full brightness with
 an outline and their 1-based pick rank, discarded ones dimmed; pivots (the first ``pivots`` picks of methods that
 pick pivots first) in their own colour, marked "P". Under each title: coverage figures (``pruner_core.coverage``).
-A sidecar ``<out>.json`` records, per panel, the kept indices, the pick order, the coverage and where the panel
-sits in the PNG (so tests can read the pixels). Drawing: ``pruner_core.viz_render``.
+A sidecar JSON beside it (``viz.png`` -> ``viz.json``) records, per panel, the kept indices, the pick order, the
+coverage and where the panel sits in the PNG (so tests can read the pixels). Drawing: ``pruner_core.viz_render``.
 """
 
 from __future__ import annotations

@@ -207,11 +207,16 @@ def _text_writer(figure: Any, layout: Layout):
 
 
 def atomic_write(out: Path, write: Any, mode: str = "wb") -> None:
-    """Write through a temporary file in out's folder, then rename: `out` is never half-written."""
+    """Write through a temporary file in out's folder, then rename: `out` is never half-written. `out` gets a new
+    file's usual permissions (0666 less the umask: 0644 under the common umask 022), not the temporary file's private
+    0600."""
     handle = tempfile.NamedTemporaryFile(mode, dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
             write(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, out)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

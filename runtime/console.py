@@ -31,9 +31,25 @@ def run_program(main: Callable[[], int]) -> int:
     every object alone (``gc.freeze``) for the exit that follows. The interpreter's final collections would scan
     everything the command imported (torch, transformers, ExecuTorch) only for the process to end: 1.3 s of a bare
     ``import torch, transformers, executorch.exir`` exit and ~1.5 s of pruner-export's on this VM, 0.15 s frozen
-    (measured). Finalizers still run (``atexit``, ``weakref.finalize``: temporary folders go); the memory goes with
-    the process. Only for a process about to exit: called in-process (tests), ``main`` itself is."""
-    code = main()
+    (measured). ``atexit`` and ``weakref.finalize`` still run (temporary folders go: ``TemporaryDirectory``); what
+    no longer runs is ``__del__`` of an object still caught in a reference cycle at exit, so nothing a command
+    writes may be left to one (files are closed by ``with``, not at exit). The memory goes with the process. Only
+    for a process about to exit: called in-process (tests), ``main`` itself is.
+
+    A reader that stops early (``pruner-run ... | head -1``) ends the command quietly with 141 (128 + SIGPIPE, as
+    a shell reports a command the closed pipe ended), not with a BrokenPipeError traceback; Ctrl-C that ``main``
+    does not answer itself (pruner-export and pruner-eval do) with one line and 130 (128 + SIGINT), not a
+    KeyboardInterrupt traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # the rest of the output has nowhere to go: stdout to /dev/null, so that the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE (13)
     gc.freeze()
     return code
 

@@ -32,7 +32,9 @@ class ExecuTorchBackend:
         if profile_ops:  # timing-only ETDump: a debug buffer that overflows would abort the process
             from executorch.runtime import Runtime
 
-            self._etdump_dir = Path(tempfile.mkdtemp(prefix="pruner-etdump-"))
+            # removed with this backend, or at exit (its finalizer), not left in the temporary folder
+            self._etdump_folder = tempfile.TemporaryDirectory(prefix="pruner-etdump-", ignore_cleanup_errors=True)
+            self._etdump_dir = Path(self._etdump_folder.name)
             program = self.folder / export_config["executorch"]["program"]
             self.model.program = Runtime.get().load_program(program, enable_etdump=True, debug_buffer_size=0)
             self.model._methods = {}

@@ -23,7 +23,10 @@ class OnnxBackend:
     ):
         """providers: onnxruntime's choice; or engine: another engine's graph opener with ``device`` and ``kind``
         attributes (runtime/openvino_backend.py)."""
-        self._profile_dir = tempfile.mkdtemp(prefix="pruner-ort-profile-") if profile_ops and not engine else None
+        self._profile_dir = None
+        if profile_ops and not engine:  # removed with this backend, or at exit (its finalizer), not left behind
+            self._profile_folder = tempfile.TemporaryDirectory(prefix="pruner-ort-profile-", ignore_cleanup_errors=True)
+            self._profile_dir = self._profile_folder.name
         if engine is not None:
             self.model = OnnxModel(folder, config=export_config, open_graph=engine)
             self.device, self.kind = engine.device, engine.kind

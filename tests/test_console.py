@@ -154,3 +154,38 @@ def test_console_entry_points_skip_the_exit_collection_and_keep_the_exit_code():
     assert during == "frozen while main runs: 0"
     assert after == "frozen after: True collector on: True"
     assert not Path(folder).exists()
+
+
+PIPE_PROBE = """
+import sys
+from runtime.console import run_program
+def main():
+    print("first", flush=True)
+    sys.stdin.readline()  # the reader has closed its end by now
+    for _ in range(1000):
+        print("more output than the closed pipe takes")
+    return 0
+sys.exit(run_program(main))
+"""
+
+
+def test_a_reader_that_stops_early_ends_the_command_without_a_traceback():
+    """`pruner-run ... | head -1`: the output's reader closes the pipe while the command still prints; the command
+    ends with 141 (128 + SIGPIPE, as a shell reports it) and says nothing (it was a BrokenPipeError traceback, and
+    then Python's "Exception ignored" when the interpreter flushed stdout at exit)."""
+    child = subprocess.Popen([sys.executable, "-c", PIPE_PROBE], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "first\n"
+    child.stdout.close()  # head -1 has its line and exits
+    _, err = child.communicate("go on\n", timeout=120)
+    assert child.returncode == 141, err
+    assert err == ""
+
+
+def test_ctrl_c_ends_a_command_with_one_line():
+    """Ctrl-C in a command whose main does not answer it (pruner-run, pruner-bench, pruner-viz, pruner-demo): one
+    line naming the command and 130 (128 + SIGINT), as pruner-export and pruner-eval say it; no traceback."""
+    probe = ("import sys\nfrom runtime.console import run_program\nsys.argv[0] = '/venv/bin/pruner-run'\n"
+             "def main():\n    raise KeyboardInterrupt\nsys.exit(run_program(main))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "pruner-run: interrupted\n", "")

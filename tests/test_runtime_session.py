@@ -304,6 +304,22 @@ def test_executorch_operator_profile_does_not_abort(executorch_exports):
     assert abs(sum(op.share for op in summary.values()) - 1.0) < 1e-6
 
 
+def test_profile_ops_leaves_no_temporary_folder(onnx_exports, executorch_exports, tmp_path):
+    """pruner-run --profile-ops (onnxruntime's traces, ExecuTorch's ETDump) leaves nothing in the temporary folder
+    once the command has ended (each ran into a folder of its own that nothing removed)."""
+    import os
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    for folder in (onnx_exports[0], executorch_exports[2]):
+        done = subprocess.run([sys.executable, "-m", "runtime.cli", str(folder), "--image", "coffee", "--prompt",
+                               PROMPT, "--max-new-tokens", "2", "--profile-ops"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
+        assert done.returncode == 0, done.stderr
+        assert "top operators" in done.stdout  # the breakdown was read from that folder
+        assert not [p.name for p in scratch.iterdir() if p.name.startswith("pruner-")], folder
+
+
 def test_operator_summary_rows_are_kept_apart_from_operator_rows():
     from runtime.op_profile import top_operators
 

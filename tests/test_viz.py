@@ -151,6 +151,27 @@ def test_png_has_one_panel_per_method_and_grows_with_panels(six_panels):
     assert not list(out.parent.glob("*.tmp"))  # atomic: no temporary left
 
 
+def test_written_files_get_a_new_files_permissions(tmp_path):
+    """The PNG and the sidecar are written through a private temporary file, then renamed: they get a new file's
+    usual mode (0666 less the umask), not the temporary file's 0600 (other users could not read the figure)."""
+    import os
+    import stat
+
+    from pruner_core.viz_render import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.png", lambda handle: handle.write(b"png"))
+        os.umask(0o027)
+        atomic_write(tmp_path / "b.json", lambda handle: handle.write("{}"), mode="w")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640
+    assert (tmp_path / "a.png").read_bytes() == b"png" and (tmp_path / "b.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.json"]  # no temporary left
+
+
 def test_outlines_in_the_pixels_match_the_selection(six_panels):
     out, sidecar, _ = six_panels
     png = read_rgb(out)
