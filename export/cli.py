@@ -11,12 +11,10 @@ import argparse
 import gc
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, TextIO
 
 from pruner_core import PrunerConfig, method_names
 from pruner_core.config import Keep, parse_keep
@@ -25,7 +23,8 @@ from .common import (DTYPES, EXECUTORCH_BACKENDS, ExportOptions, check_replaceab
                      staging_directory)
 from .model_card import human_size
 from .validate import Tolerance, tolerance_for, tolerances_text
-from runtime.console import HelpFormatter, add_verbose, native_notices_filtered, quiet_libraries, run_program
+from runtime.console import (HelpFormatter, Terminated, add_verbose, native_notices_filtered, quiet_libraries,
+                             run_program, terminate_as_interrupt)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -442,30 +441,6 @@ def run(args: argparse.Namespace, stream: TextIO | None = None, notes: bool = Tr
         if args.android and options.target == "executorch":
             written.append(prepare_android(out, args.overwrite, stream))
     return written
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (``kill``, ``timeout``, a container stopping)."""
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C does, so the export unwinds and its
-    staging folder is removed (Python's default on SIGTERM exits at once and leaves the hidden ``.partial`` folder;
-    SIGKILL cannot be caught). The previous handler is restored on exit. Off the main thread, where Python cannot set
-    handlers, the body runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import os
 import re
+import signal
 import sys
 import threading
 from typing import Callable, Iterator
@@ -26,6 +27,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``kill``, ``timeout``, a container stopping)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C does, so the command unwinds and cleans
+    up (pruner-export's staging folder is removed; Python's default on SIGTERM exits at once and leaves its hidden
+    ``.partial`` folder; SIGKILL cannot be caught). The previous handler is restored on exit. Off the main thread,
+    where Python cannot set handlers, the body runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_program(main: Callable[[], int]) -> int:
     """A console script's entry point: ``main()``'s exit code, with Python's cyclic collector then told to leave
     every object alone (``gc.freeze``) for the exit that follows. The interpreter's final collections would scan
@@ -39,13 +64,16 @@ def run_program(main: Callable[[], int]) -> int:
     A reader that stops early (``pruner-run ... | head -1``) ends the command quietly with 141 (128 + SIGPIPE, as
     a shell reports a command the closed pipe ended), not with a BrokenPipeError traceback; Ctrl-C that ``main``
     does not answer itself (pruner-export and pruner-eval do) with one line and 130 (128 + SIGINT), not a
-    KeyboardInterrupt traceback."""
+    KeyboardInterrupt traceback; SIGTERM likewise (``terminate_as_interrupt``: the command unwinds through its
+    clean-up, e.g. pruner-bench's exports remove their staging folders) with "terminated" and 143."""
     try:
-        code = main()
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
-    except KeyboardInterrupt:
-        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
-        code = 130
+        with terminate_as_interrupt():
+            code = main()
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{os.path.basename(sys.argv[0])}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except BrokenPipeError:
         # the rest of the output has nowhere to go: stdout to /dev/null, so that the flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

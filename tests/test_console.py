@@ -189,3 +189,29 @@ def test_ctrl_c_ends_a_command_with_one_line():
              "def main():\n    raise KeyboardInterrupt\nsys.exit(run_program(main))\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr, done.stdout) == (130, "pruner-run: interrupted\n", "")
+
+
+TERM_PROBE = """
+import os, signal, sys, time
+from runtime.console import run_program
+sys.argv[0] = '/venv/bin/pruner-bench'
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # kill, timeout, a container stopping
+        time.sleep(60)
+        return 0
+    finally:
+        print("cleaned up")  # e.g. an export's staging folder removed
+code = run_program(main)
+print("handler restored:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+sys.exit(code)
+"""
+
+
+def test_sigterm_unwinds_a_command_through_its_clean_up():
+    """SIGTERM in any console script (pruner-bench exports in-process, into --work-dir): the command unwinds
+    through its ``finally`` blocks (Python's default would end the process at once, leaving an export's hidden
+    .partial folder), then one line and 143 (128 + SIGTERM); the handler before it is restored."""
+    done = subprocess.run([sys.executable, "-c", TERM_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (143, "pruner-bench: terminated\n")
+    assert done.stdout == "cleaned up\nhandler restored: True\n"
