@@ -249,6 +249,17 @@ def test_second_run_is_free(tmp_path, model_cache) -> None:
     assert third_loader.calls == 6
 
 
+def test_terminated_run_says_so_and_keeps_what_was_done(tmp_path, model_cache, capsys) -> None:
+    """SIGTERM (run_program turns it into Terminated, a KeyboardInterrupt): "terminated", 143, answers kept."""
+    from runtime.console import Terminated
+
+    questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    args = eager_args(questions, tmp_path / "cache", model_cache, keep="1.0", methods="vlm_pruner")
+    assert main(args, load=CountingLoader(fail_after=1, error=Terminated)) == 143
+    assert "pruner-eval: terminated; the answers computed so far are cached" in capsys.readouterr().err
+    assert len((tmp_path / "cache" / CACHE_FILE).read_text().splitlines()) == 1
+
+
 def test_interrupted_run_resumes(tmp_path, model_cache, capsys) -> None:
     questions = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     args = eager_args(questions, tmp_path / "cache", model_cache, keep="1.0,0.11", methods="vlm_pruner")
