@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.selection import SelectionModule, _atomic_write  # noqa: E402
+from export.selection import SelectionModule  # noqa: E402
 from pruner_core import PrunerConfig, select_tokens, select_tokens_reference  # noqa: E402
 from pruner_core.primitives import key_l1_norm, take_rows  # noqa: E402
+from pruner_core.viz_render import atomic_write  # noqa: E402
 
 GOAL_MS = 25.0
 
@@ -62,7 +63,7 @@ def lower_to_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], pat
 
     program = torch.export.export(module, example, strict=False)
     buffer = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
-    _atomic_write(path, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer))
     method = Runtime.get().load_program(str(path)).load_method("forward")
     return lambda: method.execute(list(example))
 

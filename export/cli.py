@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -23,8 +22,8 @@ from .common import (DTYPES, EXECUTORCH_BACKENDS, ExportOptions, check_replaceab
                      staging_directory)
 from .model_card import human_size
 from .validate import Tolerance, tolerance_for, tolerances_text
-from runtime.console import (HelpFormatter, Terminated, add_verbose, native_notices_filtered, quiet_libraries,
-                             run_program, terminate_as_interrupt)
+from runtime.console import (HelpFormatter, add_verbose, interrupt_status, native_notices_filtered, quiet_libraries,
+                             run_program)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm-pruner-edge" / "models"
 
@@ -447,15 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     try:
-        with terminate_as_interrupt(), native_notices_filtered(args.verbose):
+        with native_notices_filtered(args.verbose):
             run(args)
     except ExportError as error:
         print(f"pruner-export: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:
-        print(f"pruner-export: {'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; nothing was "
-              "written", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (run_program's terminate_as_interrupt)
+        said, code = interrupt_status(interrupt)
+        print(f"pruner-export: {said}; nothing was written", file=sys.stderr)
+        return code
     return 0
 
 

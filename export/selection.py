@@ -10,6 +10,7 @@ import torch
 
 from pruner_core import PrunerConfig, get_method
 from pruner_core.methods import Grid, Signals
+from pruner_core.viz_render import atomic_write
 
 SIGNAL_ORDER = ("hidden", "keys", "text_attention", "cls_attention")
 
@@ -44,18 +45,6 @@ def export_program(module: SelectionModule, example: tuple[torch.Tensor, ...]) -
     return torch.export.export(module, example, strict=False)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_selection_pte(
     module: SelectionModule, example: tuple[torch.Tensor, ...], path: str | Path, backend: str = "xnnpack"
 ) -> Path:
@@ -71,7 +60,8 @@ def export_selection_pte(
         raise ValueError(f"backend {backend!r} is not supported for the selection module; use xnnpack or portable")
     program = to_edge_transform_and_lower(export_program(module, example), partitioner=partitioners).to_executorch()
     path = Path(path)
-    _atomic_write(path, program.buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: handle.write(program.buffer))
     return path
 
 

@@ -51,6 +51,14 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupt_status(interrupt: KeyboardInterrupt) -> tuple[str, int]:
+    """What a command says and exits with when interrupted: ("terminated", 143) for SIGTERM (``Terminated``),
+    ("interrupted", 130) for Ctrl-C (128 + the signal, as a shell reports a command a signal ended)."""
+    if isinstance(interrupt, Terminated):
+        return "terminated", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
+
+
 def run_program(main: Callable[[], int]) -> int:
     """A console script's entry point: ``main()``'s exit code, with Python's cyclic collector then told to leave
     every object alone (``gc.freeze``) for the exit that follows. The interpreter's final collections would scan
@@ -71,9 +79,8 @@ def run_program(main: Callable[[], int]) -> int:
             code = main()
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
     except KeyboardInterrupt as interrupt:
-        terminated = isinstance(interrupt, Terminated)
-        print(f"{os.path.basename(sys.argv[0])}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        said, code = interrupt_status(interrupt)
+        print(f"{os.path.basename(sys.argv[0])}: {said}", file=sys.stderr)
     except BrokenPipeError:
         # the rest of the output has nowhere to go: stdout to /dev/null, so that the flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

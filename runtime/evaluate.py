@@ -58,12 +58,11 @@ A converter is a few lines, e.g. for POPE:
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import Iterable
 
-from .console import (HelpFormatter, Terminated, add_verbose, native_notices_filtered, quiet_libraries,
+from .console import (HelpFormatter, add_verbose, interrupt_status, native_notices_filtered, quiet_libraries,
                       run_program)
 from .eval_questions import EvalError, SkippedLine, read_questions, shipped_questions
 from .eval_report import EvalReport
@@ -161,10 +160,10 @@ def main(argv: list[str] | None = None, load: Loader = default_loader) -> int:
         print(f"pruner-eval: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (run_program's terminate_as_interrupt)
-        terminated = isinstance(interrupt, Terminated)
-        print(f"pruner-eval: {'terminated' if terminated else 'interrupted'}; the answers computed so far are cached "
-              f"in {args.cache}: rerun the same command to continue", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        said, code = interrupt_status(interrupt)
+        print(f"pruner-eval: {said}; the answers computed so far are cached in {args.cache}: rerun the same command "
+              "to continue", file=sys.stderr)
+        return code
     print(report.table())
     if report.random_weights:
         from pruner_core.adapters.hub import RANDOM_WEIGHTS_NOTE

@@ -307,7 +307,7 @@ def test_sigterm_unwinds_like_ctrl_c():
     import os
     import signal
 
-    from export.cli import Terminated, terminate_as_interrupt
+    from runtime.console import Terminated, terminate_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated), terminate_as_interrupt():
