@@ -18,6 +18,7 @@ from torch import nn
 from pruner_core.primitives import stable_argsort
 
 from .common import ExportOptions
+from .edge_rewrites import xnnpack_rewrites
 from .lowering import LoweringMemory, layer_passes, slice_partitioner
 from .parallel_lowering import lower_in_two_processes, second_process_methods
 
@@ -38,11 +39,13 @@ class BackendRecipe:
     """How one ExecuTorch backend lowers a method: ``check`` raises before any work; ``partitioners(options,
     method, program, memory)`` is called per method with its traced program and the program's ``LoweringMemory``,
     and returns the lowering passes, each a list of partitioners applied in order (partitioner objects keep state;
-    see ``lower``)."""
+    see ``lower``); ``edge_passes()`` the graph passes every method's edge program goes through before it is
+    partitioned (``to_edge_transform_and_lower``'s ``transform_passes``)."""
 
     name: str
     check: Callable[[ExportOptions], None]
     partitioners: Callable[[ExportOptions, str, torch.export.ExportedProgram, LoweringMemory], list[list]]
+    edge_passes: Callable[[], list] = list
 
 
 def _check_nothing(options: ExportOptions) -> None:
@@ -138,7 +141,7 @@ def _qnn_partitioners(options: ExportOptions, method: str, program: torch.export
 
 
 BACKENDS: dict[str, BackendRecipe] = {
-    "xnnpack": BackendRecipe("xnnpack", _check_nothing, _xnnpack_partitioners),
+    "xnnpack": BackendRecipe("xnnpack", _check_nothing, _xnnpack_partitioners, xnnpack_rewrites),
     "portable": BackendRecipe("portable", _check_portable, lambda options, method, program, memory: [[]]),
     "coreml": BackendRecipe("coreml", _check_coreml, _coreml_partitioners),
     "qnn": BackendRecipe("qnn", _check_qnn, _qnn_partitioners),
@@ -269,7 +272,8 @@ def trace_and_lower(plans: list, recipe: BackendRecipe, options: ExportOptions, 
 
 
 def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constants: dict[str, Any]):
-    """Edge programs with the backend's delegates: every method's passes, in order, as one list of partitioners.
+    """Edge programs with the backend's delegates: every method's edge program through the recipe's
+    ``edge_passes``, then its partitioner passes, in order, as one list of partitioners.
     The traced ``programs`` give up their weights on the way (export/lowering.py ``LoweringMemory``): they cannot
     be run afterwards, and the edge program returned is for writing (``write_program``), not for running eagerly."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -279,8 +283,8 @@ def lower(programs: dict, recipe: BackendRecipe, options: ExportOptions, constan
                     for name, program in programs.items()}
     with torch.no_grad():
         edge = to_edge_transform_and_lower(
-            programs, partitioner=partitioners, constant_methods=constants,
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            programs, transform_passes=recipe.edge_passes() or None, partitioner=partitioners,
+            constant_methods=constants, compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
     for name in edge.methods:
         memory.pass_starts(edge.exported_program(name).graph_module)  # what the last pass left

@@ -1,0 +1,110 @@
+"""Exact rewrites of a method's edge program, run before partitioning, that let XNNPACK delegate more of it in fewer,
+larger partitions.
+
+Every partition costs the export a fixed price (ExecuTorch's ``to_backend`` copies it and XNNPACK's preprocess runs
+its 17 graph passes over it: about a quarter of a second each on this project's 2-core machine, whatever the
+partition's size), and a node XNNPACK declines splits the partition it sits in. ExecuTorch 1.5.1's XNNPACK
+partitioner (``backends/xnnpack/partition/config/generic_node_configs.py``) declines:
+
+* a ``view_copy`` whose shape holds a symbolic size (``[1, s0, -1, 16]``: a decoder's head split over a dynamic
+  number of tokens) -- its ``ViewCopyConfig`` takes concrete sizes with at most one inferred (-1) dimension;
+* an ``unsqueeze_copy`` anywhere but on the trailing dimension;
+* every ``expand_copy``, including those that expand a tensor to its own shape (``aten.matmul``'s decomposition
+  writes one before each batched matmul: two per attention block).
+
+``view_shapes`` writes each view, unsqueeze and squeeze whose result has at most one symbolic size as a
+``view_copy`` to concrete sizes with that one size inferred (-1); ``drop_same_shape_expands`` removes the
+expands to a tensor's own shape. Both leave every value the program computes as it was: a view with one inferred
+size is the same view (the size follows from the element count, never 0 here: every dynamic size's minimum is 1, and a
+shape with a 0 is left alone), and an expand to the same shape copies its input. For the tiny LLaVA demo this takes its ExecuTorch
+export from 74 XNNPACK partitions to 47 (README.md, "Export time").
+
+Both are ``torch.fx`` graph-module passes (``GraphModule -> PassResult``) for ``to_edge_transform_and_lower``'s
+``transform_passes``; they change the top-level graph of a method (control-flow bodies are left as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
+
+def inferred_view_shape(shape: Sequence[int | torch.SymInt]) -> list[int] | None:
+    """The sizes of a view to ``shape`` with its one symbolic size (if any) inferred: [1, s0, 4, 16] -> [1, -1, 4,
+    16], [2, 3] -> [2, 3]; None when more than one size is symbolic, or when one is and another is 0 (a -1 next
+    to a 0 has no single meaning)."""
+    symbolic = [index for index, size in enumerate(shape) if not isinstance(size, int)]
+    if len(symbolic) > 1 or (symbolic and 0 in shape):
+        return None
+    return [-1 if index in symbolic else int(size) for index, size in enumerate(shape)]
+
+
+def _view_ops() -> tuple[set, object]:
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    aten = exir_ops.edge.aten
+    return {aten.view_copy.default, aten.unsqueeze_copy.default, aten.squeeze_copy.dim, aten.squeeze_copy.dims,
+            aten.squeeze_copy.default}, aten.view_copy.default
+
+
+def _erase_if_unused(graph: torch.fx.Graph, args: Sequence) -> None:
+    """Erase the sym_size nodes among ``args`` (a node's former arguments, nested once) that nothing reads now."""
+    for arg in args:
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(item, torch.fx.Node) and not item.users and item.target is torch.ops.aten.sym_size.int:
+                graph.erase_node(item)
+
+
+def view_shapes(graph_module: torch.fx.GraphModule) -> PassResult:
+    """Every view_copy / unsqueeze_copy / squeeze_copy of the top-level graph whose result has at most one symbolic
+    size becomes ``view_copy(input, inferred_view_shape(result shape))`` (the result's meta is unchanged); the
+    sym_size nodes only the old shape read are erased. Edge dialect; needs each node's ``meta["val"]``."""
+    targets, view = _view_ops()
+    graph, changed = graph_module.graph, False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets or "val" not in node.meta:
+            continue
+        shape = inferred_view_shape(list(node.meta["val"].shape))
+        if shape is None or (node.target is view and list(node.args[1]) == shape):
+            continue
+        former = node.args[1:]
+        node.target, node.args, node.kwargs = view, (node.args[0], shape), {}
+        _erase_if_unused(graph, former)
+        changed = True
+    if changed:
+        graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
+def drop_same_shape_expands(graph_module: torch.fx.GraphModule) -> PassResult:
+    """Every expand_copy of the top-level graph to its input's own shape is removed, its readers reading the input
+    (one that is the graph's output is kept). Edge dialect; needs each node's ``meta["val"]``."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    expand = exir_ops.edge.aten.expand_copy.default
+    graph, changed = graph_module.graph, False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not expand:
+            continue
+        source = node.args[0]
+        if (not isinstance(source, torch.fx.Node) or "val" not in source.meta or "val" not in node.meta
+                or any(user.op == "output" for user in node.users)
+                or list(source.meta["val"].shape) != list(node.meta["val"].shape)):
+            continue
+        former = node.args[1:]
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+        _erase_if_unused(graph, former)
+        changed = True
+    if changed:
+        graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
+def xnnpack_rewrites() -> list:
+    """The passes above, in order, for ``to_edge_transform_and_lower(transform_passes=...)``."""
+    return [view_shapes, drop_same_shape_expands]
