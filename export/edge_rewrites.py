@@ -1,23 +1,25 @@
 """Exact rewrites of a method's edge program, run before partitioning, that let XNNPACK delegate more of it in fewer,
 larger partitions.
 
-Every partition costs the export a fixed price (ExecuTorch's ``to_backend`` copies it and XNNPACK's preprocess runs
-its 17 graph passes over it: about a quarter of a second each on this project's 2-core machine, whatever the
-partition's size), and a node XNNPACK declines splits the partition it sits in. ExecuTorch 1.5.1's XNNPACK
-partitioner (``backends/xnnpack/partition/config/generic_node_configs.py``) declines:
+A node XNNPACK declines splits the partition it sits in, and every partition is a delegate call at run time (with
+its inputs and outputs crossing the delegate boundary, and, for a dynamic token count, a re-plan when the count
+changes). ExecuTorch 1.5.1's XNNPACK partitioner (``backends/xnnpack/partition/config/generic_node_configs.py``)
+declines:
 
 * a ``view_copy`` whose shape holds a symbolic size (``[1, s0, -1, 16]``: a decoder's head split over a dynamic
   number of tokens) -- its ``ViewCopyConfig`` takes concrete sizes with at most one inferred (-1) dimension;
 * an ``unsqueeze_copy`` anywhere but on the trailing dimension;
 * every ``expand_copy``, including those that expand a tensor to its own shape (``aten.matmul``'s decomposition
-  writes one before each batched matmul: two per attention block).
+  writes one before each operand of a batched matmul).
 
 ``view_shapes`` writes each view, unsqueeze and squeeze whose result has at most one symbolic size as a
 ``view_copy`` to concrete sizes with that one size inferred (-1); ``drop_same_shape_expands`` removes the
 expands to a tensor's own shape. Both leave every value the program computes as it was: a view with one inferred
-size is the same view (the size follows from the element count, never 0 here: every dynamic size's minimum is 1, and a
-shape with a 0 is left alone), and an expand to the same shape copies its input. For the tiny LLaVA demo this takes its ExecuTorch
-export from 74 XNNPACK partitions to 47 (README.md, "Export time").
+size is the same view (the size follows from the element count, never 0 here: every dynamic size's minimum is 1,
+and a shape with a 0 is left alone), and an expand to the same shape copies its input. The tiny LLaVA demo's
+delegates go from 26 to 19 (``vision_encoder``) and 48 to 28 (``text_decoder``): decode 1.66x the tokens/s, the
+prefill after the image 1.19x slower (XNNPACK re-plans the larger delegates for each new token count), the export
+no faster (README.md, "Export time": benchmarks/edge_rewrites.py).
 
 Both are ``torch.fx`` graph-module passes (``GraphModule -> PassResult``) for ``to_edge_transform_and_lower``'s
 ``transform_passes``; they change the top-level graph of a method (control-flow bodies are left as they are).

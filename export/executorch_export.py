@@ -383,9 +383,14 @@ def export_executorch(
     *,
     model_id: str,
     progress: Callable[[str], None] | None = None,
+    recipe: BackendRecipe | None = None,
 ) -> dict:
     """Export a checkpoint of any registered family with its image tokens pruned as ``options.pruner`` says, into
     ``out_dir``.
+
+    recipe: how to lower (export/executorch_backends.py ``BackendRecipe``); default: the recipe ``options.backend``
+    names, checked usable here (``backend_recipe``). A benchmark passes a variant to compare, e.g. XNNPACK without
+    its edge rewrites (benchmarks/edge_rewrites.py).
 
     out_dir: an existing, empty staging folder (the CLI renames it into place). Writes ``model.pte``, the
     tokenizer files and ``export_config.json``; returns the config payload. Backend availability, the method's
@@ -397,7 +402,7 @@ def export_executorch(
         raise ValueError(
             f"export_executorch got options for target {options.target!r}; use the {options.target} exporter"
         )
-    recipe = backend_recipe(options)
+    recipe = recipe or backend_recipe(options)
     check_method_exportable(options)
     adapter = adapter_for(model_dir)
     return_freed_memory_promptly()
