@@ -72,6 +72,14 @@ def _same_shape(first: Sequence, second: Sequence) -> bool:
     return len(first) == len(second) and all(statically_known_true(a == b) for a, b in zip(first, second))
 
 
+def _is_size_node(node: torch.fx.Node) -> bool:
+    """A node computing a size: ``aten.sym_size.int`` or Python integer arithmetic on SymInts (``operator.mul``)."""
+    if node.op != "call_function":
+        return False
+    arithmetic = getattr(node.target, "__module__", None) == "_operator"
+    return node.target is torch.ops.aten.sym_size.int or (arithmetic and isinstance(node.meta.get("val"), torch.SymInt))
+
+
 def _erase_if_unused(graph: torch.fx.Graph, args: Sequence) -> None:
     """Erase the size nodes among ``args`` (a node's former arguments, nested once) that nothing reads now, and the
     size nodes they read that nothing else does: sym_size and the SymInt arithmetic over it (``operator.mul``:
@@ -81,9 +89,7 @@ def _erase_if_unused(graph: torch.fx.Graph, args: Sequence) -> None:
     erased: set[torch.fx.Node] = set()
     while pending:
         node = pending.pop()
-        if node in erased or node.users or node.op != "call_function" or not (
-                node.target is torch.ops.aten.sym_size.int or (getattr(node.target, "__module__", None) == "_operator"
-                                                             and isinstance(node.meta.get("val"), torch.SymInt))):
+        if node in erased or node.users or not _is_size_node(node):
             continue
         pending.extend(node.all_input_nodes)
         graph.erase_node(node)
