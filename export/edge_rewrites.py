@@ -96,16 +96,35 @@ def _erase_if_unused(graph: torch.fx.Graph, args: Sequence) -> None:
         erased.add(node)
 
 
+def _squeeze_is_fixed(node: torch.fx.Node) -> bool:
+    """Whether a squeeze drops the same dimensions for every input: each size it may drop is a concrete int. A
+    symbolic size is dropped at run time exactly when it is 1 (a different rank: no fixed view), and whether it can
+    be 1 is not known here: the shape environment assumes every backed size >= 2 even where the export allows 1
+    (``Dim("T", min=1)``). True for a node that is no squeeze."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    aten = exir_ops.edge.aten
+    if node.target not in (aten.squeeze_copy.dim, aten.squeeze_copy.dims, aten.squeeze_copy.default):
+        return True
+    shape = list(node.args[0].meta["val"].shape)
+    if node.target is aten.squeeze_copy.default:
+        dims = range(len(shape))
+    else:
+        dims = node.args[1] if node.target is aten.squeeze_copy.dims else [node.args[1]]
+        dims = [dim % len(shape) for dim in dims] if shape else []
+    return all(isinstance(shape[dim], int) for dim in dims)
+
+
 def view_shapes(graph_module: torch.fx.GraphModule) -> PassResult:
-    """Every view_copy / unsqueeze_copy / squeeze_copy of a contiguous tensor in the top-level graph whose result
-    has at most one symbolic size becomes ``view_copy(input, inferred_view_shape(result shape))`` (the result's
-    meta is unchanged); the size nodes only the old shape read are erased. Edge dialect; needs each node's
-    ``meta["val"]``."""
+    """Every view_copy / unsqueeze_copy / squeeze_copy (of concrete sizes only: ``_squeeze_is_fixed``) of a
+    contiguous tensor in the top-level graph whose result has at most one symbolic size becomes
+    ``view_copy(input, inferred_view_shape(result shape))`` (the result's meta is unchanged); the size nodes only
+    the old shape read are erased. Edge dialect; needs each node's ``meta["val"]``."""
     targets, view = _view_ops()
     graph, changed = graph_module.graph, False
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in targets or "val" not in node.meta \
-                or not _contiguous(node.args[0]):
+                or not _contiguous(node.args[0]) or not _squeeze_is_fixed(node):
             continue
         shape = inferred_view_shape(list(node.meta["val"].shape))
         if shape is None or (node.target is view and list(node.args[1]) == shape):

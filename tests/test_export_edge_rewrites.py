@@ -215,3 +215,54 @@ def test_view_shapes_erases_the_size_arithmetic_only_the_old_shape_read():
                                       strict=False)
     graph = _xnnpack_lowered(program).exported_program("forward").graph_module.graph
     assert [node.name for node in graph.nodes if node.op == "call_function" and not node.users] == []
+
+
+class SqueezeTokens(nn.Module):
+    """A squeeze of the token dimension, whose size T may be 1 (the traced program drops it exactly then: another
+    rank, so no fixed view), and a squeeze of the batch dimension, always 1."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [1, T, 8]
+        y = x * 2.0
+        return y.squeeze(1) + 1.0, y.squeeze(0) + 1.0  # [1, T, 8] ([1, 8] for T = 1), [T, 8]
+
+
+def test_view_shapes_keeps_a_squeeze_of_a_symbolic_size():
+    """As a view to [1, -1, 8], the token squeeze returned [1, 1, 8] for T = 1 where the program gives [1, 8]
+    (ExecuTorch's squeeze kernel refuses that rank change: an error, not a wrong shape). The shape environment
+    takes T >= 2 whether the export allows T = 1 or not, so neither squeeze of T is rewritten; the batch squeeze
+    is a view in both."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    from export.edge_rewrites import view_shapes
+
+    for least in (1, 2):
+        tokens = torch.export.Dim("T", min=least, max=16)
+        with torch.no_grad():
+            program = torch.export.export(SqueezeTokens(), (torch.randn(1, 5, 8),), dynamic_shapes=({1: tokens},),
+                                          strict=False)
+        graph_module = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False)) \
+            .exported_program().graph_module
+        view_shapes(graph_module)
+        squeezes = [node.args[1] for node in graph_module.graph.nodes if "squeeze_copy" in str(node.target)]
+        assert squeezes == [[1]], (least, squeezes)
+        assert sum("view_copy" in str(node.target) for node in graph_module.graph.nodes) == 1
+
+
+def test_xnnpack_rewrites_keep_the_rank_of_a_squeeze_of_a_size_that_may_be_1():
+    """Lowered and run: never the wrong rank. For T = 1 the program either refuses (ExecuTorch's squeeze kernel
+    cannot change a rank) or gives eager's shape; for T = 7 it computes as eager."""
+    from executorch.runtime import Runtime
+
+    module, tokens = SqueezeTokens().eval(), torch.export.Dim("T", min=1, max=16)
+    with torch.no_grad():
+        program = torch.export.export(module, (torch.randn(1, 5, 8),), dynamic_shapes=({1: tokens},), strict=False)
+    method, _buffer = _method(_xnnpack_lowered(program))
+    x = torch.randn(1, 7, 8)
+    for got, expected in zip(method.execute([x]), module(x)):
+        torch.testing.assert_close(got, expected)
+    x = torch.randn(1, 1, 8)
+    try:
+        got = method.execute([x])
+    except RuntimeError:
+        return  # refused, as without the rewrites
+    assert [tuple(tensor.shape) for tensor in got] == [tuple(tensor.shape) for tensor in module(x)]
