@@ -19,8 +19,10 @@ removes the expands of a contiguous tensor to a shape known to be its own. Both 
 computes as it was: a view with one inferred size is the same view (the size follows from the element count; a
 shape with a 0 beside the symbolic size is left alone), and an expand to the same shape copies its input. Of a
 tensor in another dim order (channels-last) either is a copy into the contiguous order, which a view is not
-(ExecuTorch runs a view in place, on the same bytes): left alone. A data-dependent (unbacked) size is never
-compared at export time (it has no answer there). The tiny LLaVA demo's delegates go from 26 to 19
+(ExecuTorch runs a view in place, on the same bytes): left alone. So is a squeeze of a symbolic size: the program
+drops that size exactly when it is 1 at run time (another rank), which no fixed view does, and the shape
+environment cannot say whether it can be 1 (it takes every backed size >= 2). A data-dependent (unbacked) size is
+never compared at export time (it has no answer there). The tiny LLaVA demo's delegates go from 26 to 19
 (``vision_encoder``) and 48 to 28 (``text_decoder``): decode 1.66x the tokens/s, the prefill after the image 1.19x
 slower (not profiled; presumably XNNPACK re-planning the larger delegates for each new token count), the export no
 faster (README.md, "Export time": benchmarks/edge_rewrites.py).
