@@ -86,7 +86,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava", help="what pruner-export --model takes (default: the demo's)")
     parser.add_argument("--keep", default="0.12", help="token count or fraction, as pruner-export --keep")
     parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
