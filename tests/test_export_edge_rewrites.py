@@ -251,8 +251,6 @@ def test_view_shapes_keeps_a_squeeze_of_a_symbolic_size():
 def test_xnnpack_rewrites_keep_the_rank_of_a_squeeze_of_a_size_that_may_be_1():
     """Lowered and run: never the wrong rank. For T = 1 the program either refuses (ExecuTorch's squeeze kernel
     cannot change a rank) or gives eager's shape; for T = 7 it computes as eager."""
-    from executorch.runtime import Runtime
-
     module, tokens = SqueezeTokens().eval(), torch.export.Dim("T", min=1, max=16)
     with torch.no_grad():
         program = torch.export.export(module, (torch.randn(1, 5, 8),), dynamic_shapes=({1: tokens},), strict=False)
