@@ -117,6 +117,14 @@ def _squeeze_is_fixed(node: torch.fx.Node) -> bool:
     return all(isinstance(shape[dim], int) for dim in dims)
 
 
+def _result(graph_module: torch.fx.GraphModule, changed: bool) -> PassResult:
+    """A pass's result: a changed graph checked (``Graph.lint``) and its code regenerated."""
+    if changed:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
 def view_shapes(graph_module: torch.fx.GraphModule) -> PassResult:
     """Every view_copy / unsqueeze_copy / squeeze_copy (of concrete sizes only: ``_squeeze_is_fixed``) of a
     contiguous tensor in the top-level graph whose result has at most one symbolic size becomes
@@ -135,10 +143,7 @@ def view_shapes(graph_module: torch.fx.GraphModule) -> PassResult:
         node.target, node.args, node.kwargs = view, (node.args[0], shape), {}
         _erase_if_unused(graph, former)
         changed = True
-    if changed:
-        graph.lint()
-        graph_module.recompile()
-    return PassResult(graph_module, changed)
+    return _result(graph_module, changed)
 
 
 def drop_same_shape_expands(graph_module: torch.fx.GraphModule) -> PassResult:
@@ -161,10 +166,7 @@ def drop_same_shape_expands(graph_module: torch.fx.GraphModule) -> PassResult:
         graph.erase_node(node)
         _erase_if_unused(graph, former)
         changed = True
-    if changed:
-        graph.lint()
-        graph_module.recompile()
-    return PassResult(graph_module, changed)
+    return _result(graph_module, changed)
 
 
 def xnnpack_rewrites() -> list:
