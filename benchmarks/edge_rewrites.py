@@ -14,6 +14,7 @@ Results: benchmarks/out/edge_rewrites.json; README.md ("Export time") records th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from export_time import child_json, demo_export_options  # noqa: E402  (benchmarks/, this script's folder)
+
 VARIANTS = ("on", "off")
 RUNTIME = ("time_to_first_token_ms", "prefill_ms", "decode_tokens_per_s")
 
@@ -33,21 +36,13 @@ def export_once(model: str, keep: str, prune_layer: int, variant: str, out_dir: 
     """One export in this process -> {"export_s", "delegates": {method: count}}."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    from export.cli import DEFAULT_CACHE
-    from export.common import ExportOptions, resolve_dtype
-    from export.executorch_backends import BACKENDS, BackendRecipe
+    from export.executorch_backends import BACKENDS
     from export.executorch_export import export_executorch
     from export.memory import fewer_collections
-    from pruner_core import PrunerConfig
-    from pruner_core.adapters import resolve_model
-    from pruner_core.config import parse_keep
 
-    model_dir = resolve_model(model, DEFAULT_CACHE)
-    dtype = resolve_dtype("auto", model_dir, "executorch", "none")[0]
-    options = ExportOptions(model=model, target="executorch", dtype=dtype,
-                            pruner=PrunerConfig(keep=parse_keep(keep), layer=prune_layer))
+    model_dir, options = demo_export_options(model, keep, prune_layer)
     xnnpack = BACKENDS["xnnpack"]
-    recipe = xnnpack if variant == "on" else BackendRecipe("xnnpack", xnnpack.check, xnnpack.partitioners)
+    recipe = xnnpack if variant == "on" else dataclasses.replace(xnnpack, edge_passes=list)
     started = time.perf_counter()
     with fewer_collections():
         export_executorch(model_dir, out_dir, options, model_id=model, recipe=recipe)
@@ -76,12 +71,9 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "export"
         out_dir.mkdir()
-        command = [sys.executable, __file__, "--child", variant, "--out", str(out_dir), "--model", args.model,
-                   "--keep", args.keep, "--prune-layer", str(args.prune_layer)]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"edge_rewrites: the {variant} export failed:\n{done.stderr[-3000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = child_json([sys.executable, __file__, "--child", variant, "--out", str(out_dir), "--model",
+                             args.model, "--keep", args.keep, "--prune-layer", str(args.prune_layer)],
+                            f"the {variant} export")
         return {**result, **run_once(out_dir, args.max_new_tokens)}
 
 

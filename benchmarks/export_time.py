@@ -52,23 +52,40 @@ LABELS = {"default": "CPython collector, 1 process", "fewer": "fewer_collections
           "parallel": "fewer_collections, 2 processes"}
 
 
-def export_once(model: str, keep: str, prune_layer: int, mode: str) -> dict:
-    """One export_executorch in this process -> {"stages": {stage: s}, "total_s", "gc_s", "collections"}.
-    mode: a key of MODES (the collector: "default", CPython's settings, or "fewer", ``fewer_collections``; the
-    processes lowering: ``ExportOptions.jobs``)."""
+def demo_export_options(model: str, keep: str, prune_layer: int, jobs: int = 2) -> tuple[Path, object]:
+    """(checkpoint folder, ``ExportOptions``) of ``pruner-export --model M --keep K --prune-layer L --target
+    executorch`` with pruner-export's other defaults (its cache, the checkpoint's own dtype) and ``jobs``
+    processes lowering."""
     from export.cli import DEFAULT_CACHE
     from export.common import ExportOptions, resolve_dtype
-    from export.executorch_export import export_executorch
-    from export.memory import fewer_collections
     from pruner_core import PrunerConfig
     from pruner_core.adapters import resolve_model
     from pruner_core.config import parse_keep
 
     model_dir = resolve_model(model, DEFAULT_CACHE)
     dtype = resolve_dtype("auto", model_dir, "executorch", "none")[0]
+    return model_dir, ExportOptions(model=model, target="executorch", dtype=dtype, jobs=jobs,
+                                    pruner=PrunerConfig(keep=parse_keep(keep), layer=prune_layer))
+
+
+def child_json(command: list[str], what: str) -> dict:
+    """Run a benchmark's child process (a fresh process per measurement: imports, caches and the heap start the same
+    for every run) -> the JSON object its last stdout line holds; SystemExit with its stderr's tail if it failed."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{Path(command[1]).stem}: {what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export_once(model: str, keep: str, prune_layer: int, mode: str) -> dict:
+    """One export_executorch in this process -> {"stages": {stage: s}, "total_s", "gc_s", "collections"}.
+    mode: a key of MODES (the collector: "default", CPython's settings, or "fewer", ``fewer_collections``; the
+    processes lowering: ``ExportOptions.jobs``)."""
+    from export.executorch_export import export_executorch
+    from export.memory import fewer_collections
+
     collector, jobs = MODES[mode]
-    options = ExportOptions(model=model, target="executorch", dtype=dtype, jobs=jobs,
-                            pruner=PrunerConfig(keep=parse_keep(keep), layer=prune_layer))
+    model_dir, options = demo_export_options(model, keep, prune_layer, jobs)
     spent = {"gc_s": 0.0, "collections": 0}
     began = [0.0]
 
@@ -113,13 +130,9 @@ def profile_once(model: str, keep: str, prune_layer: int) -> dict:
 
 
 def child(mode: str, args: argparse.Namespace) -> dict:
-    """A fresh process per measurement: imports, caches and the heap start the same for every run."""
-    command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--keep", args.keep,
-               "--prune-layer", str(args.prune_layer)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"export_time: the {mode} child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One measurement of ``mode`` in a fresh child process (``child_json``)."""
+    return child_json([sys.executable, __file__, "--child", mode, "--model", args.model, "--keep", args.keep,
+                       "--prune-layer", str(args.prune_layer)], f"the {mode} child")
 
 
 def cli_seconds(args: argparse.Namespace) -> float:

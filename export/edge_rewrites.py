@@ -51,12 +51,20 @@ def inferred_view_shape(shape: Sequence[int | torch.SymInt]) -> list[int] | None
     return [-1 if index in symbolic else int(size) for index, size in enumerate(shape)]
 
 
+def _squeeze_ops() -> tuple:
+    """The edge dialect's squeezes: (all dims, one dim, a list of dims)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    squeeze = exir_ops.edge.aten.squeeze_copy
+    return squeeze.default, squeeze.dim, squeeze.dims
+
+
 def _view_ops() -> tuple[set, object]:
+    """(every op ``view_shapes`` rewrites, the edge dialect's view_copy)."""
     from executorch.exir.dialects._ops import ops as exir_ops
 
     aten = exir_ops.edge.aten
-    return {aten.view_copy.default, aten.unsqueeze_copy.default, aten.squeeze_copy.dim, aten.squeeze_copy.dims,
-            aten.squeeze_copy.default}, aten.view_copy.default
+    return {aten.view_copy.default, aten.unsqueeze_copy.default, *_squeeze_ops()}, aten.view_copy.default
 
 
 def _contiguous(node: object) -> bool:
@@ -103,16 +111,14 @@ def _squeeze_is_fixed(node: torch.fx.Node) -> bool:
     symbolic size is dropped at run time exactly when it is 1 (a different rank: no fixed view), and whether it can
     be 1 is not known here: the shape environment assumes every backed size >= 2 even where the export allows 1
     (``Dim("T", min=1)``). True for a node that is no squeeze."""
-    from executorch.exir.dialects._ops import ops as exir_ops
-
-    aten = exir_ops.edge.aten
-    if node.target not in (aten.squeeze_copy.dim, aten.squeeze_copy.dims, aten.squeeze_copy.default):
+    every_dim, one_dim, some_dims = _squeeze_ops()
+    if node.target not in (every_dim, one_dim, some_dims):
         return True
     shape = list(node.args[0].meta["val"].shape)
-    if node.target is aten.squeeze_copy.default:
+    if node.target is every_dim:
         dims = range(len(shape))
     else:
-        dims = node.args[1] if node.target is aten.squeeze_copy.dims else [node.args[1]]
+        dims = node.args[1] if node.target is some_dims else [node.args[1]]
         dims = [dim % len(shape) for dim in dims] if shape else []
     return all(isinstance(shape[dim], int) for dim in dims)
 
