@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export_time import child_json, demo_export_options  # noqa: E402  (benchmarks/, this script's folder)
+from export_time import add_export_arguments, child_json, demo_export_options  # noqa: E402  (benchmarks/, this script's folder)
 
 VARIANTS = ("on", "off")
 RUNTIME = ("time_to_first_token_ms", "prefill_ms", "decode_tokens_per_s")
@@ -79,9 +79,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-llava", help="what pruner-export --model takes (default: the demo's)")
-    parser.add_argument("--keep", default="0.12", help="token count or fraction, as pruner-export --keep")
-    parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
+    add_export_arguments(parser)
     parser.add_argument("--runs", type=int, default=3, help="runs of each variant, interleaved; medians reported")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens pruner-run decodes per run")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)

@@ -68,6 +68,13 @@ def demo_export_options(model: str, keep: str, prune_layer: int, jobs: int = 2) 
                                     pruner=PrunerConfig(keep=parse_keep(keep), layer=prune_layer))
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --keep and --prune-layer, as pruner-export takes them, defaulting to the demo export's."""
+    parser.add_argument("--model", default="tiny-llava", help="what pruner-export --model takes (default: the demo's)")
+    parser.add_argument("--keep", default="0.12", help="token count or fraction, as pruner-export --keep")
+    parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
+
+
 def child_json(command: list[str], what: str) -> dict:
     """Run a benchmark's child process (a fresh process per measurement: imports, caches and the heap start the same
     for every run) -> the JSON object its last stdout line holds; SystemExit with its stderr's tail if it failed."""
@@ -159,9 +166,7 @@ def median_row(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-llava", help="what pruner-export --model takes (default: the demo's)")
-    parser.add_argument("--keep", default="0.12", help="token count or fraction, as pruner-export --keep")
-    parser.add_argument("--prune-layer", type=int, default=2, help="K: 0 = before the LLM, 2 = the paper's default")
+    add_export_arguments(parser)
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind; medians are reported")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run that splits lowering")
     parser.add_argument("--child", choices=[*MODES, "profile"], help=argparse.SUPPRESS)
