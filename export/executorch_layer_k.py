@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from pruner_core import PrunerConfig, select_tokens
+from pruner_core.adapters.decoder import rotary
 from pruner_core.methods import get_method
 
 from .static_cache import SlotWriter, StaticKVCache, last_logits, run_cached_layers, slot_mask
@@ -98,8 +99,10 @@ class PruningVisionEncoder(nn.Module):
         position_ids = self.image_positions + start  # [1, N] or [3, 1, N]
         writer = SlotWriter(self.cache, slots)
         mask = slot_mask(slots, self.cache.lengths[0], features.dtype)  # [1, 1, N, L + R]
-        probe_in = run_cached_layers(language_model, features, position_ids, writer, mask, range(split - 1))
-        hidden = run_cached_layers(language_model, probe_in, position_ids, writer, mask, range(split - 1, split))
+        rope = rotary(language_model, features, position_ids)  # (cos, sin) [1, N, d], for both calls
+        probe_in = run_cached_layers(language_model, features, position_ids, writer, mask, range(split - 1), rope)
+        hidden = run_cached_layers(language_model, probe_in, position_ids, writer, mask, range(split - 1, split),
+                                   rope)
         keys = None
         if "keys" in get_method(self.config.method).needs:  # layer K-1's post-RoPE keys of the image tokens
             keys = cached_keys(self.cache, split - 1, slots, language_model.layers[split - 1].self_attn)
@@ -145,16 +148,17 @@ class SplitCacheTextDecoder(nn.Module):
             position_ids = torch.where(image_rows, kept, text_slots)[None]  # [1, T] RoPE positions
 
         full_slots = torch.where(image_rows, self.full_length + row.clamp(max=budget - 1), text_slots)  # [T]
+        rope = rotary(language_model, embeddings, position_ids)  # (cos, sin) [1, T, d], for both calls
         below = run_cached_layers(
             language_model, embeddings, position_ids, SlotWriter(self.cache, full_slots),
-            slot_mask(full_slots, self.cache.lengths[0], embeddings.dtype), range(split),
+            slot_mask(full_slots, self.cache.lengths[0], embeddings.dtype), range(split), rope,
         )
         hidden = torch.where(image_rows[None, :, None], embeddings, below)  # image rows arrive as layer K's input
         compact_slots = compact + row  # [T]
         hidden = run_cached_layers(
             language_model, hidden, position_ids, SlotWriter(self.cache, compact_slots),
             slot_mask(compact_slots, self.cache.lengths[-1], embeddings.dtype),
-            range(split, len(language_model.layers)),
+            range(split, len(language_model.layers)), rope,
         )
         state.compact_length.copy_(compact + embeddings.shape[1])
         state.next_position.copy_(input_pos + offset + embeddings.shape[1])

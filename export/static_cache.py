@@ -87,10 +87,15 @@ def run_cached_layers(
     writer: SlotWriter,
     mask: torch.Tensor,
     layers: range,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The stock decoder layers ``layers`` on hidden [1, S, D] at RoPE position_ids [1, S] (M-RoPE: [3, 1, S])
-    over a static cache -> [1, S, D]. The cache slots are the writer's; RoPE positions need not equal them."""
-    position_embeddings = rotary(language_model, hidden, position_ids)  # (cos, sin) [1, S, d]
+    over a static cache -> [1, S, D]. The cache slots are the writer's; RoPE positions need not equal them.
+    position_embeddings: the rotary (cos, sin) [1, S, d] of ``position_ids`` when the caller already has them (a
+    method that runs its layers in two calls at the same positions computes them once: fewer graph nodes to lower);
+    None: computed here."""
+    if position_embeddings is None:
+        position_embeddings = rotary(language_model, hidden, position_ids)  # (cos, sin) [1, S, d]
     for index in layers:
         hidden = language_model.layers[index](
             hidden, attention_mask=mask, position_ids=position_ids, past_key_values=writer, use_cache=True,
