@@ -233,15 +233,35 @@ def without_sort(program: torch.export.ExportedProgram) -> torch.export.Exported
     return program.run_decompositions({torch.ops.aten.argsort.default: _argsort, torch.ops.aten.argsort.stable: stable})
 
 
+def without_metadata_asserts(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with its ``aten._assert_tensor_metadata`` nodes erased, in every graph it holds, in place.
+    torch.export writes one for a ``Tensor.to`` (RMSNorm's two per norm, the rotary's, a cast to the dtype a tensor
+    already has): a trace-time check of dtype and device that computes nothing, which ExecuTorch
+    erases anyway in its first edge pass (``RemoveNonCoreAtenOpGraphAssertsPass``, exir/passes/
+    remove_graph_asserts_pass.py), after two whole-program retraces have carried them. Erased before those, they
+    also no longer keep weights of nodes that are otherwise dead alive into the program: the demo's layer-2 .pte
+    dropped two unused CLIP weights (the last tower layer's q_proj / k_proj, past LLaVA's feature layer; 8 KiB
+    there, 8 MiB at LLaVA-1.5-7B's fp32 widths), with the same instructions and delegates (measured)."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            asserts = [node for node in module.graph.nodes if node.op == "call_function" and node.target is target]
+            for node in asserts:
+                module.graph.erase_node(node)
+            if asserts:
+                module.recompile()
+    return program
+
+
 def trace(plans: list) -> dict[str, torch.export.ExportedProgram]:
     """torch.export every method (``MethodPlan``s: non-strict, under no_grad: the selection's scan / cond need
-    both), without aten::sort."""
+    both), without aten::sort and without trace-time metadata asserts (``without_metadata_asserts``)."""
     programs = {}
     with torch.no_grad():
         for plan in plans:
-            programs[plan.name] = without_sort(torch.export.export(
+            programs[plan.name] = without_metadata_asserts(without_sort(torch.export.export(
                 plan.module, plan.example, dynamic_shapes=plan.dynamic_shapes, strict=False
-            ))
+            )))
     return programs
 
 

@@ -549,3 +549,37 @@ def test_runtime_rejects_prompts_without_an_image(exports, prompts):
         model.generate_greedy([1, 5, 6], prompts["tiny-llava"]["pixel_values"], 2)
     with pytest.raises(ValueError, match="pixel_values of shape"):
         model.generate_greedy(prompts["tiny-llava"]["input_ids"], torch.zeros(1, 3, 32, 32), 2)
+
+
+def test_trace_erases_metadata_asserts_everywhere_and_computes_the_same():
+    """torch.export writes an aten._assert_tensor_metadata for a Tensor.to outside a higher-order op's branches (a
+    trace-time check that ExecuTorch drops later): without_metadata_asserts erases them all, and the program, cond
+    branches included, computes the same."""
+    from export.executorch_backends import without_metadata_asserts
+
+    class Casts(torch.nn.Module):
+        def forward(self, x):
+            y = x.to(torch.float32) * 2  # a cast to the dtype x has: an assert, no computation
+
+            def double(t):
+                return t.to(torch.float32) * 2
+
+            def negate(t):
+                return -t.to(torch.float32)
+
+            return torch.cond(y.sum() > 0, double, negate, (y,)).to(torch.float32)
+
+    target = torch.ops.aten._assert_tensor_metadata.default
+
+    def asserts(program):
+        return sum(node.target is target for module in program.graph_module.modules()
+                   if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes)
+
+    x = torch.randn(3, 4)
+    program = torch.export.export(Casts(), (x,), strict=False)
+    before = asserts(program)
+    assert before == 2  # the two casts outside the cond
+    stripped = without_metadata_asserts(program)
+    assert asserts(stripped) == 0
+    for sample in (x, -x.abs() - 1, x.abs() + 1):
+        torch.testing.assert_close(stripped.module()(sample), Casts()(sample), rtol=0, atol=0)
