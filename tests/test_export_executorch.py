@@ -553,8 +553,9 @@ def test_runtime_rejects_prompts_without_an_image(exports, prompts):
 
 def test_trace_erases_metadata_asserts_everywhere_and_computes_the_same():
     """torch.export writes an aten._assert_tensor_metadata for a Tensor.to outside a higher-order op's branches (a
-    trace-time check that ExecuTorch drops later): without_metadata_asserts erases them all, and the program, cond
-    branches included, computes the same."""
+    trace-time check that ExecuTorch drops later; a branch's graph holds one written explicitly):
+    without_metadata_asserts erases them all, in every graph, and the program, cond branches included, computes the
+    same."""
     from export.executorch_backends import without_metadata_asserts
 
     class Casts(torch.nn.Module):
@@ -562,6 +563,7 @@ def test_trace_erases_metadata_asserts_everywhere_and_computes_the_same():
             y = x.to(torch.float32) * 2  # a cast to the dtype x has: an assert, no computation
 
             def double(t):
+                torch.ops.aten._assert_tensor_metadata(t, dtype=torch.float32)  # one inside a branch's graph
                 return t.to(torch.float32) * 2
 
             def negate(t):
@@ -578,7 +580,9 @@ def test_trace_erases_metadata_asserts_everywhere_and_computes_the_same():
     x = torch.randn(3, 4)
     program = torch.export.export(Casts(), (x,), strict=False)
     before = asserts(program)
-    assert before == 2  # the two casts outside the cond
+    assert before == 3  # the two casts outside the cond, the explicit one in its true branch
+    branch = program.graph_module.true_graph_0
+    assert sum(node.target is target for node in branch.graph.nodes) == 1
     stripped = without_metadata_asserts(program)
     assert asserts(stripped) == 0
     for sample in (x, -x.abs() - 1, x.abs() + 1):
